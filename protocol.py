@@ -1,0 +1,318 @@
+"""Length-prefixed framing, message types and the connection handshake.
+
+Every byte that crosses a socket in this project goes through this module.
+A *frame* is a 4-byte unsigned big-endian length followed by that many
+bytes of payload::
+
+    +----------------+---------------------------------+
+    | length (!I)    | payload: `length` bytes         |
+    +----------------+---------------------------------+
+
+TCP is a byte stream, not a message stream: one ``send`` may arrive as
+several ``recv`` calls and two sends may arrive as one.  The length header is
+what lets the receiver find where one message ends and the next begins.
+
+The receiver checks the length against its own maximum *before* it allocates
+anything, so a hostile peer cannot make it reserve 4 GiB with four bytes.
+A zero length is refused too: no message is ever empty.
+
+Closing is told apart from breaking (as in CPython's
+``multiprocessing/connection.py``):
+
+* the peer closed **between** frames  -> :class:`ConnectionClosed`
+  (a subclass of ``EOFError``: the normal end of a conversation);
+* the peer closed **inside** a frame  -> :class:`TruncatedFrame`
+  (a :class:`ProtocolError`: something went wrong).
+
+Messages
+--------
+A message is a ``dict`` with a ``"type"`` key, pickled into one frame.
+Both sides decode messages with :func:`decode_safe`, whose unpickler
+refuses every global, so a crafted pickle can build only plain builtins
+(dict, list, str, int, float, bytes, bool, None) and never runs code.  The
+one exception is the ``data`` of a JOB in the documented ``"frame"`` format:
+a pickled DataFrame, which the worker unpickles in full because it trusts
+the server it was pointed at (see README, "Security").  In ``"csv"`` format
+(``--stream``) the worker unpickles nothing but builtins either.
+
+=========  ===============  =================================================
+type       direction        fields
+=========  ===============  =================================================
+HELLO      worker -> server worker_id
+WELCOME    server -> worker job_id, chunks (total count), lease_timeout (s)
+GET_JOB    worker -> server (none)
+JOB        server -> worker chunk_id, attempt_id, job_id, rows (or None),
+                            format ("frame": data is a pickled DataFrame;
+                            "csv": data is the header line + whole records),
+                            data (bytes), compressed (bool: data is zlib'd),
+                            price_col, qty_col, group_col (or None), sep,
+                            decimal, encoding
+WAIT       server -> worker retry_after (s): chunks are leased but not done,
+                            ask again later
+NO_JOB     server -> worker (none): every chunk is done (or the job stopped)
+RESULT     worker -> server job_id, worker_id, chunk_id, attempt_id,
+                            rows_processed, rejected_rows, total_sales,
+                            min_price, max_price, avg_price, price_count,
+                            groups (list of per-group rows, see worker.py)
+FAILED     worker -> server job_id, worker_id, chunk_id, attempt_id, error
+ACK        server -> worker chunk_id, counted (bool: this result is the one
+                            that counts)
+ERROR      server -> worker reason; the server closes the connection next
+=========  ===============  =================================================
+
+Handshake
+---------
+Before any message, both sides prove they know the shared secret with a
+mutual HMAC-SHA256 challenge-response (the scheme of
+``multiprocessing.connection.deliver_challenge``): each side sends 32 random
+bytes and checks the other's ``HMAC(secret, nonce)`` with
+``hmac.compare_digest``.  Without ``--secret`` the key is empty, which proves
+nothing but keeps one code path; with it, a peer that does not know the
+secret is dropped before a single byte of pickle is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import pickle
+import socket
+import struct
+import time
+
+__all__ = [
+    "HELLO", "WELCOME", "GET_JOB", "JOB", "WAIT", "NO_JOB", "RESULT", "FAILED",
+    "ACK", "ERROR", "MESSAGE_TYPES",
+    "ProtocolError", "FrameTooLarge", "TruncatedFrame", "ConnectionClosed",
+    "AuthenticationError", "ServerRefused",
+    "send_frame", "recv_frame", "send_message", "recv_message",
+    "encode", "decode_safe",
+    "server_handshake", "client_handshake",
+    "SERVER_MAX_FRAME", "WORKER_MAX_FRAME",
+]
+
+# --- Message types: the whole vocabulary of the protocol, in one block. ---
+HELLO = "HELLO"
+WELCOME = "WELCOME"
+GET_JOB = "GET_JOB"
+JOB = "JOB"
+WAIT = "WAIT"
+NO_JOB = "NO_JOB"
+RESULT = "RESULT"
+FAILED = "FAILED"
+ACK = "ACK"
+ERROR = "ERROR"
+MESSAGE_TYPES = frozenset(
+    {HELLO, WELCOME, GET_JOB, JOB, WAIT, NO_JOB, RESULT, FAILED, ACK, ERROR})
+
+HEADER = struct.Struct("!I")
+# Worker messages are a few hundred bytes (a little more with --group-by);
+# 1 MiB leaves room and still keeps a hostile peer's frames cheap.
+SERVER_MAX_FRAME = 1 << 20
+# JOB frames carry a whole chunk; 1 GiB bounds a broken server's length
+# header while fitting any sensible chunk of a multi-GB file.
+WORKER_MAX_FRAME = 1 << 30
+
+NONCE_SIZE = 32
+_CHALLENGE = b"#CHALLENGE#"
+_WELCOME = b"#WELCOME#"
+_FAILURE = b"#FAILURE#"
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol: bad length, truncated frame, bad message."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header announced more bytes than this receiver accepts."""
+
+
+class TruncatedFrame(ProtocolError):
+    """The peer closed the connection in the middle of a frame."""
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed the connection cleanly, between two frames."""
+
+
+class AuthenticationError(ProtocolError):
+    """The peer failed the HMAC challenge (wrong or missing secret)."""
+
+
+class ServerRefused(Exception):
+    """The server answered ERROR: it refused the last message."""
+
+
+# --- Framing -----------------------------------------------------------------
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    """Send one frame: the 4-byte length of ``payload``, then ``payload``.
+
+    Raises ``ValueError`` for an empty payload or one of 4 GiB or more, and
+    ``OSError`` if the socket fails.  ``sendall`` loops until every byte is
+    handed to the kernel; two ``sendall`` calls avoid copying a large payload
+    just to glue the header on.
+    """
+    size = len(payload)
+    if not 0 < size <= 0xFFFFFFFF:
+        raise ValueError(f"frame payload must be 1..2**32-1 bytes, got {size}")
+    if size < 65536:
+        sock.sendall(HEADER.pack(size) + payload)
+    else:
+        sock.sendall(HEADER.pack(size))
+        sock.sendall(payload)
+
+
+def recv_frame(sock: socket.socket, max_size: int,
+               frame_timeout: float | None = None) -> bytes:
+    """Receive one frame and return its payload (``1..max_size`` bytes).
+
+    Waiting for a frame to *start* is bounded by the socket's own timeout
+    (None: forever).  With ``frame_timeout``, once the first byte is in, the
+    whole rest of the frame must arrive within that many seconds, so a peer
+    that sends half a frame and goes silent is dropped in bounded time.
+
+    Raises :class:`ConnectionClosed` if the peer closed before the first
+    header byte, :class:`TruncatedFrame` if it closed later, and
+    :class:`ProtocolError` (:class:`FrameTooLarge`) for a zero or too large
+    length, which is decided from the header alone.  ``TimeoutError`` and
+    ``OSError`` pass through.
+    """
+    first = sock.recv(1)
+    if not first:
+        raise ConnectionClosed("peer closed the connection")
+    deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
+    (size,) = HEADER.unpack(first + _recv_exactly(sock, HEADER.size - 1, deadline))
+    if size == 0:
+        raise ProtocolError("zero-length frame")
+    if size > max_size:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {max_size}")
+    return _recv_exactly(sock, size, deadline)
+
+
+def _recv_exactly(sock: socket.socket, size: int, deadline: float | None) -> bytes:
+    """Read exactly ``size`` bytes of a started frame (``recv`` may return fewer)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    old_timeout = sock.gettimeout()
+    try:
+        while got < size:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"frame incomplete after its deadline ({got} of {size} bytes)")
+                sock.settimeout(remaining)
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise TruncatedFrame(f"peer closed after {got} of {size} bytes")
+            got += n
+    finally:
+        if deadline is not None:
+            sock.settimeout(old_timeout)
+    return bytes(buf)
+
+
+# --- Messages ----------------------------------------------------------------
+
+def encode(message: dict) -> bytes:
+    """Pickle a message dict (protocol 5, which handles large buffers well)."""
+    return pickle.dumps(message, protocol=5)
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """An unpickler that can build builtins only.
+
+    Code execution through pickle always goes through ``find_class`` (to
+    fetch a callable such as ``os.system``); refusing every lookup leaves an
+    attacker with nothing to call.  See the warning at the top of the
+    ``pickle`` module documentation.
+    """
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden")
+
+
+def decode_safe(payload: bytes) -> dict:
+    """Unpickle an untrusted frame into a message dict, refusing all globals.
+
+    Returns a dict whose ``"type"`` is one of :data:`MESSAGE_TYPES`.
+    Raises :class:`ProtocolError` for anything else, including every error
+    the unpickler can raise on garbage.
+    """
+    try:
+        message = _NoGlobalsUnpickler(io.BytesIO(payload)).load()
+    except Exception as exc:  # garbage can raise nearly anything here
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from None
+    return _check_envelope(message)
+
+
+def _check_envelope(message) -> dict:
+    if not isinstance(message, dict) or message.get("type") not in MESSAGE_TYPES:
+        raise ProtocolError("message is not a dict with a known 'type'")
+    return message
+
+
+def send_message(sock: socket.socket, type_: str, **fields) -> None:
+    """Encode ``{"type": type_, **fields}`` and send it as one frame."""
+    send_frame(sock, encode({"type": type_, **fields}))
+
+
+def recv_message(sock: socket.socket, max_size: int,
+                 frame_timeout: float | None = None) -> dict:
+    """Receive one frame and decode it with :func:`decode_safe`.
+
+    Raises what :func:`recv_frame` and :func:`decode_safe` raise.
+    """
+    return decode_safe(recv_frame(sock, max_size, frame_timeout))
+
+
+# --- Handshake ---------------------------------------------------------------
+
+def _digest(secret: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, nonce, hashlib.sha256).digest()
+
+
+def _deliver_challenge(sock: socket.socket, secret: bytes) -> None:
+    """Send a random nonce; require the peer's HMAC of it."""
+    nonce = os.urandom(NONCE_SIZE)
+    send_frame(sock, _CHALLENGE + nonce)
+    answer = recv_frame(sock, 256)
+    if not hmac.compare_digest(answer, _digest(secret, nonce)):
+        send_frame(sock, _FAILURE)
+        raise AuthenticationError("peer failed the challenge (wrong secret?)")
+    send_frame(sock, _WELCOME)
+
+
+def _answer_challenge(sock: socket.socket, secret: bytes) -> None:
+    """Answer the peer's nonce with our HMAC; require its welcome."""
+    challenge = recv_frame(sock, 256)
+    if not challenge.startswith(_CHALLENGE) or len(challenge) != len(_CHALLENGE) + NONCE_SIZE:
+        raise ProtocolError("expected an authentication challenge")
+    send_frame(sock, _digest(secret, challenge[len(_CHALLENGE):]))
+    if recv_frame(sock, 256) != _WELCOME:
+        raise AuthenticationError("authentication refused by peer (wrong secret?)")
+
+
+def server_handshake(sock: socket.socket, secret: bytes) -> None:
+    """Authenticate a fresh connection from the server side (challenge first).
+
+    Raises :class:`AuthenticationError` or :class:`ProtocolError` if the peer
+    does not prove it knows ``secret``, and the framing errors on a broken
+    link.  Nothing is unpickled here.
+    """
+    _deliver_challenge(sock, secret)
+    _answer_challenge(sock, secret)
+
+
+def client_handshake(sock: socket.socket, secret: bytes) -> None:
+    """Authenticate a fresh connection from the worker side (answer first).
+
+    Mutual: the worker also checks that the server knows the secret, so a
+    worker is never fed chunks by an impostor.  Raises as
+    :func:`server_handshake` does.
+    """
+    _answer_challenge(sock, secret)
+    _deliver_challenge(sock, secret)

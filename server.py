@@ -1,0 +1,1059 @@
+"""The server: splits a sales CSV into chunks, leases them to workers, stores results.
+
+Run it once per job::
+
+    python server.py --csv sales_5m.csv --host 0.0.0.0 --port 5000 --chunks 200 --db results.sqlite
+
+Data flow::
+
+      sales.csv
+          │ inspect_csv()      header, separator, columns: fail early (exit 2)
+          ▼
+    FrameChunks / StreamChunks  row ranges of a DataFrame (documented mode) or
+          │                     byte ranges of the file (--stream); a chunk is
+          │                     serialised when it is handed out
+          ▼
+    ChunkBook ──lease()──> Handler thread ──JOB──────> worker
+     PENDING                (one per TCP                  │ compute_metrics()
+     LEASED   <─complete()─  connection)  <──RESULT───────┘
+     DONE                        │
+     FAILED                      ▼ record_result(): first result per chunk wins
+                            ResultStore (db_utils.py, SQLite)
+                                 │
+                                 ▼ FINAL_AGGREGATE_SQL once every chunk is DONE
+                          {'total_rows': ..., 'total_sales': ..., ...}
+
+Rules the code keeps (README, "How it stays correct", says why):
+
+* A lease lasts ``--lease-timeout`` seconds; a chunk whose lease expires, or
+  whose connection drops, goes back to the queue (at-least-once delivery).
+* The first committed result of a chunk is the one that counts; later ones
+  are recorded as duplicates and change nothing (exactly-once effect).
+* A worker asking for work while chunks are leased but not done is told to
+  WAIT, never "no more work": the job can finish with a single worker left.
+* A chunk whose attempts *reported* failure ``--max-attempts`` times is
+  FAILED and the job exits 1 naming it; lost attempts (crash, expiry) are
+  simply retried, since they say more about the worker than about the chunk.
+* The job is identified by the input file and the chunking, so a restart
+  with the same arguments resumes and a different file never mixes in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import codecs
+import collections
+import gzip
+import hashlib
+import io
+import ipaddress
+import json
+import logging
+import lzma
+import math
+import os
+import pickle
+import re
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+import protocol
+from db_utils import DROPPED, EXPIRED, FAILED, ResultStore
+from worker import SECRET_ENV, ColumnError, find_columns
+
+log = logging.getLogger("server")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class InputError(Exception):
+    """The input cannot be processed; the message is one line for the user."""
+
+
+# --- Reading the input ---------------------------------------------------------
+
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz"}
+_SEPARATORS = (",", ";", "\t", "|")
+
+
+@dataclass
+class CsvInfo:
+    """What :func:`inspect_csv` learned from the head of the file.
+
+    ``columns``: header names as pandas reads them.  ``price_col``,
+    ``qty_col``, ``group_col``: the chosen names.  ``sep``, ``decimal``,
+    ``encoding``: how to parse it.  ``compression``: None or a pandas
+    compression name.  ``size``: bytes on disk.
+    """
+    path: str
+    columns: list
+    price_col: str
+    qty_col: str
+    group_col: str | None
+    sep: str
+    decimal: str
+    encoding: str
+    compression: str | None
+    size: int
+
+
+def _open_decompressed(path: str, compression: str | None):
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "bz2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    if compression == "zip":
+        archive = zipfile.ZipFile(path)
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        if len(names) != 1:
+            raise InputError(f"{path}: a .zip input must hold exactly one file, found {len(names)}")
+        return archive.open(names[0])
+    return open(path, "rb")
+
+
+def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
+                encoding: str | None = None, price_col: str | None = None,
+                qty_col: str | None = None, group_col: str | None = None) -> CsvInfo:
+    """Check the input before anything listens, and learn how to parse it.
+
+    Reads only the first 256 KiB (decompressed).  Detects the separator
+    (the most frequent of ``, ; TAB |`` in the header line) and the decimal
+    mark (a comma when the separator is not a comma and sampled prices look
+    like ``2,50``) unless given.  Raises :class:`InputError` with a one-line
+    message for: a missing or empty file, a Git LFS pointer, binary data,
+    text that is not in the expected encoding, and a missing or ambiguous
+    price or quantity column (the message lists the columns found and the
+    accepted names).
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise InputError(f"{path}: input CSV is empty (0 bytes, no header)")
+    compression = _COMPRESSION.get(os.path.splitext(path)[1].lower())
+    try:
+        with _open_decompressed(path, compression) as f:
+            head = f.read(256 * 1024)
+    except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError) as exc:
+        raise InputError(f"{path}: cannot read {compression} data: {exc}") from None
+    if not head.strip():
+        raise InputError(f"{path}: input CSV is empty (no header)")
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise InputError(f"{path}: this is a Git LFS pointer, not the data; run 'git lfs pull'")
+    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) and encoding is None:
+        raise InputError(f"{path}: the file is UTF-16; pass --encoding utf-16")
+    encoding = encoding or "utf-8-sig"
+    try:
+        text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid {encoding} (byte 0x{head[exc.start]:02x} at "
+                         f"offset {exc.start}); pass --encoding, e.g. --encoding cp1252") from None
+    except LookupError:
+        raise InputError(f"unknown --encoding {encoding!r}") from None
+    if "\x00" in text:
+        raise InputError(f"{path}: binary data, not CSV text")
+    if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
+        raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
+    first_line = text.splitlines()[0] if text else ""
+    sep = sep or max(_SEPARATORS, key=first_line.count)
+    try:
+        sample = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, nrows=200,
+                             keep_default_na=False, on_bad_lines="skip")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise InputError(f"{path}: not CSV data ({exc})") from None
+    columns = list(sample.columns)
+    try:
+        price_col, qty_col = find_columns(columns, price_col, qty_col)
+    except ColumnError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if group_col is not None and group_col not in columns:
+        raise InputError(f"{path}: --group-by {group_col!r} is not a column; columns found: {columns}")
+    if decimal is None:
+        decimal = "." if sep == "," else _guess_decimal(sample[price_col])
+    return CsvInfo(path, columns, price_col, qty_col, group_col, sep, decimal,
+                   encoding, compression, size)
+
+
+def _guess_decimal(cells: pd.Series) -> str:
+    """',' if more cells look like 2,50 than like 2.50, else '.'."""
+    comma = cells.str.contains(r"\d,\d{1,2}\D*$", regex=True).sum()
+    point = cells.str.contains(r"\d\.\d{1,2}\D*$", regex=True).sum()
+    return "," if comma > point else "."
+
+
+# --- Chunk sources -------------------------------------------------------------
+
+class FrameChunks:
+    """The documented mode: load the CSV with pandas, split it by rows.
+
+    Only the columns the workers need are loaded and sent.  ``bounds[i]``
+    to ``bounds[i + 1]`` are the rows of chunk ``i``: ``--chunks`` parts
+    whose sizes differ by at most one row, or ``--chunk-rows`` rows each.
+    Splitting a parsed DataFrame never cuts a record, even one with a
+    quoted newline.  Raises :class:`InputError` when pandas cannot parse
+    the file.
+    """
+
+    format = "frame"
+
+    def __init__(self, info: CsvInfo, chunks: int, chunk_rows: int | None, compress: bool):
+        wanted = [c for c in (info.price_col, info.qty_col, info.group_col) if c]
+        try:
+            self.frame = pd.read_csv(info.path, sep=info.sep, decimal=info.decimal,
+                                     encoding=info.encoding, usecols=wanted,
+                                     compression=info.compression, low_memory=False)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{info.path}: not valid {info.encoding} ({exc.reason} at byte "
+                             f"{exc.start} of a block); pass --encoding, e.g. --encoding cp1252") from None
+        except (pd.errors.ParserError, ValueError) as exc:
+            raise InputError(f"{info.path}: malformed CSV: {str(exc).strip()}") from None
+        rows = len(self.frame)
+        if chunk_rows:
+            self.bounds = list(range(0, rows, chunk_rows)) + [rows]
+        else:
+            parts = min(chunks, rows)
+            self.bounds = [rows * i // parts for i in range(parts + 1)] if parts else [0]
+        self.compress = compress
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def rows_of(self, chunk_id: int) -> int:
+        """How many records chunk ``chunk_id`` holds (checked against RESULTs)."""
+        return self.bounds[chunk_id + 1] - self.bounds[chunk_id]
+
+    def payload(self, chunk_id: int) -> bytes:
+        """The pickled (and maybe zlib'd) DataFrame slice of chunk ``chunk_id``."""
+        part = self.frame.iloc[self.bounds[chunk_id]:self.bounds[chunk_id + 1]]
+        data = pickle.dumps(part, protocol=5)
+        return zlib.compress(data, 1) if self.compress else data
+
+
+class StreamChunks:
+    """The ``--stream`` mode: byte ranges of the file, parsed by the workers.
+
+    The server never loads the file; it scans it once, block by block, to
+    place chunk boundaries on record boundaries.  Under RFC 4180 a newline
+    ends a record exactly when an even number of quote characters precede
+    it (a quote inside a quoted field is doubled, which keeps the parity),
+    and ``bytes.count`` counts quotes at C speed.  ``ranges[i]`` is
+    ``(start, end)`` in bytes; every JOB carries the header line too.
+    Raises :class:`InputError` for compressed input or an encoding whose
+    newline is not the single byte 0x0A (UTF-16/32).
+    """
+
+    format = "csv"
+    BLOCK = 16 * 1024 * 1024
+
+    def __init__(self, info: CsvInfo, chunks: int, compress: bool):
+        if info.compression:
+            raise InputError(f"{info.path}: --stream needs an uncompressed file")
+        if "\n".encode(info.encoding) != b"\n":
+            raise InputError(f"{info.path}: --stream cannot split {info.encoding} text")
+        self.path, self.compress = info.path, compress
+        size = info.size
+        header_end = record_boundaries(info.path, [0])[0]
+        with open(info.path, "rb") as f:
+            self.header = f.read(header_end)
+        body = size - header_end
+        parts = max(1, min(chunks, body // 64 + 1))  # no chunk below ~64 bytes
+        targets = [header_end + body * i // parts for i in range(1, parts)]
+        cuts = [header_end] + record_boundaries(info.path, targets) + [size]
+        cuts = sorted(set(cuts))
+        self.ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        self.rows = None
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def rows_of(self, chunk_id: int) -> None:
+        """Unknown until a worker parses the chunk."""
+        return None
+
+    def payload(self, chunk_id: int) -> bytes:
+        """Header + the chunk's bytes, read with ``os.pread`` (maybe zlib'd)."""
+        start, end = self.ranges[chunk_id]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = self.header + os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+        return zlib.compress(data, 1) if self.compress else data
+
+
+def record_boundaries(path: str, targets: list[int], block: int = StreamChunks.BLOCK) -> list[int]:
+    """For each offset in sorted ``targets``, the first record start at or after it.
+
+    A record starts right after a newline preceded by an even number of
+    quote characters (RFC 4180), or at the end of the file.  Reads the file
+    once, ``block`` bytes at a time.  Returns a list as long as ``targets``.
+    """
+    out = []
+    pending = collections.deque(targets)
+    quotes = 0          # quote characters before `offset`
+    offset = 0          # file offset of `data[0]`
+    with open(path, "rb") as f:
+        while pending:
+            data = f.read(block)
+            if not data:
+                break
+            pos = 0      # data[:pos] is already counted in `quotes`
+            while pending:
+                want = max(pending[0] - offset, pos)
+                if want >= len(data):
+                    break
+                quotes += data.count(b'"', pos, want)
+                pos = want
+                newline = data.find(b"\n", pos)
+                while newline != -1:
+                    quotes += data.count(b'"', pos, newline)
+                    pos = newline + 1
+                    if quotes % 2 == 0:
+                        break
+                    newline = data.find(b"\n", pos)
+                if newline == -1:
+                    break
+                out.append(offset + pos)
+                pending.popleft()
+            quotes += data.count(b'"', pos)
+            offset += len(data)
+    end = os.path.getsize(path)
+    out.extend(end for _ in pending)
+    return out
+
+
+# --- Chunk bookkeeping (no sockets, no database) -------------------------------
+
+PENDING, LEASED, DONE, FAILED_CHUNK = "PENDING", "LEASED", "DONE", "FAILED"
+
+
+@dataclass
+class Lease:
+    """One attempt: ``chunk_id`` handed to ``worker_id`` on connection ``conn``
+    until ``deadline`` (``time.monotonic()`` seconds)."""
+    attempt_id: int
+    chunk_id: int
+    worker_id: str
+    conn: int
+    deadline: float
+
+
+class ChunkBook:
+    """The state of every chunk, and the leases that hand them out.
+
+    A chunk moves PENDING -> LEASED -> DONE, back to PENDING when its last
+    live lease expires or is dropped, and to FAILED after ``max_attempts``
+    reported failures.  One lock guards everything, so handler threads and
+    the main thread's expiry sweep see one consistent state.  ``clock`` is
+    injectable so tests can move time by hand.  ``finished`` is an Event set
+    once no chunk is PENDING or LEASED.
+    """
+
+    def __init__(self, chunks: int, lease_timeout: float, max_attempts: int,
+                 done=(), known_attempts=None, next_attempt_id: int = 1,
+                 clock=time.monotonic):
+        self.lease_timeout, self.max_attempts, self.clock = lease_timeout, max_attempts, clock
+        self.state = [PENDING] * chunks
+        for chunk_id in done:
+            self.state[chunk_id] = DONE
+        self.queue = collections.deque(c for c in range(chunks) if self.state[c] == PENDING)
+        self.leases: dict[int, Lease] = {}
+        self.attempt_chunk = dict(known_attempts or {})
+        self.next_attempt_id = next_attempt_id
+        self.failures = [0] * chunks
+        self.last_error: dict[int, str] = {}
+        self.dispatches = 0
+        self._lock = threading.Lock()
+        self.finished = threading.Event()
+        self._check_finished()
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def lease(self, worker_id: str, conn: int) -> Lease | None:
+        """Lease the next pending chunk, or return None if none is pending."""
+        with self._lock:
+            while self.queue:
+                chunk_id = self.queue.popleft()
+                if self.state[chunk_id] == PENDING:
+                    break
+            else:
+                return None
+            lease = Lease(self.next_attempt_id, chunk_id, worker_id, conn,
+                          self.clock() + self.lease_timeout)
+            self.next_attempt_id += 1
+            self.state[chunk_id] = LEASED
+            self.leases[lease.attempt_id] = lease
+            self.attempt_chunk[lease.attempt_id] = chunk_id
+            self.dispatches += 1
+            return lease
+
+    def is_attempt_of(self, attempt_id: int, chunk_id: int) -> bool:
+        """True if ``attempt_id`` was issued (now or in an earlier run) for ``chunk_id``."""
+        with self._lock:
+            return self.attempt_chunk.get(attempt_id) == chunk_id
+
+    def complete(self, chunk_id: int, attempt_id: int) -> None:
+        """A result for the chunk is committed: it is DONE (idempotent)."""
+        with self._lock:
+            self.leases.pop(attempt_id, None)
+            self.state[chunk_id] = DONE
+            self._check_finished()
+
+    def fail(self, chunk_id: int, attempt_id: int, error: str) -> bool:
+        """The worker reported an error; return True if the chunk is now FAILED."""
+        with self._lock:
+            self.leases.pop(attempt_id, None)
+            self.last_error[chunk_id] = error
+            if self.state[chunk_id] in (DONE, FAILED_CHUNK):
+                return False
+            self.failures[chunk_id] += 1
+            if self.failures[chunk_id] >= self.max_attempts:
+                self.state[chunk_id] = FAILED_CHUNK
+                self._check_finished()
+                return True
+            self._requeue(chunk_id)
+            return False
+
+    def release(self, conn: int) -> list[Lease]:
+        """The connection closed: end its leases and re-queue their chunks."""
+        with self._lock:
+            gone = [lease for lease in self.leases.values() if lease.conn == conn]
+            self._end(gone)
+            return gone
+
+    def expire(self) -> list[Lease]:
+        """End every lease past its deadline and re-queue their chunks."""
+        with self._lock:
+            now = self.clock()
+            gone = [lease for lease in self.leases.values() if lease.deadline <= now]
+            self._end(gone)
+            return gone
+
+    def _end(self, gone: list[Lease]) -> None:
+        for lease in gone:
+            del self.leases[lease.attempt_id]
+        for lease in gone:
+            self._requeue(lease.chunk_id)
+
+    def _requeue(self, chunk_id: int) -> None:
+        # Another live lease may still hold the chunk (it was re-leased after
+        # an expiry): then it stays LEASED and is not queued twice.
+        if self.state[chunk_id] != LEASED:
+            return
+        if any(lease.chunk_id == chunk_id for lease in self.leases.values()):
+            return
+        self.state[chunk_id] = PENDING
+        self.queue.appendleft(chunk_id)  # retry first: it is what the job waits for
+
+    def _check_finished(self) -> None:
+        if all(s in (DONE, FAILED_CHUNK) for s in self.state):
+            self.finished.set()
+
+    def counts(self) -> dict:
+        """``{'PENDING': n, 'LEASED': n, 'DONE': n, 'FAILED': n}``."""
+        with self._lock:
+            tally = collections.Counter(self.state)
+        return {s: tally.get(s, 0) for s in (PENDING, LEASED, DONE, FAILED_CHUNK)}
+
+    def failed_chunks(self) -> dict[int, str]:
+        """``{chunk_id: last error}`` of the FAILED chunks."""
+        with self._lock:
+            return {c: self.last_error.get(c, "") for c, s in enumerate(self.state)
+                    if s == FAILED_CHUNK}
+
+
+# --- Validating what workers send ----------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_stats(where: str, rows, rejected, sales, low, high, mean, count) -> None:
+    """Check one set of partial metrics; raise ProtocolError naming ``where``.
+
+    Rules: counts are non-negative ints with ``rejected <= rows`` and
+    ``count == rows - rejected``; sales is a finite number; with
+    ``count == 0`` the price statistics are None, otherwise finite with
+    ``min <= mean <= max`` (within rounding).
+    """
+    if not (_is_int(rows) and _is_int(rejected) and _is_int(count)):
+        raise protocol.ProtocolError(f"{where}: row counts must be integers")
+    if rows < 0 or rejected < 0 or rejected > rows or count != rows - rejected:
+        raise protocol.ProtocolError(f"{where}: inconsistent row counts")
+    if not _is_number(sales):
+        raise protocol.ProtocolError(f"{where}: total_sales must be a finite number")
+    prices = (low, high, mean)
+    if count == 0:
+        if any(p is not None for p in prices):
+            raise protocol.ProtocolError(f"{where}: price statistics without valid rows")
+        return
+    if not all(_is_number(p) for p in prices):
+        raise protocol.ProtocolError(f"{where}: price statistics must be finite numbers")
+    slack = 1e-9 * max(abs(low), abs(high), 1.0)
+    if not (low <= high and low - slack <= mean <= high + slack):
+        raise protocol.ProtocolError(f"{where}: need min_price <= avg_price <= max_price")
+
+
+# --- The TCP server ------------------------------------------------------------
+
+class Timings:
+    """Seconds spent per phase (read, split, serialize, db, ...), thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.seconds = collections.defaultdict(float)
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to ``phase``."""
+        with self._lock:
+            self.seconds[phase] += seconds
+
+
+class JobServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP server (one thread per connection) that runs one job.
+
+    Holds the shared state the handlers use: the chunk source, the
+    :class:`ChunkBook`, the :class:`~db_utils.ResultStore` and the settings.
+    Refuses connections beyond ``max_connections`` at once.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, chunks, book: ChunkBook, store: ResultStore, job_id: str,
+                 info: CsvInfo, secret: bytes = b"", tls: ssl.SSLContext | None = None,
+                 max_frame: int = protocol.SERVER_MAX_FRAME, io_timeout: float = 10.0,
+                 idle_timeout: float = 600.0, max_connections: int = 256,
+                 wait_interval: float = 0.2):
+        self.chunks, self.book, self.store, self.job_id, self.info = chunks, book, store, job_id, info
+        self.secret, self.tls, self.max_frame = secret, tls, max_frame
+        self.io_timeout, self.idle_timeout = io_timeout, idle_timeout
+        self.max_connections, self.wait_interval = max_connections, wait_interval
+        self.timings = Timings()
+        self.progress = Progress(len(chunks))
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, Handler)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Admit a connection unless ``max_connections`` are already open."""
+        with self._conns_lock:
+            if len(self._conns) >= self.max_connections:
+                log.warning("refusing %s:%s: %d connections already open",
+                            *client_address[:2], len(self._conns))
+                return False
+            self._conns.add(request)
+        return True
+
+    def forget(self, request) -> None:
+        """Drop a finished connection from the bookkeeping."""
+        with self._conns_lock:
+            self._conns.discard(request)
+
+    def close_all(self) -> None:
+        """Shut every open connection down, waking handlers blocked in recv."""
+        with self._conns_lock:
+            socks = list(self._conns)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def open_connections(self) -> int:
+        """How many connections are open now."""
+        with self._conns_lock:
+            return len(self._conns)
+
+    def handle_error(self, request, client_address):
+        log.exception("unexpected error with %s", client_address)
+
+
+class Handler(socketserver.BaseRequestHandler):
+    """Serves one worker connection: handshake, HELLO, then one message at a time.
+
+    Each message type has a method named after it (``handle_get_job``...).
+    Whatever a peer does wrong ends in one WARNING line with its address and
+    a closed connection; the leases it held go back to the queue.
+    """
+
+    server: JobServer
+
+    def setup(self):
+        self.peer = "%s:%s" % self.client_address[:2]
+        self.conn = id(self.request)
+        self.worker_id = None
+        self.sock = self.request
+
+    def handle(self):
+        srv = self.server
+        try:
+            self.sock.settimeout(srv.io_timeout)
+            if srv.tls is not None:
+                self.sock = srv.tls.wrap_socket(self.sock, server_side=True)
+            protocol.server_handshake(self.sock, srv.secret)
+            hello = self.receive()
+            if hello["type"] != protocol.HELLO:
+                raise protocol.ProtocolError(f"expected HELLO, got {hello['type']}")
+            self.handle_hello(hello)
+            self.sock.settimeout(srv.idle_timeout)
+            while True:
+                message = self.receive()
+                method = self.dispatch.get(message["type"])
+                if method is None:
+                    raise protocol.ProtocolError(f"unexpected {message['type']} message")
+                method(self, message)
+        except protocol.ConnectionClosed:
+            log.debug("%s (%s) disconnected", self.peer, self.worker_id)
+        except protocol.ProtocolError as exc:
+            log.warning("dropping %s (%s): %s", self.peer, self.worker_id or "no HELLO", exc)
+            self.try_send({"type": protocol.ERROR, "reason": str(exc)[:200]})
+        except (OSError, ssl.SSLError) as exc:  # includes TimeoutError
+            log.warning("dropping %s (%s): %s: %s", self.peer, self.worker_id or "no HELLO",
+                        type(exc).__name__, exc)
+        except Exception:
+            log.exception("dropping %s (%s): unexpected error", self.peer, self.worker_id)
+        finally:
+            for lease in srv.book.release(self.conn):
+                log.info("chunk %d back in the queue: %s's connection closed (attempt %d)",
+                         lease.chunk_id, lease.worker_id, lease.attempt_id)
+                srv.store.end_attempt(srv.job_id, lease.attempt_id, DROPPED)
+
+    def finish(self):
+        self.server.forget(self.request)
+        if self.sock is not self.request:
+            self.sock.close()
+
+    def receive(self) -> dict:
+        return protocol.recv_message(self.sock, self.server.max_frame, self.server.io_timeout)
+
+    def send(self, message: dict) -> None:
+        protocol.send_frame(self.sock, protocol.encode(message))
+
+    def try_send(self, message: dict) -> None:
+        try:
+            self.send(message)
+        except (OSError, ValueError):
+            pass
+
+    # --- one method per message type ----------------------------------------
+
+    def handle_hello(self, msg: dict) -> None:
+        worker_id = msg.get("worker_id")
+        if not isinstance(worker_id, str) or not 0 < len(worker_id) <= 200:
+            raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 characters")
+        self.worker_id = worker_id
+        log.info("worker %s connected from %s", worker_id, self.peer)
+        self.send({"type": protocol.WELCOME, "job_id": self.server.job_id,
+                   "chunks": len(self.server.book), "lease_timeout": self.server.book.lease_timeout})
+
+    def handle_get_job(self, msg: dict) -> None:
+        srv = self.server
+        lease = srv.book.lease(self.worker_id, self.conn)
+        if lease is None:
+            done = srv.book.finished.is_set()
+            self.send({"type": protocol.NO_JOB} if done else
+                      {"type": protocol.WAIT, "retry_after": srv.wait_interval})
+            return
+        started = time.perf_counter()
+        data = srv.chunks.payload(lease.chunk_id)
+        srv.timings.add("serialize", time.perf_counter() - started)
+        started = time.perf_counter()
+        srv.store.record_lease(srv.job_id, lease.attempt_id, lease.chunk_id,
+                               self.worker_id, time.time())
+        srv.timings.add("db", time.perf_counter() - started)
+        info = srv.info
+        log.debug("chunk %d leased to %s (attempt %d)", lease.chunk_id, self.worker_id, lease.attempt_id)
+        self.send({"type": protocol.JOB, "job_id": srv.job_id, "chunk_id": lease.chunk_id,
+                   "attempt_id": lease.attempt_id, "rows": srv.chunks.rows_of(lease.chunk_id),
+                   "format": srv.chunks.format, "data": data, "compressed": srv.chunks.compress,
+                   "price_col": info.price_col, "qty_col": info.qty_col,
+                   "group_col": info.group_col, "sep": info.sep, "decimal": info.decimal,
+                   "encoding": info.encoding})
+
+    def handle_result(self, msg: dict) -> None:
+        srv = self.server
+        chunk_id, attempt_id = self.check_ids(msg)
+        fields = ("rows_processed", "rejected_rows", "total_sales", "min_price",
+                  "max_price", "avg_price", "price_count")
+        values = [msg.get(f) for f in fields]
+        check_stats(f"chunk {chunk_id}", *values)
+        expected_rows = srv.chunks.rows_of(chunk_id)
+        if expected_rows is not None and msg["rows_processed"] != expected_rows:
+            raise protocol.ProtocolError(
+                f"chunk {chunk_id} has {expected_rows} rows, result says {msg['rows_processed']}")
+        groups = self.check_groups(msg, chunk_id)
+        started = time.perf_counter()
+        counted = srv.store.record_result(
+            srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,
+                             chunk_id=chunk_id, attempt_id=attempt_id), groups)
+        srv.timings.add("db", time.perf_counter() - started)
+        if counted:
+            srv.book.complete(chunk_id, attempt_id)
+            srv.progress.chunk_done(msg["rows_processed"], srv.book)
+        else:
+            srv.book.complete(chunk_id, attempt_id)
+            log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
+                     chunk_id, self.worker_id, attempt_id)
+        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": counted})
+
+    def handle_failed(self, msg: dict) -> None:
+        srv = self.server
+        chunk_id, attempt_id = self.check_ids(msg)
+        error = str(msg.get("error"))[:500]
+        log.warning("chunk %d attempt %d failed on %s: %s", chunk_id, attempt_id,
+                    self.worker_id, error)
+        srv.store.end_attempt(srv.job_id, attempt_id, FAILED, error)
+        if srv.book.fail(chunk_id, attempt_id, error):
+            log.error("chunk %d FAILED after %d failed attempts; last error: %s",
+                      chunk_id, srv.book.max_attempts, error)
+        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": False})
+
+    dispatch = {protocol.GET_JOB: handle_get_job, protocol.RESULT: handle_result,
+                protocol.FAILED: handle_failed}
+
+    # --- validation ------------------------------------------------------------
+
+    def check_ids(self, msg: dict) -> tuple[int, int]:
+        """The message's (chunk_id, attempt_id), if they belong to this job."""
+        srv = self.server
+        chunk_id, attempt_id = msg.get("chunk_id"), msg.get("attempt_id")
+        if msg.get("job_id") != srv.job_id:
+            raise protocol.ProtocolError(f"result of another job ({msg.get('job_id')!r})")
+        if msg.get("worker_id") != self.worker_id:
+            raise protocol.ProtocolError("worker_id differs from the one in HELLO")
+        if not (_is_int(chunk_id) and 0 <= chunk_id < len(srv.book)):
+            raise protocol.ProtocolError(f"unknown chunk {chunk_id!r}")
+        if not (_is_int(attempt_id) and srv.book.is_attempt_of(attempt_id, chunk_id)):
+            raise protocol.ProtocolError(f"unknown attempt {attempt_id!r} for chunk {chunk_id}")
+        return chunk_id, attempt_id
+
+    def check_groups(self, msg: dict, chunk_id: int) -> list[tuple]:
+        """Validate the per-group rows of a RESULT; they must add up to its rows."""
+        groups = msg.get("groups", [])
+        if self.server.info.group_col is None:
+            if groups:
+                raise protocol.ProtocolError("groups sent but no --group-by is set")
+            return []
+        if not isinstance(groups, list):
+            raise protocol.ProtocolError("groups must be a list")
+        seen, total = set(), 0
+        for group in groups:
+            if not (isinstance(group, (list, tuple)) and len(group) == 8):
+                raise protocol.ProtocolError("a group row must have 8 fields")
+            key = group[0]
+            if not (key is None or isinstance(key, str)) or key in seen:
+                raise protocol.ProtocolError("group values must be distinct strings or None")
+            seen.add(key)
+            check_stats(f"chunk {chunk_id} group {key!r}", *group[1:])
+            total += group[1]
+        if total != msg["rows_processed"]:
+            raise protocol.ProtocolError(f"chunk {chunk_id}: group rows do not add up")
+        return [tuple(g) for g in groups]
+
+
+# --- Progress and the main loop ------------------------------------------------
+
+class Progress:
+    """Logs done/total, rows per second and an ETA, at most once a second."""
+
+    def __init__(self, total: int):
+        self.total, self.rows, self.done = total, 0, 0
+        self.started = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def chunk_done(self, rows: int, book: ChunkBook) -> None:
+        """Count one newly counted chunk of ``rows`` rows, and maybe log."""
+        with self._lock:
+            self.rows += rows
+            self.done += 1
+            now = time.monotonic()
+            left = book.counts()
+            left = left[PENDING] + left[LEASED]
+            if now - self._last < 1.0 and left:
+                return
+            self._last = now
+            elapsed = max(now - self.started, 1e-9)
+            log.info("progress: %d/%d chunks done (%.0f%%), %d rows, %.0f rows/s, ETA %.1f s",
+                     self.total - left, self.total, 100.0 * (self.total - left) / max(self.total, 1),
+                     self.rows, self.rows / elapsed, elapsed / self.done * left)
+
+
+def job_identity(info: CsvInfo, args: argparse.Namespace) -> tuple[str, str]:
+    """Return ``(job_id, identity)`` for this input and chunking.
+
+    The identity is the file's real path, size and modification time (in
+    ns) plus every option that changes how it is chunked or parsed, as
+    JSON; ``job_id`` is the first 16 hex digits of its SHA-256.  Size and
+    mtime are cheap to read on every start, unlike a digest of a 600 MB
+    file; rewriting the file changes its mtime, so a new file is a new job.
+    """
+    stat = os.stat(info.path)
+    identity = json.dumps({
+        "path": os.path.realpath(info.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "mode": "stream" if args.stream else "frame", "chunks": args.chunks,
+        "chunk_rows": args.chunk_rows, "sep": info.sep, "decimal": info.decimal,
+        "encoding": info.encoding, "price_col": info.price_col, "qty_col": info.qty_col,
+        "group_col": info.group_col}, sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16], identity
+
+
+def _tls_context(args) -> ssl.SSLContext | None:
+    if not (args.tls_cert or args.tls_key):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise InputError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise InputError(f"cannot load the TLS certificate or key: {exc}") from None
+    return context
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one job from the parsed command line; return the exit code.
+
+    Raises :class:`InputError` for problems found before listening.
+    """
+    secret = (args.secret if args.secret is not None else os.environ.get(SECRET_ENV, "")).encode()
+    tls = _tls_context(args)
+    if not secret and not _is_loopback(args.host):
+        log.warning("listening on %s without --secret: anyone who can reach this port can "
+                    "send pickles; unauthenticated pickle is unsafe on a network", args.host)
+    started = time.perf_counter()
+    info = inspect_csv(args.csv, args.sep, args.decimal, args.encoding,
+                       args.price_col, args.qty_col, args.group_by)
+    chunks = (StreamChunks(info, args.chunks, args.compress) if args.stream
+              else FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
+    read_seconds = time.perf_counter() - started
+    job_id, identity = job_identity(info, args)
+    store = ResultStore(args.db)
+    try:
+        state = store.open_job(job_id, info.path, identity, len(chunks), fresh=args.fresh)
+        if state.done:
+            log.info("job %s: resuming, %d of %d chunks already done", job_id,
+                     len(state.done), len(chunks))
+        book = ChunkBook(len(chunks), args.lease_timeout, args.max_attempts, state.done,
+                         state.attempts, state.next_attempt_id)
+        server = JobServer((args.host, args.port), chunks, book, store, job_id, info,
+                           secret=secret, tls=tls, max_frame=args.max_frame,
+                           io_timeout=args.io_timeout, idle_timeout=args.idle_timeout,
+                           max_connections=args.max_connections)
+        server.timings.add("read", read_seconds)
+        return serve(server, args)
+    finally:
+        store.close()
+
+
+def serve(server: JobServer, args: argparse.Namespace) -> int:
+    """Accept workers until the job ends or a signal arrives; report; return the exit code."""
+    book, store, job_id = server.book, server.store, server.job_id
+    host, port = server.server_address[:2]
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(f"{port}\n")
+        os.replace(args.port_file + ".tmp", args.port_file)
+    log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
+             job_id, len(book), server.chunks.format, server.info.price_col,
+             server.info.qty_col, host, port)
+    stop = threading.Event()
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    accept = threading.Thread(target=server.serve_forever, args=(0.05,), name="accept")
+    accept.start()
+    started = time.perf_counter()
+    tick = min(0.5, book.lease_timeout / 4)
+    try:
+        while not book.finished.is_set() and not stop.is_set():
+            book.finished.wait(tick)
+            for lease in book.expire():
+                log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
+                            lease.chunk_id, lease.worker_id, lease.attempt_id)
+                store.end_attempt(job_id, lease.attempt_id, EXPIRED)
+        server.timings.add("wait", time.perf_counter() - started)
+        if book.finished.is_set():
+            # Let connected workers ask once more and hear NO_JOB, so they
+            # exit 0 instead of reconnecting to a server that is gone.
+            deadline = time.monotonic() + args.linger
+            while server.open_connections() and time.monotonic() < deadline and not stop.is_set():
+                time.sleep(0.02)
+    finally:
+        server.shutdown()
+        server.close_all()
+        accept.join()
+        server.server_close()   # joins the handler threads
+    if not book.finished.is_set():
+        counts = book.counts()
+        log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
+                    "again to resume", signals[0], counts[DONE], len(book))
+        return 128 + signals[0]
+    return report(server)
+
+
+def report(server: JobServer) -> int:
+    """Print the final aggregate (or the failed chunks); return the exit code."""
+    book, store, job_id = server.book, server.store, server.job_id
+    failed = book.failed_chunks()
+    if failed:
+        for chunk_id, error in sorted(failed.items()):
+            log.error("chunk %d failed %d times; last error: %s", chunk_id,
+                      book.failures[chunk_id], error)
+        chunk_id, error = min(failed.items())
+        print(f"server.py: error: job {job_id} failed: {len(failed)} chunk(s) failed "
+              f"{book.max_attempts} times, e.g. chunk {chunk_id}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    started = time.perf_counter()
+    final = store.final_aggregate(job_id)
+    keys = ("total_rows", "total_sales", "min_price", "max_price", "avg_price", "rejected_rows")
+    print({key: final[key] for key in keys})
+    workers = store.per_worker(job_id)
+    print(f"{'worker':<24} {'chunks':>8} {'rows':>12}")
+    for row in workers:
+        print(f"{row['worker_id']:<24} {row['chunks']:>8} {row['rows']:>12}")
+    if server.info.group_col:
+        print_groups(server.info.group_col, store.group_aggregate(job_id))
+    server.timings.add("aggregate", time.perf_counter() - started)
+    sys.stdout.flush()
+    phases = ", ".join(f"{name} {sec:.2f} s" for name, sec in server.timings.seconds.items())
+    log.info("job %s done: %d dispatches for %d chunks; time per phase: %s",
+             job_id, book.dispatches, len(book), phases)
+    return EXIT_OK
+
+
+def print_groups(column: str, groups: list[dict]) -> None:
+    """Print the ``--group-by`` table, largest total sales first."""
+    def fmt(value):
+        return "-" if value is None else f"{value:.2f}"
+    print(f"\n{column:<32} {'rows':>10} {'rejected':>9} {'total_sales':>18} "
+          f"{'min_price':>10} {'max_price':>10} {'avg_price':>10}")
+    for g in groups:
+        name = "(missing)" if g["group_value"] is None else g["group_value"]
+        print(f"{name[:32]:<32} {g['total_rows']:>10} {g['rejected_rows']:>9} "
+              f"{g['total_sales']:>18.2f} {fmt(g['min_price']):>10} {fmt(g['max_price']):>10} "
+              f"{fmt(g['avg_price']):>10}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The server's command line (see ``--help``)."""
+    p = argparse.ArgumentParser(
+        description="Split a sales CSV into chunks, hand them to workers, aggregate in SQL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--csv", required=True, help="input CSV (.gz/.bz2/.zip/.xz too)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=5000, help="TCP port (0: any free port)")
+    p.add_argument("--chunks", type=_positive_int, default=200, help="number of chunks")
+    p.add_argument("--chunk-rows", type=_positive_int, default=None,
+                   help="rows per chunk instead of --chunks (documented mode only)")
+    p.add_argument("--db", default="results.sqlite", help="SQLite results database")
+    p.add_argument("--fresh", action="store_true",
+                   help="forget earlier results of this job instead of resuming")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--port-file", default=None, help="write the bound port to this file")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--lease-timeout", type=_positive_float, default=60.0,
+                   help="seconds a worker may hold a chunk before it is handed out again")
+    g.add_argument("--max-attempts", type=_positive_int, default=4,
+                   help="reported failures after which a chunk fails the job")
+    g.add_argument("--linger", type=float, default=5.0,
+                   help="seconds to wait at the end for workers to hear NO_JOB")
+    c = p.add_argument_group("input")
+    c.add_argument("--price-col", default=None, help="price column (default: detected)")
+    c.add_argument("--qty-col", default=None, help="quantity column (default: detected)")
+    c.add_argument("--group-by", default=None, help="also aggregate per value of this column")
+    c.add_argument("--sep", default=None, help="field separator (default: detected)")
+    c.add_argument("--decimal", default=None, choices=[".", ","],
+                   help="decimal mark (default: detected)")
+    c.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, BOM or not)")
+    m = p.add_argument_group("transfer")
+    m.add_argument("--stream", action="store_true",
+                   help="send byte ranges of the file for workers to parse, never load it whole")
+    m.add_argument("--compress", action="store_true", help="zlib-compress chunk payloads")
+    s = p.add_argument_group("security and limits")
+    s.add_argument("--secret", default=None,
+                   help=f"shared secret for the handshake (prefer the {SECRET_ENV} "
+                        "environment variable: arguments are visible in the process list)")
+    s.add_argument("--tls-cert", default=None, help="TLS certificate chain (PEM)")
+    s.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
+    s.add_argument("--max-frame", type=_positive_int, default=protocol.SERVER_MAX_FRAME,
+                   help="largest frame accepted from a peer, bytes")
+    s.add_argument("--io-timeout", type=_positive_float, default=10.0,
+                   help="seconds a started frame or the handshake may take")
+    s.add_argument("--idle-timeout", type=_positive_float, default=600.0,
+                   help="seconds a connection may stay silent between frames")
+    s.add_argument("--max-connections", type=_positive_int, default=256,
+                   help="connections open at once")
+    args = p.parse_args(argv)
+    if args.chunk_rows and args.stream:
+        p.error("--chunk-rows works in documented mode only")
+    return args
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit code (0 done, 1 chunks failed, 2 bad input)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"server.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. the port is taken, the db folder is missing
+        print(f"server.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

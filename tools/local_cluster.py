@@ -1,0 +1,121 @@
+"""Run a whole job on this machine: one server and N workers as subprocesses.
+
+    python tools/local_cluster.py                       # demo data, 2 workers
+    python tools/local_cluster.py --csv sales_5m.csv --workers 2 --chunks 200
+
+It is exactly what the README's multi-terminal instructions do by hand: the
+server binds a free loopback port (``--port 0 --port-file``), the workers
+are pointed at it, the server's log and final aggregate appear on this
+terminal.  The exit code is the server's.  Every child is stopped when the
+server ends, on Ctrl-C, and on any error: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see ``--help``)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--csv", default=None,
+                   help="input CSV; default: generate demo_sales_<rows>.csv here (kept for reuse)")
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows of the generated demo CSV")
+    p.add_argument("--workers", type=int, default=2, help="number of worker processes")
+    p.add_argument("--chunks", type=int, default=200, help="number of chunks")
+    p.add_argument("--db", default=None,
+                   help="results database; default: a temporary one, deleted afterwards")
+    p.add_argument("--stream", action="store_true", help="pass --stream to the server")
+    p.add_argument("--compress", action="store_true", help="pass --compress to the server")
+    p.add_argument("--group-by", default=None, help="pass --group-by COLUMN to the server")
+    p.add_argument("--server-args", default="", help="more server options, e.g. '--lease-timeout 2'")
+    p.add_argument("--worker-args", default="",
+                   help="more options for every worker, e.g. '--crash-rate 0.2'")
+    p.add_argument("--log-level", default="INFO", help="server log level (workers: WARNING)")
+    return p.parse_args(argv)
+
+
+def demo_csv(rows: int) -> str:
+    """Path of the demo CSV with ``rows`` rows, generated on first use."""
+    path = Path(f"demo_sales_{rows}.csv")
+    if not path.exists():
+        from tools.make_csv import write_csv
+        print(f"generating {path} ({rows} rows) ...", file=sys.stderr)
+        write_csv(path, rows, seed=0, progress=True)
+    return str(path)
+
+
+def wait_for_port(port_file: Path, server: subprocess.Popen, timeout: float = 600) -> int | None:
+    """The port the server wrote, or None if the server exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            return int(port_file.read_text())
+        if server.poll() is not None:
+            return None
+        time.sleep(0.01)
+    raise TimeoutError("the server did not start listening")
+
+
+def stop(children: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """Terminate the children still running; kill those that linger; reap all."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def main(argv=None) -> int:
+    """Run the job; return the server's exit code (130 on Ctrl-C)."""
+    args = parse_args(argv)
+    csv = args.csv or demo_csv(args.rows)
+    children: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="local_cluster-") as tmp:
+        port_file = Path(tmp) / "port"
+        db = args.db or os.path.join(tmp, "results.sqlite")
+        server_cmd = [sys.executable, str(ROOT / "server.py"), "--csv", csv, "--host", "127.0.0.1",
+                      "--port", "0", "--port-file", str(port_file), "--chunks", str(args.chunks),
+                      "--db", db, "--log-level", args.log_level]
+        server_cmd += ["--stream"] * args.stream + ["--compress"] * args.compress
+        server_cmd += ["--group-by", args.group_by] if args.group_by else []
+        server_cmd += shlex.split(args.server_args)
+        try:
+            server = subprocess.Popen(server_cmd)
+            children.append(server)
+            port = wait_for_port(port_file, server)
+            if port is not None:
+                for i in range(1, args.workers + 1):
+                    children.append(subprocess.Popen(
+                        [sys.executable, str(ROOT / "worker.py"), "--server", "127.0.0.1",
+                         "--port", str(port), "--worker-id", f"worker-{i}",
+                         "--log-level", "WARNING", "--give-up-after", "10",
+                         *shlex.split(args.worker_args)]))
+            code = server.wait()
+            return code
+        except KeyboardInterrupt:
+            # The terminal sent SIGINT to every child too; give them a moment.
+            return 130
+        finally:
+            stop(children)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

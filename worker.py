@@ -1,0 +1,515 @@
+"""A worker: pulls chunks from the server, computes partial metrics, reports them.
+
+Run one per core, on this machine or others::
+
+    python worker.py --server 127.0.0.1 --port 5000 --worker-id worker-1
+
+The main loop (:meth:`Worker.run`) is the whole life of a worker::
+
+    connect ──> HELLO ──> GET_JOB ──┬── JOB ────> compute ──> RESULT ──> ACK ─┐
+       ^                            ├── WAIT ───> sleep retry_after ─────────┤
+       │                            └── NO_JOB ─> exit 0                     │
+       │                                 ^                                    │
+       │                                 └────────────────────────────────────┘
+       └── connection lost: back off (exponential, jittered), reconnect,
+           re-send the RESULT that was not acknowledged, carry on
+
+Delivery is at-least-once: a RESULT is kept until the server's ACK says it
+is committed, and sent again after a reconnect.  The server's first-wins
+commit makes the duplicates harmless (see ``db_utils.py``).
+
+:func:`compute_metrics` is a pure function of a DataFrame, so it can be
+tested without any socket; the column and number rules it follows are below
+it and are shared with the server, which checks the header before it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import pickle
+import random
+import re
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pandas as pd
+
+import protocol
+
+log = logging.getLogger("worker")
+
+SECRET_ENV = "SALES_SECRET"
+
+# --- Columns -------------------------------------------------------------------
+# Header names are compared after normalize_name(): "Unit Price", "unit_price"
+# and "\ufeffUNITPRICE" all become "unitprice".  Matching is exact on the
+# normalised name, never by substring, so "Unit Cost" or "Total Revenue"
+# cannot be mistaken for a price.  Sources: the design document (Price,
+# UnitPrice, Unit_Price; Quantity, Qty, Units), the public "Sales Records"
+# files (Unit Price, Units Sold), UCI "Online Retail" (UnitPrice, Quantity),
+# and Kaggle "sales_data_sample" (PRICEEACH, QUANTITYORDERED).
+PRICE_ALIASES = frozenset({
+    "price", "unitprice", "priceeach", "priceperunit", "itemprice",
+    "sellingprice", "unitsellingprice", "saleprice", "retailprice",
+})
+QTY_ALIASES = frozenset({
+    "quantity", "qty", "units", "unitssold", "quantityordered", "qtyordered",
+    "orderquantity", "quantitysold", "orderqty",
+})
+
+
+class ColumnError(ValueError):
+    """The price or quantity column is missing or ambiguous."""
+
+
+def normalize_name(name) -> str:
+    """Lower-case ``name`` and keep only letters and digits (drops a BOM too)."""
+    return "".join(ch for ch in str(name).casefold() if ch.isalnum())
+
+
+def find_columns(columns, price_col: str | None = None,
+                 qty_col: str | None = None) -> tuple[str, str]:
+    """Return the (price, quantity) column names among ``columns``.
+
+    ``price_col``/``qty_col`` override detection; they match a header
+    exactly or after :func:`normalize_name`.  Otherwise exactly one header
+    must normalise to a name in :data:`PRICE_ALIASES` (resp.
+    :data:`QTY_ALIASES`).  Raises :class:`ColumnError` (a ``ValueError``)
+    naming the columns found and the accepted names.
+    """
+    columns = list(columns)
+    return (_pick(columns, price_col, PRICE_ALIASES, "price", "--price-col"),
+            _pick(columns, qty_col, QTY_ALIASES, "quantity", "--qty-col"))
+
+
+def _pick(columns, wanted, aliases, what, option):
+    if wanted is not None:
+        hits = [c for c in columns if c == wanted] or \
+               [c for c in columns if normalize_name(c) == normalize_name(wanted)]
+        if not hits:
+            raise ColumnError(f"{option} {wanted!r} is not a column; columns found: {columns}")
+        return hits[0]
+    hits = [c for c in columns if normalize_name(c) in aliases]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise ColumnError(
+            f"no {what} column; columns found: {columns}; accepted names "
+            f"(case, spaces and punctuation ignored): {sorted(aliases)}; or pass {option}")
+    raise ColumnError(f"several {what} columns match: {hits}; choose one with {option}")
+
+
+# --- Numbers -------------------------------------------------------------------
+# What may surround or sit inside a number and carries no value: white space
+# (including no-break spaces), apostrophes used as thousands marks ("1'234"),
+# currency signs and ISO codes.
+_NOISE = re.compile(r"[\s\u00a0\u202f'\u2019$€£¥₹]|USD|EUR|GBP", re.IGNORECASE)
+# A number written with thousands separators: 1,234 or 12,345,678.90.
+_GROUPED = {
+    ".": re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?"),
+    ",": re.compile(r"[+-]?\d{1,3}(?:\.\d{3})+(?:,\d*)?"),
+}
+
+
+def to_number(values: pd.Series, decimal: str = ".") -> pd.Series:
+    """Convert a column to float64; anything that is not a finite number -> NaN.
+
+    Numeric columns pass through.  Text is cleaned first: currency signs and
+    codes, spaces and apostrophes are dropped; thousands separators are
+    removed only where they group digits by three; with ``decimal=","`` the
+    decimal comma becomes a point.  What is still not a number ("TBD", "",
+    "1,2,3", "inf") becomes NaN, never a string: string arithmetic
+    ("2.50" * 3 == "2.502.502.50") is what this function exists to prevent.
+    """
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        numbers = values.astype("float64")
+    else:
+        text = values.astype("string").str.replace(_NOISE, "", regex=True)
+        grouped = text.str.fullmatch(_GROUPED[decimal]).fillna(False).astype(bool)
+        thousands = "," if decimal == "." else "."
+        text = text.mask(grouped, text.str.replace(thousands, "", regex=False))
+        if decimal == ",":
+            text = text.str.replace(",", ".", regex=False)
+        numbers = pd.to_numeric(text, errors="coerce").astype("float64")
+    return numbers.where(np.isfinite(numbers))
+
+
+# --- Metrics -------------------------------------------------------------------
+
+def compute_metrics(df: pd.DataFrame, price_col: str | None = None,
+                    qty_col: str | None = None, decimal: str = ".",
+                    group_col: str | None = None) -> dict:
+    """Partial metrics of one chunk: a pure function of ``df``.
+
+    A row is *valid* when both its price and its quantity are finite
+    numbers after :func:`to_number`; the other rows are *rejected*.
+    Negative quantities (returns) are valid.  Returns::
+
+        rows_processed  int    every row of df
+        rejected_rows   int    rows that are not valid
+        total_sales     float  sum of price * quantity over valid rows (0.0 if none)
+        min_price       float  | None when no row is valid
+        max_price       float  | None
+        avg_price       float  | None  mean price of the valid rows
+        price_count     int    number of valid rows (the weight of avg_price
+                               when chunk means are merged)
+        groups          list   with group_col: one tuple per group value,
+                               (value or None, rows_processed, rejected_rows,
+                               total_sales, min_price, max_price, avg_price,
+                               price_count); else []
+
+    Raises :class:`ColumnError` (a ``ValueError``) if a column cannot be
+    found (see :func:`find_columns`).
+    """
+    price_col, qty_col = find_columns(df.columns, price_col, qty_col)
+    price = to_number(df[price_col], decimal)
+    qty = to_number(df[qty_col], decimal)
+    valid = price.notna() & qty.notna()
+    price_ok = price[valid]
+    count = int(valid.sum())
+    metrics = {
+        "rows_processed": int(len(df)),
+        "rejected_rows": int(len(df) - count),
+        "total_sales": float((price_ok * qty[valid]).sum()),
+        "min_price": float(price_ok.min()) if count else None,
+        "max_price": float(price_ok.max()) if count else None,
+        "avg_price": float(price_ok.mean()) if count else None,
+        "price_count": count,
+        "groups": [],
+    }
+    if group_col is not None:
+        metrics["groups"] = _group_metrics(df[group_col], price, qty, valid)
+    return metrics
+
+
+def _group_metrics(keys: pd.Series, price, qty, valid) -> list[tuple]:
+    """Per-group rows of :func:`compute_metrics` (missing keys form one group)."""
+    table = pd.DataFrame({
+        "key": keys.astype("string"),
+        "valid": valid,
+        "price": price.where(valid),
+        "sales": (price * qty).where(valid),
+    })
+    stats = table.groupby("key", dropna=False, sort=False).agg(
+        rows=("valid", "size"), count=("valid", "sum"), sales=("sales", "sum"),
+        low=("price", "min"), high=("price", "max"), mean=("price", "mean"))
+    out = []
+    for key, row in stats.iterrows():
+        count = int(row["count"])
+        out.append((None if pd.isna(key) else str(key), int(row["rows"]), int(row["rows"]) - count,
+                    float(row["sales"]), _or_none(row["low"]), _or_none(row["high"]),
+                    _or_none(row["mean"]), count))
+    return out
+
+
+def _or_none(value):
+    return None if pd.isna(value) else float(value)
+
+
+def load_chunk(job: dict) -> pd.DataFrame:
+    """Turn a JOB message's ``data`` (bytes) into a DataFrame.
+
+    ``format == "frame"``: a pickled DataFrame, unpickled in full: the one
+    place where the worker trusts the server (see README, "Security").
+    ``format == "csv"``: raw CSV bytes (header line + whole records),
+    parsed here with the separator, decimal mark and encoding the server
+    detected.  Either may be zlib-compressed.  Raises ValueError for an
+    unknown format, and pandas' parser errors or ``UnicodeDecodeError`` on
+    bad data; the caller reports them as a failed attempt.
+    """
+    raw = zlib.decompress(job["data"]) if job.get("compressed") else job["data"]
+    if job["format"] == "frame":
+        frame = pickle.loads(raw)
+        if not isinstance(frame, pd.DataFrame):
+            raise ValueError("JOB data is not a DataFrame")
+        return frame
+    if job["format"] != "csv":
+        raise ValueError(f"unknown JOB format {job['format']!r}")
+    wanted = [c for c in (job["price_col"], job["qty_col"], job.get("group_col")) if c]
+    return pd.read_csv(io.BytesIO(raw), sep=job["sep"], decimal=job["decimal"],
+                       encoding=job["encoding"], usecols=wanted, low_memory=False)
+
+
+# --- Fault injection (off by default; for experiments and tests) ---------------
+
+class Faults:
+    """Decides, per attempt, whether this worker misbehaves on purpose.
+
+    ``crash_rate``: probability of exiting abruptly (``os._exit``, no
+    goodbye, exactly like a SIGKILL) after taking a chunk.  ``stall_rate``:
+    probability of sleeping ``stall_seconds`` first (past the lease).
+    ``error_rate``: probability of reporting a failure instead of a result.
+    ``delay``: seconds of extra work per chunk (a slow worker).  All draws
+    come from one ``random.Random(seed)`` so a run can be repeated.
+    """
+
+    def __init__(self, crash_rate=0.0, stall_rate=0.0, stall_seconds=5.0,
+                 error_rate=0.0, delay=0.0, seed=None):
+        self.crash_rate, self.stall_rate, self.error_rate = crash_rate, stall_rate, error_rate
+        self.stall_seconds, self.delay = stall_seconds, delay
+        self.rng = random.Random(seed)
+
+    def before_compute(self, chunk_id: int) -> None:
+        """Maybe crash, stall or slow down; raise RuntimeError to inject an error."""
+        draw = self.rng.random()
+        if draw < self.crash_rate:
+            log.warning("fault injection: crashing on chunk %d", chunk_id)
+            logging.shutdown()
+            os._exit(3)
+        if draw < self.crash_rate + self.stall_rate:
+            log.warning("fault injection: stalling %.1f s on chunk %d", self.stall_seconds, chunk_id)
+            time.sleep(self.stall_seconds)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.rng.random() < self.error_rate:
+            raise RuntimeError(f"fault injection: error on chunk {chunk_id}")
+
+
+# --- The worker ----------------------------------------------------------------
+
+class GiveUp(Exception):
+    """The server stayed unreachable for longer than --give-up-after."""
+
+
+class Worker:
+    """One worker process's connection and main loop.
+
+    ``secret`` (bytes) authenticates both ends; ``tls_ca`` (a PEM path)
+    turns on TLS and verifies the server against that CA.  ``give_up_after``
+    (s) bounds how long the worker keeps reconnecting to a server that is
+    gone; ``io_timeout`` (s) bounds any one blocking read or write.
+    """
+
+    def __init__(self, host: str, port: int, worker_id: str, secret: bytes = b"",
+                 tls_ca: str | None = None, give_up_after: float = 60.0,
+                 io_timeout: float = 60.0, faults: Faults | None = None):
+        self.host, self.port, self.worker_id = host, port, worker_id
+        self.secret = secret
+        self.tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+        self.give_up_after, self.io_timeout = give_up_after, io_timeout
+        self.faults = faults or Faults()
+        self.sock: socket.socket | None = None
+        self.stopping = threading.Event()
+        self.chunks_done = 0
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current attempt (signal-safe)."""
+        self.stopping.set()
+
+    def run(self) -> int:
+        """The main loop; returns the process exit code (0: job done)."""
+        unacked = None  # a RESULT or FAILED message the server has not acknowledged
+        while True:
+            try:
+                if self.sock is None:
+                    if self.stopping.is_set():
+                        return 0  # never reconnect just to say goodbye
+                    self.connect()
+                if unacked is not None:
+                    self.deliver(unacked)
+                    unacked = None
+                if self.stopping.is_set():
+                    log.info("%s: stopping after %d chunks", self.worker_id, self.chunks_done)
+                    return 0
+                reply = self.request({"type": protocol.GET_JOB})
+                if reply["type"] == protocol.NO_JOB:
+                    log.info("%s: job finished, %d chunks processed here",
+                             self.worker_id, self.chunks_done)
+                    return 0
+                if reply["type"] == protocol.WAIT:
+                    self.stopping.wait(float(reply.get("retry_after", 0.5)))
+                    continue
+                if reply["type"] != protocol.JOB:
+                    raise protocol.ProtocolError(f"unexpected {reply['type']} reply to GET_JOB")
+                unacked = self.handle_job(reply)
+                self.deliver(unacked)
+                unacked = None
+            except GiveUp as exc:
+                log.error("%s: %s", self.worker_id, exc)
+                return 1
+            except (protocol.AuthenticationError, ssl.SSLCertVerificationError) as exc:
+                log.error("%s: cannot authenticate the server: %s", self.worker_id, exc)
+                return 1
+            except protocol.ServerRefused as exc:
+                # The server rejected what we sent (e.g. a result of an
+                # older job); re-sending it would be refused again.
+                log.error("%s: server refused: %s", self.worker_id, exc)
+                unacked = None
+                self.disconnect()
+            except (OSError, EOFError, protocol.TruncatedFrame) as exc:
+                log.warning("%s: connection lost (%s); reconnecting", self.worker_id, exc)
+                self.disconnect()
+            except protocol.ProtocolError as exc:
+                log.error("%s: the server broke the protocol: %s", self.worker_id, exc)
+                self.disconnect()
+                return 1
+
+    # --- connection ----------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect, handshake and say HELLO, retrying with backoff.
+
+        Delays grow 0.1, 0.2, 0.4 ... s up to 5 s, each drawn uniformly
+        below that bound ("full jitter", so restarted workers do not
+        reconnect in lockstep).  Raises :class:`GiveUp` after
+        ``give_up_after`` seconds without success.
+        """
+        deadline = time.monotonic() + self.give_up_after
+        bound = 0.1
+        while True:
+            try:
+                self.sock = self._open()
+                welcome = self.request({"type": protocol.HELLO, "worker_id": self.worker_id})
+                if welcome["type"] != protocol.WELCOME:
+                    raise protocol.ProtocolError(f"expected WELCOME, got {welcome['type']}")
+                log.info("%s: connected to %s:%d, job %s (%s chunks)", self.worker_id,
+                         self.host, self.port, welcome.get("job_id"), welcome.get("chunks"))
+                return
+            except (OSError, EOFError, protocol.TruncatedFrame) as exc:
+                self.disconnect()
+                if time.monotonic() >= deadline:
+                    raise GiveUp(f"server {self.host}:{self.port} unreachable for "
+                                 f"{self.give_up_after:.0f} s ({exc})") from None
+                if self.stopping.wait(random.uniform(0, bound)):
+                    raise GiveUp("stopped while reconnecting") from None
+                bound = min(bound * 2, 5.0)
+
+    def _open(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=self.io_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.tls:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            protocol.client_handshake(sock, self.secret)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def disconnect(self) -> None:
+        """Close the socket, if any (idempotent)."""
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+    def request(self, message: dict) -> dict:
+        """Send one message, return the reply; an ERROR reply raises ServerRefused."""
+        protocol.send_frame(self.sock, protocol.encode(message))
+        reply = protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME)
+        if reply["type"] == protocol.ERROR:
+            raise protocol.ServerRefused(str(reply.get("reason")))
+        return reply
+
+    # --- work --------------------------------------------------------------
+
+    def handle_job(self, job: dict) -> dict:
+        """Process one JOB; return the RESULT or FAILED message to deliver.
+
+        Any exception from parsing or computing becomes a FAILED message
+        (a failure recorded as data), so one bad chunk never kills the
+        worker.  A JOB without a usable chunk and attempt id cannot even be
+        reported and raises ProtocolError.
+        """
+        try:
+            chunk_id, attempt_id = int(job["chunk_id"]), int(job["attempt_id"])
+        except (KeyError, TypeError, ValueError):
+            raise protocol.ProtocolError("malformed JOB: no chunk_id/attempt_id") from None
+        ids = {"job_id": job.get("job_id"), "worker_id": self.worker_id,
+               "chunk_id": chunk_id, "attempt_id": attempt_id}
+        started = time.perf_counter()
+        try:
+            self.faults.before_compute(chunk_id)
+            metrics = compute_metrics(load_chunk(job), job.get("price_col"), job.get("qty_col"),
+                                      job.get("decimal", "."), job.get("group_col"))
+        except Exception as exc:
+            log.warning("%s: chunk %d attempt %d failed: %s: %s", self.worker_id,
+                        chunk_id, attempt_id, type(exc).__name__, exc)
+            return {"type": protocol.FAILED, **ids, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        log.debug("%s: chunk %d: %d rows in %.1f ms", self.worker_id, chunk_id,
+                  metrics["rows_processed"], 1000 * (time.perf_counter() - started))
+        return {"type": protocol.RESULT, **ids, **metrics}
+
+    def deliver(self, message: dict) -> None:
+        """Send a RESULT/FAILED and wait for its ACK (the commit receipt)."""
+        reply = self.request(message)
+        if reply["type"] != protocol.ACK or reply.get("chunk_id") != message["chunk_id"]:
+            raise protocol.ProtocolError(f"expected ACK for chunk {message['chunk_id']}, "
+                                         f"got {reply['type']}")
+        if message["type"] == protocol.RESULT:
+            self.chunks_done += 1
+
+
+# --- Command line --------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The worker's command line (see ``--help``)."""
+    p = argparse.ArgumentParser(
+        description="Pull chunks from a sales-analysis server and report partial metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--server", default="127.0.0.1", help="server host name or address")
+    p.add_argument("--port", type=int, default=5000, help="server TCP port")
+    p.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}",
+                   help="name of this worker in results and logs")
+    p.add_argument("--secret", default=None,
+                   help=f"shared secret for the handshake (prefer the {SECRET_ENV} "
+                        "environment variable: arguments are visible in the process list)")
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server")
+    p.add_argument("--give-up-after", type=float, default=60.0,
+                   help="seconds to keep reconnecting to an unreachable server")
+    p.add_argument("--io-timeout", type=float, default=60.0,
+                   help="seconds one read or write may block")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    f = p.add_argument_group("fault injection (off by default; for experiments)")
+    f.add_argument("--crash-rate", type=float, default=0.0,
+                   help="probability of exiting abruptly after taking a chunk")
+    f.add_argument("--stall-rate", type=float, default=0.0,
+                   help="probability of stalling --stall-seconds on a chunk")
+    f.add_argument("--stall-seconds", type=float, default=5.0, help="length of a stall")
+    f.add_argument("--error-rate", type=float, default=0.0,
+                   help="probability of reporting a failure instead of a result")
+    f.add_argument("--delay", type=float, default=0.0, help="extra seconds of work per chunk")
+    f.add_argument("--fault-seed", type=int, default=None, help="seed for the fault draws")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Entry point: run one worker until the job is done; return the exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secret = args.secret if args.secret is not None else os.environ.get(SECRET_ENV, "")
+    worker = Worker(args.server, args.port, args.worker_id, secret.encode(), args.tls_ca,
+                    args.give_up_after, args.io_timeout,
+                    Faults(args.crash_rate, args.stall_rate, args.stall_seconds,
+                           args.error_rate, args.delay, args.fault_seed))
+
+    def on_signal(signum, frame):
+        if worker.stopping.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        log.info("%s: signal %d: finishing the current attempt", args.worker_id, signum)
+        worker.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return worker.run()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        worker.disconnect()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
