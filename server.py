@@ -263,7 +263,9 @@ class StreamChunks:
     def __init__(self, info: CsvInfo, chunks: int, compress: bool):
         if info.compression:
             raise InputError(f"{info.path}: --stream needs an uncompressed file")
-        if "\n".encode(info.encoding) != b"\n":
+        # Encoding a string with utf-8-sig (the default) prepends a BOM, yet
+        # its newline is still the single byte 0x0A: compare without it.
+        if "\n".encode(info.encoding).removeprefix(codecs.BOM_UTF8) != b"\n":
             raise InputError(f"{info.path}: --stream cannot split {info.encoding} text")
         self.path, self.compress = info.path, compress
         size = info.size
@@ -297,43 +299,51 @@ class StreamChunks:
 
 
 def record_boundaries(path: str, targets: list[int], block: int = StreamChunks.BLOCK) -> list[int]:
-    """For each offset in sorted ``targets``, the first record start at or after it.
+    """For each offset in sorted ``targets``, the start of the next record.
 
-    A record starts right after a newline preceded by an even number of
-    quote characters (RFC 4180), or at the end of the file.  Reads the file
-    once, ``block`` bytes at a time.  Returns a list as long as ``targets``.
+    The next record after offset ``t`` starts right after the first newline
+    at or after ``t`` that is preceded by an even number of quote characters
+    (RFC 4180), or at the end of the file.  A target that falls before the
+    boundary found for the previous one gets that same boundary, so a record
+    longer than a chunk makes one large chunk, never a cut record.  Reads the
+    file once, ``block`` bytes at a time.  Returns a list as long as
+    ``targets``.
     """
     out = []
     pending = collections.deque(targets)
-    quotes = 0          # quote characters before `offset`
-    offset = 0          # file offset of `data[0]`
+    quotes = 0          # quote characters in the file before data[pos]
+    offset = 0          # file offset of data[0]
     with open(path, "rb") as f:
         while pending:
             data = f.read(block)
             if not data:
                 break
-            pos = 0      # data[:pos] is already counted in `quotes`
+            pos = 0
             while pending:
+                if out and pending[0] <= out[-1]:
+                    out.append(out[-1])
+                    pending.popleft()
+                    continue
                 want = max(pending[0] - offset, pos)
                 if want >= len(data):
                     break
                 quotes += data.count(b'"', pos, want)
                 pos = want
-                newline = data.find(b"\n", pos)
-                while newline != -1:
+                found = False
+                while not found:
+                    newline = data.find(b"\n", pos)
+                    if newline == -1:
+                        break
                     quotes += data.count(b'"', pos, newline)
                     pos = newline + 1
-                    if quotes % 2 == 0:
-                        break
-                    newline = data.find(b"\n", pos)
-                if newline == -1:
-                    break
+                    found = quotes % 2 == 0
+                if not found:
+                    break          # the record goes on in the next block
                 out.append(offset + pos)
                 pending.popleft()
             quotes += data.count(b'"', pos)
             offset += len(data)
-    end = os.path.getsize(path)
-    out.extend(end for _ in pending)
+    out.extend(offset for _ in pending)   # no boundary left: the end of the file
     return out
 
 
@@ -568,10 +578,17 @@ class JobServer(socketserver.ThreadingTCPServer):
             self._conns.add(request)
         return True
 
-    def forget(self, request) -> None:
+    def track(self, old: socket.socket, new: socket.socket) -> None:
+        """Follow a connection whose socket was replaced (wrapped in TLS)."""
+        with self._conns_lock:
+            self._conns.discard(old)
+            self._conns.add(new)
+
+    def forget(self, *socks: socket.socket) -> None:
         """Drop a finished connection from the bookkeeping."""
         with self._conns_lock:
-            self._conns.discard(request)
+            for sock in socks:
+                self._conns.discard(sock)
 
     def close_all(self) -> None:
         """Shut every open connection down, waking handlers blocked in recv."""
@@ -614,6 +631,7 @@ class Handler(socketserver.BaseRequestHandler):
             self.sock.settimeout(srv.io_timeout)
             if srv.tls is not None:
                 self.sock = srv.tls.wrap_socket(self.sock, server_side=True)
+                srv.track(self.request, self.sock)  # wrapping detached the plain socket
             protocol.server_handshake(self.sock, srv.secret)
             hello = self.receive()
             if hello["type"] != protocol.HELLO:
@@ -643,7 +661,7 @@ class Handler(socketserver.BaseRequestHandler):
                 srv.store.end_attempt(srv.job_id, lease.attempt_id, DROPPED)
 
     def finish(self):
-        self.server.forget(self.request)
+        self.server.forget(self.request, self.sock)
         if self.sock is not self.request:
             self.sock.close()
 

@@ -368,7 +368,11 @@ class Worker:
         while True:
             try:
                 self.sock = self._open()
-                welcome = self.request({"type": protocol.HELLO, "worker_id": self.worker_id})
+                try:
+                    welcome = self.request({"type": protocol.HELLO, "worker_id": self.worker_id})
+                except protocol.ServerRefused as exc:
+                    # Saying HELLO again would be refused again: stop, do not spin.
+                    raise GiveUp(f"server refused HELLO: {exc}") from None
                 if welcome["type"] != protocol.WELCOME:
                     raise protocol.ProtocolError(f"expected WELCOME, got {welcome['type']}")
                 log.info("%s: connected to %s:%d, job %s (%s chunks)", self.worker_id,

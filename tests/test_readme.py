@@ -1,0 +1,40 @@
+"""The README is course text: the code and tests it names must exist.
+
+A reference is written ``path.py:name`` in backticks; ``name`` must be a
+function, method or class defined in that file (found by parsing it, so
+nothing is imported or run).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+REFERENCE = re.compile(r"`([\w./-]+\.py):(\w+)`")
+
+
+def defined_names(path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def test_every_referenced_function_and_test_exists():
+    """Each `file.py:function` in README.md names a file that exists and a
+    function, method or class defined in it."""
+    references = REFERENCE.findall(README)
+    assert len(references) >= 10, "the README lost its rule table"
+    missing = [f"{path}:{name}" for path, name in references
+               if not (ROOT / path).is_file() or name not in defined_names(ROOT / path)]
+    assert not missing, f"README names code that does not exist: {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs exactly the test command the README gives."""
+    command = re.search(r"^(python -m pytest)\s+# run the tests", README, re.MULTILINE)
+    assert command, "README quick start lost its test command"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command.group(1) in [line.strip() for line in ci]
