@@ -22,17 +22,43 @@ twice.  ``chunk_results`` admits one row per chunk with
 later ones change nothing.  At-least-once delivery plus this first-wins
 commit gives an exactly-once effect on the final aggregate.
 
-Concurrency: SQLite allows one writer at a time.  Instead of letting handler
+Concurrency on SQLite: it allows one writer at a time.  Instead of letting handler
 threads race for the file lock (and hit "database is locked"), the store
 keeps a single connection and a ``threading.Lock``; each call is one short
 transaction.  WAL mode lets a student read the database with ``sqlite3``
 while a job runs.  ``synchronous=NORMAL`` in WAL mode survives a killed
 process (the case this project tests) though not a power cut.
+
+Two backends, one store.  ``ResultStore(target)`` picks the database from
+``target``: a path (``results.sqlite``) is SQLite, a URL
+(``postgresql://user:password@host:5432/dbname``) is PostgreSQL through
+psycopg 3.  The SQL below is written once, with SQLite's ``?`` placeholders
+and types; the PostgreSQL backend turns ``?`` into ``%s`` and ``REAL`` into
+``DOUBLE PRECISION`` (PostgreSQL's ``REAL`` is a 4-byte float, SQLite's is
+8 bytes).  ``INSERT ... ON CONFLICT`` means the same on both.  The rest of
+the program (server.py) never knows which backend it has.
+
+Concurrency on PostgreSQL: no Python lock.  Handler threads borrow
+connections from a ``psycopg_pool.ConnectionPool`` and every call is one
+transaction at READ COMMITTED.  What keeps a chunk from counting twice is
+the database itself: two transactions inserting the same (job_id, chunk_id)
+into ``chunk_results`` meet on its primary key; ``ON CONFLICT`` makes the
+second one wait until the first commits and then take the ``DO NOTHING``
+branch (rowcount 0), so exactly one is counted and its groups are stored
+once.  Two RESULTs of the same worker and chunk meet on the
+``worker_results`` key, where ``DO UPDATE`` takes a row lock, so they run
+one after the other.  A connection that breaks before COMMIT was sent is
+retried once on a fresh connection (nothing had been committed, so running
+the transaction again is safe); a break during COMMIT, or a database that
+stays unreachable, raises :class:`StoreError`.  Either way the server sends
+its ACK only after the call returns, so an unacknowledged RESULT is re-sent
+by the worker: a lost connection can delay a result, never drop one.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -149,8 +175,10 @@ SELECT group_value,
 FROM group_results
 WHERE job_id = ?
 GROUP BY group_value
-ORDER BY total_sales DESC, group_value
+ORDER BY total_sales DESC, group_value NULLS FIRST
 """
+# NULLS FIRST is SQLite's default for ASC and PostgreSQL's opposite; spelling
+# it out gives both backends one order for a tie in total_sales.
 
 PER_WORKER_SQL = """
 SELECT worker_id, COUNT(*) AS chunks, SUM(rows_processed) AS rows
@@ -159,6 +187,220 @@ WHERE job_id = ?
 GROUP BY worker_id
 ORDER BY worker_id
 """
+
+
+# --- Backends --------------------------------------------------------------
+# A backend runs the SQL above on one kind of database.  Both offer the same
+# three operations, which is all ResultStore uses:
+#
+#     transaction(body)   run body(cursor) as one transaction; commit and
+#                         return its value, or roll back and re-raise
+#     query(sql, params)  one read, as a list of {column: value} dicts
+#     close()             release the connection(s)
+#
+# ``cursor`` has execute(sql, params), executemany(sql, rows) and rowcount,
+# and takes "?" placeholders on both backends.
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+class StoreError(OSError):
+    """The results database cannot be opened or reached.
+
+    An ``OSError``, because to the caller it is one: server.py reports it
+    as a one-line error (exit 2) at start-up and drops the worker's
+    connection without an ACK during a job.  The message never holds a
+    password.
+    """
+
+
+def is_postgres_url(target: str) -> bool:
+    """True if ``target`` names a PostgreSQL database rather than a SQLite file."""
+    return str(target).startswith(POSTGRES_SCHEMES)
+
+
+def mask_password(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and messages.
+
+    ``postgresql://sales:s3cret@db:5432/results`` becomes
+    ``postgresql://sales:***@db:5432/results``; a ``password=`` query
+    parameter is masked too.  A string without a password is returned as is.
+    """
+    scheme, sep, rest = str(url).partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = userinfo.split(":", 1)[0] + ":***@" + hostport
+    tail = re.sub(r"(?i)(\bpassword=)[^&]*", r"\1***", tail)
+    return f"{scheme}://{netloc}{slash}{tail}"
+
+
+class _SqliteBackend:
+    """SQLite: one connection shared by all threads, serialised by one lock.
+
+    See "Concurrency" in the module docstring.  ``BEGIN IMMEDIATE`` takes
+    the write lock at the start of a transaction, so a transaction never
+    fails half-way because another process wrote the file meanwhile.
+    """
+
+    def __init__(self, path: str):
+        self.label = path
+        self._lock = threading.Lock()
+        try:
+            # check_same_thread=False is safe only because of _lock.
+            # isolation_level=None: transaction() writes BEGIN/COMMIT itself.
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the results database {path}: {exc}") from None
+
+    def transaction(self, body):
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                value = body(cur)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            return value
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        with self._lock:
+            cur = self._db.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _postgres_sql(sql: str) -> str:
+    """The store's SQL with psycopg's ``%s`` placeholders instead of ``?``.
+
+    Safe because no statement here contains a literal ``?`` or ``%``.
+    """
+    return sql.replace("?", "%s")
+
+
+def postgres_schema() -> str:
+    """:data:`SCHEMA` in PostgreSQL's types.
+
+    REAL -> DOUBLE PRECISION (8-byte floats, as in SQLite).  INTEGER stays
+    INTEGER (4 bytes): ids and per-chunk counts fit, and SUM/COUNT of an
+    INTEGER column is a BIGINT, which psycopg returns as an ``int`` (the SUM
+    of a BIGINT column would be NUMERIC, returned as a ``Decimal``).
+    ``group_value`` gets the "C" collation, byte order as in SQLite, so
+    groups with equal sales are listed in the same order on both.
+    """
+    schema = re.sub(r"\bREAL\b", "DOUBLE PRECISION", SCHEMA)
+    return re.sub(r"\bgroup_value(\s+)TEXT\b", r'group_value\1TEXT COLLATE "C"', schema)
+
+
+class _PostgresCursor:
+    """A psycopg cursor that accepts the store's ``?`` placeholders."""
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def execute(self, sql: str, params=()):
+        return self._cursor.execute(_postgres_sql(sql), params)
+
+    def executemany(self, sql: str, rows):
+        return self._cursor.executemany(_postgres_sql(sql), rows)
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+
+class _PostgresBackend:
+    """PostgreSQL through psycopg 3, with a pool of connections.
+
+    Handler threads each borrow a connection for one call, so writes of
+    different chunks run in parallel; the database, not a Python lock,
+    keeps them consistent (see the module docstring).  Pool connections are
+    in autocommit mode, and every write is an explicit
+    ``conn.transaction()`` block: its end is the COMMIT, which tells a break
+    before COMMIT (safe to retry) from one during it (outcome unknown).
+    """
+
+    POOL_SIZE = 8           # connections at most; a ninth thread waits for one
+    CONNECT_TIMEOUT = 10    # s to open one connection
+    WAIT_TIMEOUT = 30       # s a thread may wait for a free connection
+    APPLICATION_NAME = "sales-results-store"   # shows in pg_stat_activity
+
+    def __init__(self, url: str):
+        self.label = mask_password(url)
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError:
+            raise StoreError(f"{self.label} is a PostgreSQL URL, but psycopg is not installed "
+                             "(pip install -r requirements.txt)") from None
+        self._errors = psycopg.OperationalError   # lost or refused connections
+        self._pool_timeout = psycopg_pool.PoolTimeout   # (an OperationalError too)
+        # The pool logs every borrowed connection at INFO: far too chatty.
+        logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+        settings = {"connect_timeout": self.CONNECT_TIMEOUT,
+                    "application_name": self.APPLICATION_NAME}
+        try:
+            # One plain connection first: a wrong host or password is reported
+            # now, in one line, rather than as a pool timeout later.
+            with psycopg.connect(url, autocommit=True, **settings) as conn:
+                conn.execute(postgres_schema())
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the results database {self.label}: "
+                             f"{_one_line(exc)}") from None
+        self._pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=self.POOL_SIZE, timeout=self.WAIT_TIMEOUT,
+            kwargs=dict(settings, autocommit=True),
+            # Test a connection when it is borrowed: after a database restart
+            # the pool holds dead ones, and this replaces them quietly.
+            check=psycopg_pool.ConnectionPool.check_connection,
+            name="results", open=True)
+
+    def transaction(self, body):
+        for attempt in (1, 2):
+            committing = False
+            try:
+                with self._pool.connection() as conn:
+                    with conn.transaction():
+                        value = body(_PostgresCursor(conn.cursor()))
+                        committing = True   # leaving this block sends COMMIT
+                return value
+            except self._errors as exc:
+                # No retry after a pool timeout either: that already waited.
+                if committing or attempt == 2 or isinstance(exc, self._pool_timeout):
+                    during = " during COMMIT (its outcome is unknown)" if committing else ""
+                    raise StoreError(f"results database {self.label} failed{during}: "
+                                     f"{_one_line(exc)}") from None
+                log.warning("results database %s failed (%s); running the transaction "
+                            "again on a new connection", self.label, _one_line(exc))
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        try:
+            with self._pool.connection() as conn:
+                cur = conn.execute(_postgres_sql(sql), params)
+                names = [d.name for d in cur.description]
+                return [dict(zip(names, row)) for row in cur.fetchall()]
+        except self._errors as exc:
+            raise StoreError(f"results database {self.label} failed: {_one_line(exc)}") from None
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception's message on one line (libpq's span several)."""
+    return " ".join(str(exc).split())
 
 
 class JobState:
@@ -177,44 +419,35 @@ class JobState:
 
 
 class ResultStore:
-    """Thread-safe access to the SQLite results database at ``path``.
+    """Thread-safe access to the results database ``path``.
 
-    Every public method is one transaction under one lock.  Raises
-    ``sqlite3.Error`` if the database cannot be opened or written.
+    ``path`` is a SQLite file (``results.sqlite``) or a PostgreSQL URL
+    (``postgresql://user:password@host:5432/dbname``); see "Two backends"
+    in the module docstring.  Every public method is one transaction.
+    Raises :class:`StoreError` if the database cannot be opened or
+    reached, and the backend's own error (``sqlite3.Error``,
+    ``psycopg.Error``) if a statement fails.  ``label`` is ``path`` with
+    the password masked: log that, never ``path``.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self._lock = threading.Lock()
-        # One connection shared by all handler threads, serialised by _lock
-        # (check_same_thread=False is safe only because of that lock).
-        # isolation_level=None: we write BEGIN/COMMIT ourselves.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        self.label = mask_password(path)
+        self._backend = _PostgresBackend(path) if is_postgres_url(path) else _SqliteBackend(path)
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
-        with self._lock:
-            self._db.close()
+        """Close the connection(s) (idempotent)."""
+        self._backend.close()
 
     def _transaction(self, statements):
         """Run [(sql, params), ...] atomically; return the last rowcount."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                rowcount = 0
-                for sql, params in statements:
-                    cur.execute(sql, params)
-                    rowcount = cur.rowcount
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        def run(cur):
+            rowcount = 0
+            for sql, params in statements:
+                cur.execute(sql, params)
+                rowcount = cur.rowcount
             return rowcount
+        return self._backend.transaction(run)
 
     # --- job lifecycle --------------------------------------------------
 
@@ -239,11 +472,10 @@ class ResultStore:
              "WHERE job_id = ? AND outcome = ?", (INTERRUPTED, now, job_id, LEASED)),
         ]
         self._transaction(statements)
-        with self._lock:
-            done = {row[0] for row in self._db.execute(
-                "SELECT chunk_id FROM chunk_results WHERE job_id = ?", (job_id,))}
-            attempts = dict(self._db.execute(
-                "SELECT attempt_id, chunk_id FROM attempts WHERE job_id = ?", (job_id,)))
+        done = {row["chunk_id"] for row in self._query(
+            "SELECT chunk_id FROM chunk_results WHERE job_id = ?", (job_id,))}
+        attempts = {row["attempt_id"]: row["chunk_id"] for row in self._query(
+            "SELECT attempt_id, chunk_id FROM attempts WHERE job_id = ?", (job_id,))}
         return JobState(done, attempts, max(attempts, default=0) + 1)
 
     # --- attempts ----------------------------------------------------------
@@ -260,13 +492,18 @@ class ResultStore:
                     error: str | None = None) -> None:
         """Record how an attempt ended without a result (failed, expired, ...).
 
-        An attempt that already ended is left as it is: a late RESULT after
-        an expiry is recorded by :meth:`record_result` instead.
+        An attempt that already ended is left as it is (a late RESULT after
+        an expiry is recorded by :meth:`record_result` instead), except that
+        a worker's own FAILED report replaces an ending the server only
+        inferred (expired, dropped, interrupted): the failure is counted
+        toward ``--max-attempts``, so the table must show it too.
         """
+        replaceable = (LEASED, EXPIRED, DROPPED, INTERRUPTED) if outcome == FAILED else (LEASED,)
+        marks = ", ".join("?" * len(replaceable))
         self._transaction([(
             "UPDATE attempts SET outcome = ?, error = ?, ended_at = ? "
-            "WHERE job_id = ? AND attempt_id = ? AND outcome = ?",
-            (outcome, error, time.time(), job_id, attempt_id, LEASED))])
+            f"WHERE job_id = ? AND attempt_id = ? AND outcome IN ({marks})",
+            (outcome, error, time.time(), job_id, attempt_id, *replaceable))])
 
     def record_result(self, job_id: str, result: dict, groups=()) -> bool:
         """Commit one RESULT; return True if it is the one that counts.
@@ -280,35 +517,28 @@ class ResultStore:
         now = time.time()
         row = dict(result, job_id=job_id, received_at=now)
         key = (job_id, result["worker_id"], result["chunk_id"])
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute(_UPSERT_RESULT, [row[n] for n in _NAMES])
-                cur.execute(_CLAIM_CHUNK, key)
-                counted = cur.rowcount == 1
-                if counted and groups:
-                    cur.executemany(
-                        "INSERT INTO group_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(job_id, result["chunk_id"], *g) for g in groups])
-                cur.execute(
-                    "UPDATE attempts SET outcome = ?, ended_at = ?, error = NULL "
-                    "WHERE job_id = ? AND attempt_id = ? AND outcome NOT IN (?, ?)",
-                    (COUNTED if counted else DUPLICATE, now, job_id,
-                     result["attempt_id"], COUNTED, DUPLICATE))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return counted
+
+        def commit_result(cur) -> bool:
+            cur.execute(_UPSERT_RESULT, [row[n] for n in _NAMES])
+            cur.execute(_CLAIM_CHUNK, key)
+            counted = cur.rowcount == 1
+            if counted and groups:
+                cur.executemany(
+                    "INSERT INTO group_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(job_id, result["chunk_id"], *g) for g in groups])
+            cur.execute(
+                "UPDATE attempts SET outcome = ?, ended_at = ?, error = NULL "
+                "WHERE job_id = ? AND attempt_id = ? AND outcome NOT IN (?, ?)",
+                (COUNTED if counted else DUPLICATE, now, job_id,
+                 result["attempt_id"], COUNTED, DUPLICATE))
+            return counted
+
+        return self._backend.transaction(commit_result)
 
     # --- reading -----------------------------------------------------------
 
     def _query(self, sql, params):
-        with self._lock:
-            cur = self._db.execute(sql, params)
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
+        return self._backend.query(sql, params)
 
     def final_aggregate(self, job_id: str) -> dict:
         """The job's final aggregate, computed in SQL (:data:`FINAL_AGGREGATE_SQL`).

@@ -78,6 +78,7 @@ import hmac
 import io
 import os
 import pickle
+import pickletools
 import socket
 import struct
 import time
@@ -235,13 +236,117 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden")
 
 
+# Refusing globals is not enough: three tiny pickles made only of builtins
+# still hurt the C unpickler or whoever touches the result.
+# * LONG_BINPUT 2**28 (9 bytes) makes it allocate and zero a 4 GiB memo;
+# * 300 KB of TUPLE1 opcodes nest a tuple 300,000 deep, and hashing it (a
+#   dict key, or `in` a set) overflows the C stack: a segfault;
+# * 40 levels of (t, t) built with memo GETs is a 300-byte tuple whose hash
+#   or repr visits 2**40 nodes, holding the GIL: the whole server freezes.
+# So decode_safe first walks the opcodes with pickletools (no object is
+# built) and admits plain values, nesting up to MAX_DEPTH, memo slots in
+# order, and shared references to scalars only (what pickle.dumps emits
+# for a repeated string).  What is left is a tree no bigger than the frame.
+MAX_DEPTH = 16
+_SCALAR_OPS = frozenset({
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG",
+    "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES",
+    "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"})
+_EMPTY_OPS = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE", "EMPTY_SET"})
+_FROM_MARK_OPS = frozenset({"TUPLE", "LIST", "DICT", "FROZENSET"})
+_FILL_FROM_MARK_OPS = frozenset({"APPENDS", "SETITEMS", "ADDITEMS"})
+_POP_COUNT = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "APPEND": 1, "SETITEM": 2}
+_MEMO_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_MEMO_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_MARK = -1  # a MARK on the simulated stack; values are their nesting depth
+
+
+def _check_shape(payload: bytes) -> None:
+    """Walk a pickle's opcodes without building anything; refuse dangerous shapes.
+
+    Simulates the unpickler's stack with one int per object: its nesting
+    depth (0 for a scalar).  Raises :class:`ProtocolError` for an opcode
+    that is not a plain value or container (every global, REDUCE, BUILD,
+    DUP, buffers...), nesting deeper than :data:`MAX_DEPTH`, a memo slot
+    out of order, or a memo reference to a container (a shared or cyclic
+    structure).  Cost: linear in ``len(payload)``.
+    """
+    stack, memo = [], []
+    marks = []  # positions of the MARKs in `stack`, so no search is needed
+
+    def pop(count):
+        floor = marks[-1] + 1 if marks else 0
+        if count > len(stack) - floor:
+            raise ValueError("stack underflow")
+        items = stack[len(stack) - count:]
+        del stack[len(stack) - count:]
+        return items
+
+    def pop_to_mark():
+        if not marks:
+            raise ValueError("no MARK on the stack")
+        at = marks.pop()
+        items = stack[at + 1:]
+        del stack[at:]
+        return items
+
+    def nest(container, items):
+        depth = max([container] + [1 + d for d in items])
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH}")
+        return depth
+
+    try:
+        for opcode, arg, _pos in pickletools.genops(payload):
+            name = opcode.name
+            if name in _SCALAR_OPS:
+                stack.append(0)
+            elif name in _EMPTY_OPS:
+                stack.append(1)
+            elif name == "MARK":
+                marks.append(len(stack))
+                stack.append(_MARK)
+            elif name in _FROM_MARK_OPS:
+                stack.append(nest(1, pop_to_mark()))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                stack.append(nest(1, pop(_POP_COUNT[name])))
+            elif name in ("APPEND", "SETITEM"):
+                items = pop(_POP_COUNT[name])
+                stack.append(nest(*pop(1), items))
+            elif name in _FILL_FROM_MARK_OPS:
+                items = pop_to_mark()
+                stack.append(nest(*pop(1), items))
+            elif name == "POP":
+                pop_to_mark() if marks and marks[-1] == len(stack) - 1 else pop(1)
+            elif name == "POP_MARK":
+                pop_to_mark()
+            elif name in _MEMO_PUT_OPS:
+                index = len(memo) if name == "MEMOIZE" else arg
+                if not 0 <= index <= len(memo):
+                    raise ValueError(f"memo slot {index} out of order")
+                (top,) = pop(1)
+                stack.append(top)
+                memo[index:index + 1] = [top]
+            elif name in _MEMO_GET_OPS:
+                if not (0 <= arg < len(memo) and memo[arg] == 0):
+                    raise ValueError("memo reference to a container or an empty slot")
+                stack.append(0)
+            elif name not in ("PROTO", "FRAME", "STOP"):
+                raise ValueError(f"opcode {name} is not allowed")
+    except ValueError as exc:  # genops raises ValueError on garbage too
+        raise ProtocolError(f"refused pickle: {exc}") from None
+
+
 def decode_safe(payload: bytes) -> dict:
     """Unpickle an untrusted frame into a message dict, refusing all globals.
 
     Returns a dict whose ``"type"`` is one of :data:`MESSAGE_TYPES`.
     Raises :class:`ProtocolError` for anything else, including every error
-    the unpickler can raise on garbage.
+    the unpickler can raise on garbage and every shape :func:`_check_shape`
+    refuses before the unpickler runs.
     """
+    _check_shape(payload)
     try:
         message = _NoGlobalsUnpickler(io.BytesIO(payload)).load()
     except Exception as exc:  # garbage can raise nearly anything here
@@ -250,7 +355,9 @@ def decode_safe(payload: bytes) -> dict:
 
 
 def _check_envelope(message) -> dict:
-    if not isinstance(message, dict) or message.get("type") not in MESSAGE_TYPES:
+    # isinstance first: `in` hashes the value, and a list is unhashable.
+    if not (isinstance(message, dict) and isinstance(message.get("type"), str)
+            and message["type"] in MESSAGE_TYPES):
         raise ProtocolError("message is not a dict with a known 'type'")
     return message
 
@@ -275,44 +382,69 @@ def _digest(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, nonce, hashlib.sha256).digest()
 
 
-def _deliver_challenge(sock: socket.socket, secret: bytes) -> None:
+def _recv_handshake_frame(sock: socket.socket, deadline: float | None) -> bytes:
+    """One handshake frame (at most 256 bytes), all of it before ``deadline``.
+
+    The socket's timeout bounds each ``recv`` only: a peer that drips one
+    byte just inside it could stretch a handshake for hours and hold a
+    connection slot all that time.  A deadline bounds the whole exchange.
+    """
+    if deadline is None:
+        return recv_frame(sock, 256)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("handshake not finished in time")
+    old_timeout = sock.gettimeout()
+    sock.settimeout(remaining)
+    try:
+        return recv_frame(sock, 256, frame_timeout=remaining)
+    except TimeoutError:
+        raise TimeoutError("handshake not finished in time") from None
+    finally:
+        sock.settimeout(old_timeout)
+
+
+def _deliver_challenge(sock: socket.socket, secret: bytes, deadline: float | None) -> None:
     """Send a random nonce; require the peer's HMAC of it."""
     nonce = os.urandom(NONCE_SIZE)
     send_frame(sock, _CHALLENGE + nonce)
-    answer = recv_frame(sock, 256)
+    answer = _recv_handshake_frame(sock, deadline)
     if not hmac.compare_digest(answer, _digest(secret, nonce)):
         send_frame(sock, _FAILURE)
         raise AuthenticationError("peer failed the challenge (wrong secret?)")
     send_frame(sock, _WELCOME)
 
 
-def _answer_challenge(sock: socket.socket, secret: bytes) -> None:
+def _answer_challenge(sock: socket.socket, secret: bytes, deadline: float | None) -> None:
     """Answer the peer's nonce with our HMAC; require its welcome."""
-    challenge = recv_frame(sock, 256)
+    challenge = _recv_handshake_frame(sock, deadline)
     if not challenge.startswith(_CHALLENGE) or len(challenge) != len(_CHALLENGE) + NONCE_SIZE:
         raise ProtocolError("expected an authentication challenge")
     send_frame(sock, _digest(secret, challenge[len(_CHALLENGE):]))
-    if recv_frame(sock, 256) != _WELCOME:
+    if _recv_handshake_frame(sock, deadline) != _WELCOME:
         raise AuthenticationError("authentication refused by peer (wrong secret?)")
 
 
-def server_handshake(sock: socket.socket, secret: bytes) -> None:
+def server_handshake(sock: socket.socket, secret: bytes, timeout: float | None = None) -> None:
     """Authenticate a fresh connection from the server side (challenge first).
 
-    Raises :class:`AuthenticationError` or :class:`ProtocolError` if the peer
-    does not prove it knows ``secret``, and the framing errors on a broken
-    link.  Nothing is unpickled here.
+    With ``timeout``, the whole exchange must finish within that many
+    seconds, else ``TimeoutError``.  Raises :class:`AuthenticationError` or
+    :class:`ProtocolError` if the peer does not prove it knows ``secret``,
+    and the framing errors on a broken link.  Nothing is unpickled here.
     """
-    _deliver_challenge(sock, secret)
-    _answer_challenge(sock, secret)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    _deliver_challenge(sock, secret, deadline)
+    _answer_challenge(sock, secret, deadline)
 
 
-def client_handshake(sock: socket.socket, secret: bytes) -> None:
+def client_handshake(sock: socket.socket, secret: bytes, timeout: float | None = None) -> None:
     """Authenticate a fresh connection from the worker side (answer first).
 
     Mutual: the worker also checks that the server knows the secret, so a
-    worker is never fed chunks by an impostor.  Raises as
+    worker is never fed chunks by an impostor.  Takes and raises as
     :func:`server_handshake` does.
     """
-    _answer_challenge(sock, secret)
-    _deliver_challenge(sock, secret)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    _answer_challenge(sock, secret, deadline)
+    _deliver_challenge(sock, secret, deadline)

@@ -31,6 +31,7 @@ def test_job_matches_single_process_pandas(procs, sales_100k):
     final, server = run_job(procs, sales_100k, workers=3, server_args=["--chunks", "40"],
                             worker_args=["--delay", "0.05"])
     assert_aggregate(final, pandas_oracle(sales_100k, PRICE, QTY))
+    assert server.worker_codes == [0, 0, 0]  # each heard NO_JOB
     attempts = db_rows(server.db, "SELECT chunk_id, outcome FROM attempts")
     assert sorted(c for c, _ in attempts) == list(range(40))
     assert {o for _, o in attempts} == {"counted"}

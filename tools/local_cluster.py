@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-args", default="",
                    help="more options for every worker, e.g. '--crash-rate 0.2'")
     p.add_argument("--log-level", default="INFO", help="server log level (workers: WARNING)")
+    p.add_argument("--respawn", type=int, default=0, metavar="N",
+                   help="restart a worker that exits with an error (e.g. --crash-rate), under "
+                        "the same --worker-id, up to N times in all; 0: never")
     return p.parse_args(argv)
 
 
@@ -55,18 +58,6 @@ def demo_csv(rows: int) -> str:
         print(f"generating {path} ({rows} rows) ...", file=sys.stderr)
         write_csv(path, rows, seed=0, progress=True)
     return str(path)
-
-
-def wait_for_port(port_file: Path, server: subprocess.Popen, timeout: float = 600) -> int | None:
-    """The port the server wrote, or None if the server exited first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            return int(port_file.read_text())
-        if server.poll() is not None:
-            return None
-        time.sleep(0.01)
-    raise TimeoutError("the server did not start listening")
 
 
 def stop(children: list[subprocess.Popen], grace: float = 5.0) -> None:
@@ -81,6 +72,37 @@ def stop(children: list[subprocess.Popen], grace: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def start_worker(port_file: Path, slot: int, worker_args: str) -> subprocess.Popen:
+    """Start ``worker-<slot>``; it reads the server's port from ``port_file``."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py"), "--server", "127.0.0.1",
+         "--port-file", str(port_file), "--worker-id", f"worker-{slot}",
+         "--log-level", "WARNING", "--give-up-after", "10", *shlex.split(worker_args)])
+
+
+def supervise(server: subprocess.Popen, workers: dict, respawns: int, restart,
+              children: list) -> int:
+    """Wait for the server to exit and return its code.
+
+    Meanwhile a worker that exited with an error is started again with
+    ``restart(slot)``, at most ``respawns`` times in all: crashed workers
+    are otherwise gone for good, and a job whose workers all crashed would
+    wait forever.  A worker that exits 0 has heard NO_JOB and stays gone.
+    """
+    while True:
+        try:
+            return server.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        for slot, worker in workers.items():
+            if respawns > 0 and worker.poll() not in (None, 0):
+                print(f"local_cluster: worker-{slot} exited with {worker.returncode}; "
+                      f"restarting it ({respawns - 1} restarts left)", file=sys.stderr)
+                workers[slot] = restart(slot)
+                children.append(workers[slot])
+                respawns -= 1
 
 
 def main(argv=None) -> int:
@@ -100,15 +122,15 @@ def main(argv=None) -> int:
         try:
             server = subprocess.Popen(server_cmd)
             children.append(server)
-            port = wait_for_port(port_file, server)
-            if port is not None:
-                for i in range(1, args.workers + 1):
-                    children.append(subprocess.Popen(
-                        [sys.executable, str(ROOT / "worker.py"), "--server", "127.0.0.1",
-                         "--port", str(port), "--worker-id", f"worker-{i}",
-                         "--log-level", "WARNING", "--give-up-after", "10",
-                         *shlex.split(args.worker_args)]))
-            code = server.wait()
+            # The workers start now, not once the server listens: their own
+            # start-up (mostly importing pandas) then overlaps the server's
+            # loading of the CSV.  Each waits for the port file by itself.
+            workers = {}
+            for i in range(1, args.workers + 1):
+                workers[i] = start_worker(port_file, i, args.worker_args)
+                children.append(workers[i])
+            code = supervise(server, workers, args.respawn,
+                             lambda i: start_worker(port_file, i, args.worker_args), children)
             return code
         except KeyboardInterrupt:
             # The terminal sent SIGINT to every child too; give them a moment.

@@ -1,0 +1,766 @@
+"""Exactly-once effect under failure (issue 3).
+
+Workers crash, stall past their lease, report errors and get SIGTERM; the
+server is SIGKILLed and SIGTERMed and restarted on the same database.  In
+every case the final aggregate must equal a single-process pandas
+computation (``pandas_oracle``, 1e-9 relative), every chunk must count
+exactly once, and the SQLite file must pass ``PRAGMA integrity_check``.
+
+Three kinds of tests live here:
+
+* end-to-end runs of real ``server.py``/``worker.py`` processes, with the
+  worker's fault-injection flags and with signals sent by the test;
+* runs where the test itself plays a worker (:class:`ScriptedWorker`,
+  speaking the real protocol), so that "a chunk is held while everything
+  else finishes" happens in a fixed order instead of by timing;
+* unit tests of ``server.ChunkBook`` with a hand-moved clock (no sockets).
+
+The long randomised version is ``tools/chaos.py`` (see ``test_chaos_runner``,
+marked slow).
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+import protocol
+import server as server_mod
+import worker as worker_mod
+from conftest import (PY, ROOT, db_rows, kill, make_sales_csv, pandas_oracle,
+                      parse_final, wait_for)
+
+PRICE, QTY = "Price", "Qty"
+
+
+# --- helpers -------------------------------------------------------------------
+
+def small_csv(path, rows: int, seed: int = 0):
+    """A generated CSV in the short layout (Order ID,Product,Region,Price,Qty)."""
+    return make_sales_csv(path, rows, seed=seed, columns=f"{PRICE},{QTY}")
+
+
+def oracle(csv) -> dict:
+    """The expected final aggregate of ``csv``, from plain pandas."""
+    return pandas_oracle(csv, PRICE, QTY)
+
+
+def assert_exact(actual: dict, expected: dict) -> None:
+    """Row counts equal, price and sales statistics equal to 1e-9 relative."""
+    for key, want in expected.items():
+        if key.endswith("rows") or want is None:
+            assert actual[key] == want, f"{key}: got {actual[key]!r}, expected {want!r}"
+        else:
+            assert actual[key] == pytest.approx(want, rel=1e-9), \
+                f"{key}: got {actual[key]!r}, expected {want!r}"
+
+
+def integrity(db) -> str:
+    """``PRAGMA integrity_check`` of the results database ('ok' when sound)."""
+    return db_rows(str(db), "PRAGMA integrity_check")[0][0]
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for restarts on the same port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def done_chunks(db) -> dict:
+    """``{chunk_id: (attempt_id, worker_id)}`` of the counted results."""
+    rows = db_rows(str(db), "SELECT chunk_id, attempt_id, worker_id FROM chunk_results")
+    return {chunk: (attempt, worker) for chunk, attempt, worker in rows}
+
+
+def attempts(db, job_id=None) -> list[tuple]:
+    """``(attempt_id, chunk_id, worker_id, outcome)`` of every attempt, in order."""
+    sql = "SELECT attempt_id, chunk_id, worker_id, outcome FROM attempts"
+    if job_id is None:
+        return db_rows(str(db), sql + " ORDER BY attempt_id")
+    return db_rows(str(db), sql + " WHERE job_id = ? ORDER BY attempt_id", (job_id,))
+
+
+def assert_counted_once(db, chunks: int, job_id=None) -> None:
+    """Every chunk has exactly one result and exactly one ``counted`` attempt."""
+    where = "" if job_id is None else " WHERE job_id = ?"
+    params = () if job_id is None else (job_id,)
+    results = db_rows(str(db), "SELECT chunk_id FROM chunk_results" + where, params)
+    assert sorted(c for (c,) in results) == list(range(chunks))
+    counted = [chunk for _, chunk, _, outcome in attempts(db, job_id) if outcome == "counted"]
+    assert sorted(counted) == list(range(chunks))
+
+
+def job_id_of(db, csv) -> str:
+    """The job id the server gave ``csv`` (the newest one if it was rewritten)."""
+    rows = db_rows(str(db), "SELECT job_id FROM jobs WHERE csv_path = ? ORDER BY created_at",
+                   (str(csv),))
+    return rows[-1][0]
+
+
+def finish_ok(server, timeout: float = 60) -> dict:
+    """Wait for a server to exit 0; return its final aggregate."""
+    code, out = server.finish(timeout)
+    assert code == 0, f"server exit {code}:\n{server.stderr()}"
+    return parse_final(out)
+
+
+class ScriptedWorker:
+    """The test playing a worker, one protocol step at a time.
+
+    Speaks the real protocol (handshake, HELLO, GET_JOB, RESULT) so the test
+    decides exactly when a chunk is taken and when its result is sent.
+    """
+
+    def __init__(self, port: int, worker_id: str):
+        self.worker_id = worker_id
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        protocol.client_handshake(self.sock, b"")
+        welcome = self.request(protocol.HELLO, worker_id=worker_id)
+        assert welcome["type"] == protocol.WELCOME
+
+    def request(self, type_: str, **fields) -> dict:
+        protocol.send_message(self.sock, type_, **fields)
+        return protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME)
+
+    def get_job(self) -> dict:
+        return self.request(protocol.GET_JOB)
+
+    def send_result(self, job: dict) -> dict:
+        """Compute the chunk of ``job`` and send its RESULT; return the reply."""
+        metrics = worker_mod.compute_metrics(worker_mod.load_chunk(job), job["price_col"],
+                                             job["qty_col"], job["decimal"])
+        return self.request(protocol.RESULT, job_id=job["job_id"], worker_id=self.worker_id,
+                            chunk_id=job["chunk_id"], attempt_id=job["attempt_id"], **metrics)
+
+    def send_failed(self, job: dict, error: str) -> dict:
+        """Report the attempt of ``job`` as failed; return the reply."""
+        return self.request(protocol.FAILED, job_id=job["job_id"], worker_id=self.worker_id,
+                            chunk_id=job["chunk_id"], attempt_id=job["attempt_id"], error=error)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Gate:
+    """Keeps a job open until the named workers have connected.
+
+    A small job can end in a fraction of a second, before a worker started
+    a moment later has connected; that worker then retries a server that is
+    gone and exits 1.  The gate takes one chunk first and finishes it only
+    once every named worker is in the server's log, so they all take part.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.scripted = ScriptedWorker(server.port, "gate")
+        self.job = self.scripted.get_job()
+        assert self.job["type"] == protocol.JOB
+
+    def open_when_connected(self, names, timeout: float = 45) -> None:
+        wait_for(lambda: all(f"worker {n} connected" in self.server.stderr() for n in names),
+                 timeout, f"workers {names} to connect")
+        assert self.scripted.send_result(self.job)["type"] == protocol.ACK
+        self.scripted.close()
+
+
+def keep_workers_alive(procs, server, alive: int, worker_args, deadline: float) -> int:
+    """Respawn workers so that ``alive`` run until the server exits; return how many started.
+
+    ``worker_args(n)`` gives the extra arguments of the n-th worker.  This is
+    the loop of the 6.5840 MapReduce crash test: crashed workers are simply
+    replaced, and the job must still end with the right answer.
+    """
+    running, started = [], 0
+    while server.proc.poll() is None:
+        assert time.monotonic() < deadline, f"job not done in time:\n{server.stderr()[-3000:]}"
+        running = [w for w in running if w.poll() is None]
+        while len(running) < alive:
+            running.append(procs.worker(server.port, f"crashy-{started}", worker_args(started)))
+            started += 1
+        try:
+            server.proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+    return started
+
+
+# --- 1. crash test -----------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_crashing_and_stalling_workers_give_the_exact_result(procs, tmp_path, seed):
+    """Rule: with workers that exit abruptly (1/3 of attempts) or stall past
+    their lease (1/3), and are respawned until the server exits, the final
+    aggregate is exact and every chunk counts exactly once."""
+    csv = small_csv(tmp_path / "sales.csv", 20_000, seed=seed)
+    server = procs.server(csv, args=("--chunks", 20, "--lease-timeout", 0.5, "--linger", 0.5))
+
+    def crashy(n):
+        return ("--crash-rate", 0.33, "--stall-rate", 0.33, "--stall-seconds", 1.0,
+                "--fault-seed", seed * 1000 + n, "--log-level", "WARNING")
+
+    started = keep_workers_alive(procs, server, 3, crashy, time.monotonic() + 75)
+    assert_exact(finish_ok(server), oracle(csv))
+    assert_counted_once(server.db, 20)
+    assert len(attempts(server.db)) > 20 and started > 3, \
+        "no attempt was lost: the faults never fired and the test tested nothing"
+    assert integrity(server.db) == "ok"
+
+
+# --- 2. no early exit ------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_nobody_stops_while_a_chunk_is_unfinished(procs, tmp_path):
+    """Rule: while any chunk is leased and not done, a worker asking for work
+    hears WAIT (never NO_JOB), no worker exits and no aggregate is printed;
+    the ACK of the held chunk comes after its commit; then everyone exits 0
+    with the exact result."""
+    csv = small_csv(tmp_path / "sales.csv", 2_000)
+    server = procs.server(csv, args=("--chunks", 10, "--lease-timeout", 60))
+    holder = ScriptedWorker(server.port, "holder")
+    job = holder.get_job()
+    assert job["type"] == protocol.JOB
+    finisher = procs.worker(server.port, "finisher")
+    wait_for(lambda: len(done_chunks(server.db)) == 9, 30, "the other 9 chunks")
+
+    observer = ScriptedWorker(server.port, "observer")
+    assert observer.get_job()["type"] == protocol.WAIT
+    assert finisher.poll() is None and server.proc.poll() is None
+
+    assert holder.send_result(job) == {"type": protocol.ACK, "chunk_id": job["chunk_id"],
+                                       "counted": True}
+    # The ACK is a commit receipt: the result is in the database already.
+    assert done_chunks(server.db)[job["chunk_id"]] == (job["attempt_id"], "holder")
+    assert holder.get_job()["type"] == protocol.NO_JOB
+    assert observer.get_job()["type"] == protocol.NO_JOB
+    holder.close()
+    observer.close()
+    assert finisher.wait(timeout=30) == 0
+    assert_exact(finish_ok(server), oracle(csv))
+
+
+# --- 3. job count ----------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_slow_workers_within_the_lease_get_each_chunk_once(procs, tmp_path):
+    """Rule: a worker that is slow but stays within its lease is never
+    second-guessed: N chunks take exactly N dispatches, all counted."""
+    csv = small_csv(tmp_path / "sales.csv", 5_000)
+    server = procs.server(csv, args=("--chunks", 10, "--lease-timeout", 30))
+    gate = Gate(server)
+    workers = [procs.worker(server.port, f"slow{i}", ("--delay", 0.1)) for i in range(2)]
+    gate.open_when_connected(["slow0", "slow1"])
+    assert_exact(finish_ok(server), oracle(csv))
+    rows = attempts(server.db)
+    assert len(rows) == 10
+    assert {outcome for *_, outcome in rows} == {"counted"}
+    assert sorted(chunk for _, chunk, _, _ in rows) == list(range(10))
+    assert "10 dispatches for 10 chunks" in server.stderr()
+    assert [w.wait(timeout=30) for w in workers] == [0, 0]
+
+
+# --- 4. duplicate completion -----------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_late_result_after_a_re_lease_is_a_recorded_duplicate(procs, tmp_path):
+    """Rule: when a lease expires and the chunk is done by another worker, the
+    first worker's late result is acknowledged but not counted: one
+    ``counted`` and one ``duplicate`` attempt, and the total rows equal the
+    file's rows (the chunk is not added twice)."""
+    csv = small_csv(tmp_path / "sales.csv", 3_000)
+    server = procs.server(csv, args=("--chunks", 6, "--lease-timeout", 1))
+    staller = ScriptedWorker(server.port, "staller")
+    job = staller.get_job()
+    chunk = job["chunk_id"]
+    helper = procs.worker(server.port, "helper")
+
+    def helper_did_all():
+        done = done_chunks(server.db)
+        return len(done) == 6 and done[chunk][1] == "helper"
+
+    wait_for(helper_did_all, 30, f"the helper to do every chunk, {chunk} after its lease expired")
+
+    reply = staller.send_result(job)
+    assert reply == {"type": protocol.ACK, "chunk_id": chunk, "counted": False}
+    assert (job["attempt_id"], chunk, "staller", "duplicate") in attempts(server.db)
+    assert staller.get_job()["type"] == protocol.NO_JOB
+    staller.close()
+    final = finish_ok(server)
+    assert_exact(final, oracle(csv))
+    assert final["total_rows"] == len(pd.read_csv(csv))
+    outcomes = sorted((worker, outcome) for _, c, worker, outcome in attempts(server.db)
+                      if c == chunk)
+    assert outcomes == [("helper", "counted"), ("staller", "duplicate")]
+    assert_counted_once(server.db, 6)
+    assert helper.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_stalled_worker_loses_its_lease_but_its_late_result_still_counts(procs, tmp_path):
+    """Rule: ``--stall-rate 1 --stall-seconds S`` with S past the lease makes
+    the lease expire (logged, attempt marked expired); if no other worker
+    took the chunk meanwhile, the late result is the first and counts."""
+    csv = small_csv(tmp_path / "sales.csv", 500)
+    server = procs.server(csv, args=("--chunks", 1, "--lease-timeout", 0.5))
+    staller = procs.worker(server.port, "staller", ("--stall-rate", 1, "--stall-seconds", 2))
+    assert_exact(finish_ok(server), oracle(csv))
+    assert "lease of chunk 0 expired" in server.stderr()
+    assert attempts(server.db) == [(1, 0, "staller", "counted")]
+    assert staller.wait(timeout=30) == 0
+
+
+# --- 5. server SIGKILL and restart -----------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_server_killed_and_restarted_resumes_without_redoing_chunks(procs, tmp_path):
+    """Rule: after a SIGKILL the database is intact; a restart with the same
+    arguments resumes: chunks finished before the kill are never dispatched
+    again, the workers of the old server reconnect by themselves, and the
+    final aggregate is exact."""
+    csv = small_csv(tmp_path / "sales.csv", 20_000)
+    args = ("--chunks", 20, "--lease-timeout", 5, "--port", free_port())
+    first = procs.server(csv, args=args)
+    workers = [procs.worker(first.port, f"w{i}", ("--delay", 0.1, "--give-up-after", 60))
+               for i in range(2)]
+    wait_for(lambda: len(done_chunks(first.db)) >= 5, 60, "5 chunks done")
+    kill(first.proc)
+    assert integrity(first.db) == "ok"
+    before = done_chunks(first.db)
+    last_attempt = max(a for a, *_ in attempts(first.db))
+    assert len(before) < 20, "the job finished before the kill; nothing was tested"
+
+    second = procs.server(csv, db=first.db, args=args)
+    assert second.port == first.port
+    # The old workers reconnect by themselves; the gate keeps the job open
+    # until both are back (one could still be in its reconnect backoff).
+    gate = Gate(second)
+    assert gate.job["chunk_id"] not in before
+    gate.open_when_connected(["w0", "w1"])
+    assert_exact(finish_ok(second), oracle(csv))
+    assert [w.wait(timeout=30) for w in workers] == [0, 0]
+
+    after = done_chunks(first.db)
+    assert {c: after[c] for c in before} == before
+    redone = [a for a in attempts(first.db) if a[0] > last_attempt and a[1] in before]
+    assert redone == []
+    assert {a[2] for a in attempts(first.db) if a[0] > last_attempt} <= {"w0", "w1", "gate"}
+    assert_counted_once(first.db, 20)
+    assert integrity(first.db) == "ok"
+
+
+# --- 6. several jobs in one database ---------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_jobs_of_different_files_never_mix_and_fresh_starts_over(procs, tmp_path):
+    """Rule: a job is its file (path, size, mtime) plus its chunking: two
+    CSVs in one --db each get their own exact aggregate, re-running a finished
+    job resumes it (no dispatch), a rewritten file is a new job, and --fresh
+    forgets the earlier results of the job."""
+    db = tmp_path / "shared.sqlite"
+    csv_a = small_csv(tmp_path / "a.csv", 3_000, seed=11)
+    csv_b = small_csv(tmp_path / "b.csv", 5_000, seed=12)
+    chunking = ("--chunks", 5)
+
+    for csv in (csv_a, csv_b):
+        server = procs.server(csv, db=db, args=chunking)
+        procs.worker(server.port, "w")
+        assert_exact(finish_ok(server), oracle(csv))
+    job_a, job_b = job_id_of(db, csv_a), job_id_of(db, csv_b)
+    assert job_a != job_b
+    assert_counted_once(db, 5, job_a)
+    assert_counted_once(db, 5, job_b)
+
+    resumed = procs.server(csv_a, db=db, args=chunking)
+    assert_exact(finish_ok(resumed), oracle(csv_a))
+    assert "0 dispatches for 5 chunks" in resumed.stderr()
+    assert len(attempts(db, job_a)) == 5
+
+    fresh = procs.server(csv_a, db=db, args=(*chunking, "--fresh"))
+    procs.worker(fresh.port, "w")
+    assert_exact(finish_ok(fresh), oracle(csv_a))
+    assert [a for a, *_ in attempts(db, job_a)] == [1, 2, 3, 4, 5]
+    assert_counted_once(db, 5, job_b)
+
+    small_csv(csv_a, 4_000, seed=13)   # same path, new content
+    rewritten = procs.server(csv_a, db=db, args=chunking)
+    procs.worker(rewritten.port, "w")
+    assert_exact(finish_ok(rewritten), oracle(csv_a))
+    assert job_id_of(db, csv_a) not in (job_a, job_b)
+    assert len(db_rows(str(db), "SELECT * FROM jobs")) == 3
+
+
+# --- 7. poison chunks ------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_chunk_that_cannot_parse_fails_the_job_after_max_attempts(procs, tmp_path):
+    """Rule: a chunk whose every attempt reports an error (here: an unclosed
+    quote that pandas cannot parse, in --stream mode) is FAILED after
+    --max-attempts reports; the other chunks still complete, and the server
+    exits 1 naming the chunk and its last error."""
+    csv = tmp_path / "poison.csv"
+    small_csv(csv, 2_000)
+    lines = csv.read_bytes().splitlines(keepends=True)
+    lines[1500] = lines[1500].replace(b",", b',"', 1)   # an unclosed quote
+    csv.write_bytes(b"".join(lines))
+    args = ("--stream", "--chunks", 4, "--max-attempts", 3)
+    ranges = server_mod.StreamChunks(server_mod.inspect_csv(str(csv)), 4, False).ranges
+    offset = len(b"".join(lines[:1500]))
+    poison = next(i for i, (start, end) in enumerate(ranges) if start <= offset < end)
+
+    server = procs.server(csv, args=args)
+    gate = Gate(server)
+    assert gate.job["chunk_id"] != poison
+    workers = [procs.worker(server.port, f"w{i}") for i in range(2)]
+    gate.open_when_connected(["w0", "w1"])
+    code, out = server.finish(45)
+    assert code == 1
+    assert "{'total_rows'" not in out
+    message = next(line for line in server.stderr().splitlines()
+                   if line.startswith("server.py: error:"))
+    assert f"chunk {poison}: ParserError" in message and "EOF inside string" in message
+    rows = attempts(server.db)
+    assert [o for _, c, _, o in rows if c == poison] == ["failed"] * 3
+    assert sorted(c for _, c, _, o in rows if o == "counted") == \
+        [c for c in range(len(ranges)) if c != poison]
+    assert [w.wait(timeout=30) for w in workers] == [0, 0]
+
+
+@pytest.mark.timeout(60)
+def test_worker_reporting_errors_fails_the_job_after_max_attempts(procs, tmp_path):
+    """Rule: ``--error-rate 1`` turns every attempt into a FAILED report; each
+    chunk fails after exactly --max-attempts reports, and the job ends (exit
+    1, naming a chunk and the injected error) instead of retrying forever."""
+    csv = small_csv(tmp_path / "sales.csv", 300)
+    server = procs.server(csv, args=("--chunks", 3, "--max-attempts", 2))
+    bad = procs.worker(server.port, "bad", ("--error-rate", 1))
+    code, out = server.finish(45)
+    assert code == 1
+    assert "chunk 0: RuntimeError: fault injection: error on chunk 0" in server.stderr()
+    outcomes = [(c, o) for _, c, _, o in attempts(server.db)]
+    assert sorted(outcomes) == [(c, "failed") for c in (0, 0, 1, 1, 2, 2)]
+    assert bad.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_failure_report_resent_after_a_lost_ack_counts_once(procs, tmp_path):
+    """Rule: --max-attempts counts failed attempts, not FAILED messages: a
+    worker that re-sends its report after a reconnect (its ACK was lost)
+    does not use up a second attempt of the chunk."""
+    csv = small_csv(tmp_path / "sales.csv", 100)
+    server = procs.server(csv, args=("--chunks", 1, "--max-attempts", 2))
+    first = ScriptedWorker(server.port, "unlucky")
+    job = first.get_job()
+    assert first.send_failed(job, "boom")["type"] == protocol.ACK
+    first.close()
+    again = ScriptedWorker(server.port, "unlucky")     # reconnected, re-sends
+    assert again.send_failed(job, "boom")["type"] == protocol.ACK
+    retry = again.get_job()
+    assert retry["type"] == protocol.JOB and retry["chunk_id"] == job["chunk_id"]
+    assert again.send_result(retry)["counted"] is True
+    again.close()
+    assert_exact(finish_ok(server), oracle(csv))
+
+
+# --- 8. clean shutdown -----------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_sigterm_stops_the_server_cleanly_and_a_restart_resumes(procs, tmp_path):
+    """Rule: SIGTERM mid-job makes the server exit 128+15, with a sound
+    database and no attempt left 'leased'; the same command resumes the job
+    to the exact result without redoing the chunks already done."""
+    csv = small_csv(tmp_path / "sales.csv", 10_000)
+    args = ("--chunks", 20, "--lease-timeout", 30)
+    first = procs.server(csv, args=args)
+    procs.worker(first.port, "w0", ("--delay", 0.1))
+    wait_for(lambda: len(done_chunks(first.db)) >= 3, 60, "3 chunks done")
+    first.proc.send_signal(signal.SIGTERM)
+    code, out = first.finish(30)
+    assert code == 128 + signal.SIGTERM
+    assert "{'total_rows'" not in out
+    assert integrity(first.db) == "ok"
+    assert "leased" not in {o for *_, o in attempts(first.db)}
+    before = done_chunks(first.db)
+    assert len(before) < 20, "the job finished before the signal; nothing was tested"
+
+    second = procs.server(csv, db=first.db, args=args)
+    procs.worker(second.port, "w1")
+    assert_exact(finish_ok(second), oracle(csv))
+    after = done_chunks(first.db)
+    assert {c: after[c] for c in before} == before
+    assert_counted_once(first.db, 20)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_lets_a_worker_finish_its_attempt_and_exit_0(procs, tmp_path):
+    """Rule: a worker that gets SIGTERM while computing a chunk still delivers
+    that chunk's result (it counts), takes no further chunk, and exits 0."""
+    csv = small_csv(tmp_path / "sales.csv", 2_000)
+    server = procs.server(csv, args=("--chunks", 10, "--lease-timeout", 30))
+    slow = procs.worker(server.port, "slow", ("--delay", 1))
+    leased = wait_for(lambda: [a for a in attempts(server.db) if a[3] == "leased"], 30,
+                      "the slow worker to take a chunk")
+    slow.send_signal(signal.SIGTERM)
+    assert slow.wait(timeout=30) == 0
+    mine = [a for a in attempts(server.db) if a[2] == "slow"]
+    assert mine == [(leased[0][0], leased[0][1], "slow", "counted")]
+
+    procs.worker(server.port, "rest")
+    assert_exact(finish_ok(server), oracle(csv))
+    assert_counted_once(server.db, 10)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_while_reconnecting_is_a_clean_stop(procs):
+    """Rule: a worker told to stop while its server is away (it is in the
+    reconnect backoff) exits 0 at once instead of reporting an error."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(30)
+        worker = procs.worker(listener.getsockname()[1], "patient", ("--give-up-after", 600))
+        conn, _ = listener.accept()   # the worker is in its connect loop now
+        conn.close()                  # no handshake: it backs off and retries
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+
+
+# --- worker: at-least-once delivery ----------------------------------------------------
+
+def _fake_server(listener: socket.socket, job: dict, seen: list) -> None:
+    """Serve one JOB, drop the connection instead of ACKing its RESULT, then
+    on the next connection record what the worker sends first, ACK it and
+    answer NO_JOB."""
+    def accept():
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        protocol.server_handshake(conn, b"")
+        assert protocol.recv_message(conn, 1 << 20)["type"] == protocol.HELLO
+        protocol.send_message(conn, protocol.WELCOME, job_id="j", chunks=1, lease_timeout=60)
+        return conn
+
+    conn = accept()
+    assert protocol.recv_message(conn, 1 << 20)["type"] == protocol.GET_JOB
+    protocol.send_message(conn, protocol.JOB, **job)
+    seen.append(protocol.recv_message(conn, 1 << 20))
+    conn.close()                                      # the ACK is lost
+    conn = accept()
+    seen.append(protocol.recv_message(conn, 1 << 20))  # must be the same RESULT again
+    protocol.send_message(conn, protocol.ACK, chunk_id=0, counted=True)
+    seen.append(protocol.recv_message(conn, 1 << 20))
+    protocol.send_message(conn, protocol.NO_JOB)
+    conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_worker_resends_an_unacknowledged_result_after_reconnecting(procs, tmp_path):
+    """Rule: a RESULT is kept until its ACK arrives; if the connection drops
+    first, the worker reconnects (with backoff) and sends the same RESULT
+    again before asking for more work."""
+    frame = pd.DataFrame({PRICE: [2.5, 4.0], QTY: [2, 3]})
+    job = {"job_id": "j", "chunk_id": 0, "attempt_id": 7, "rows": 2, "format": "frame",
+           "data": pickle.dumps(frame), "compressed": False,
+           "price_col": PRICE, "qty_col": QTY, "group_col": None, "sep": ",",
+           "decimal": ".", "encoding": "utf-8"}
+    seen = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(30)
+        thread = threading.Thread(target=_fake_server, args=(listener, job, seen), daemon=True)
+        thread.start()
+        worker = procs.worker(listener.getsockname()[1], "resender")
+        assert worker.wait(timeout=45) == 0
+        thread.join(timeout=10)
+    first, again, then = seen
+    assert first["type"] == again["type"] == protocol.RESULT
+    assert again == first and first["attempt_id"] == 7 and first["total_sales"] == 17.0
+    assert then["type"] == protocol.GET_JOB
+
+
+class RecordingStop:
+    """Stands in for Worker.stopping: records each backoff delay, never sleeps,
+    and reports "stop" after ``limit`` delays."""
+
+    def __init__(self, limit: int):
+        self.delays, self.limit = [], limit
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, seconds: float) -> bool:
+        self.delays.append(seconds)
+        return len(self.delays) >= self.limit
+
+
+def test_worker_reconnect_backoff_is_exponential_capped_and_jittered(monkeypatch):
+    """Rule: reconnect delays are drawn uniformly below a bound that starts at
+    0.1 s and doubles up to 5 s ("full jitter"), so restarted workers do not
+    reconnect in lockstep."""
+    def refuse():
+        raise ConnectionRefusedError("nobody listens")
+
+    delays = []
+    for _ in range(2):
+        worker = worker_mod.Worker("127.0.0.1", 1, "w", give_up_after=3600)
+        worker.stopping = RecordingStop(limit=9)
+        monkeypatch.setattr(worker, "_open", refuse)
+        with pytest.raises(worker_mod.GiveUp):
+            worker.connect()
+        delays.append(worker.stopping.delays)
+    bounds = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    for run in delays:
+        assert all(0 <= d <= b for d, b in zip(run, bounds, strict=True))
+    assert delays[0] != delays[1] and delays[0] != bounds
+
+
+# --- 9. ChunkBook with a hand-moved clock -------------------------------------------
+
+class FakeClock:
+    """A clock the test moves by hand (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_book(chunks=3, lease=10.0, max_attempts=3, **kw):
+    clock = FakeClock()
+    return server_mod.ChunkBook(chunks, lease, max_attempts, clock=clock, **kw), clock
+
+
+def test_book_lease_expires_at_its_deadline_and_the_chunk_is_retried_first():
+    """Rule: a lease ends exactly at leased_at + lease_timeout; the expired
+    chunk goes back to the front of the queue with a new attempt id."""
+    book, clock = make_book()
+    first = book.lease("a", conn=1)
+    assert (first.chunk_id, first.attempt_id, first.deadline) == (0, 1, 10.0)
+    assert book.lease("a", conn=1).chunk_id == 1
+    clock.now = 9.999
+    assert book.expire() == []
+    clock.now = 10.0
+    assert [lease.chunk_id for lease in book.expire()] == [0, 1]
+    assert book.counts() == {"PENDING": 3, "LEASED": 0, "DONE": 0, "FAILED": 0}
+    retry = book.lease("b", conn=2)
+    assert retry.chunk_id in (0, 1) and retry.attempt_id == 3
+    assert book.is_attempt_of(1, 0) and not book.is_attempt_of(1, 1)
+
+
+def test_book_release_returns_only_the_dropped_connections_chunks():
+    """Rule: when a connection closes, exactly its leases end and their chunks
+    are pending again; other connections keep theirs."""
+    book, _ = make_book()
+    mine = book.lease("a", conn=1)
+    other = book.lease("b", conn=2)
+    assert book.release(conn=1) == [mine]
+    assert book.counts()["PENDING"] == 2 and book.counts()["LEASED"] == 1
+    assert book.lease("c", conn=3).chunk_id == mine.chunk_id
+    assert book.release(conn=1) == []
+    assert other.attempt_id in book.leases
+
+
+def test_book_fails_a_chunk_after_max_attempts_reports():
+    """Rule: each reported failure re-queues the chunk until the
+    max_attempts-th, which makes it FAILED for good (never leased again);
+    the job is then finished with that chunk listed with its last error."""
+    book, _ = make_book(chunks=2, max_attempts=2)
+    first = book.lease("a", conn=1)
+    assert book.fail(first.chunk_id, first.attempt_id, "boom 1") is False
+    second = book.lease("a", conn=1)
+    assert second.chunk_id == first.chunk_id
+    assert book.fail(second.chunk_id, second.attempt_id, "boom 2") is True
+    assert book.failed_chunks() == {0: "boom 2"}
+    other = book.lease("a", conn=1)
+    assert other.chunk_id == 1 and book.lease("a", conn=1) is None
+    assert not book.finished.is_set()
+    book.complete(1, other.attempt_id)
+    assert book.finished.is_set()
+
+
+def test_book_counts_a_failure_report_once_per_attempt():
+    """Rule: a FAILED report re-sent for the same attempt (the worker lost the
+    ACK and reconnected) is one failure, not two."""
+    book, _ = make_book(chunks=1, max_attempts=2)
+    lease = book.lease("a", conn=1)
+    assert book.fail(0, lease.attempt_id, "boom") is False
+    assert book.fail(0, lease.attempt_id, "boom") is False
+    assert book.failures[0] == 1
+    assert book.lease("a", conn=1).chunk_id == 0
+
+
+def test_book_re_leased_chunk_is_never_queued_twice():
+    """Rule: a chunk re-leased after an expiry stays LEASED while any live
+    lease holds it, so the old attempt ending (drop, failure) does not queue
+    it again; when the last lease ends it is queued exactly once."""
+    book, clock = make_book(chunks=1)
+    old = book.lease("a", conn=1)
+    clock.now = 10.0
+    assert book.expire() == [old]
+    new = book.lease("b", conn=2)
+    assert new.chunk_id == old.chunk_id == 0
+    assert book.fail(0, old.attempt_id, "late error") is False
+    assert book.release(conn=1) == []
+    assert book.counts()["LEASED"] == 1 and book.lease("c", conn=3) is None
+    assert book.release(conn=2) == [new]
+    assert list(book.queue) == [0]
+    again = book.lease("c", conn=3)
+    assert again.chunk_id == 0 and book.lease("c", conn=3) is None
+
+
+def test_book_late_result_of_an_expired_lease_completes_the_chunk():
+    """Rule: complete() is idempotent and accepts an expired attempt; once the
+    chunk is DONE, the ending of the other live lease does not re-queue it."""
+    book, clock = make_book(chunks=1)
+    old = book.lease("a", conn=1)
+    clock.now = 10.0
+    book.expire()
+    new = book.lease("b", conn=2)
+    book.complete(0, old.attempt_id)
+    book.complete(0, old.attempt_id)
+    assert book.finished.is_set()
+    assert book.release(conn=2) == [new]
+    assert list(book.queue) == [] and book.counts()["DONE"] == 1
+
+
+def test_book_finished_only_when_no_chunk_is_pending_or_leased():
+    """Rule: ``finished`` is set exactly when every chunk is DONE or FAILED:
+    not while one is leased (lease() returns None then, so workers WAIT), and
+    at once for a resumed job whose chunks are all done."""
+    book, _ = make_book(chunks=2)
+    a, b = book.lease("a", conn=1), book.lease("b", conn=2)
+    assert book.lease("c", conn=3) is None and not book.finished.is_set()
+    book.complete(a.chunk_id, a.attempt_id)
+    assert not book.finished.is_set()
+    book.complete(b.chunk_id, b.attempt_id)
+    assert book.finished.is_set()
+
+    resumed = server_mod.ChunkBook(2, 10.0, 3, done={0, 1}, known_attempts={4: 0, 5: 1},
+                                   next_attempt_id=6)
+    assert resumed.finished.is_set() and resumed.lease("a", conn=1) is None
+    half = server_mod.ChunkBook(2, 10.0, 3, done={0}, known_attempts={4: 0}, next_attempt_id=5)
+    lease = half.lease("a", conn=1)
+    assert (lease.chunk_id, lease.attempt_id) == (1, 5) and half.is_attempt_of(4, 0)
+
+
+# --- the long chaos run (opt-in) -------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_chaos_runner(tmp_path):
+    """Rule: tools/chaos.py (random worker and server kills, stalls, restarts)
+    passes every run: exact aggregate and a sound database each time."""
+    result = subprocess.run(
+        [PY, str(ROOT / "tools" / "chaos.py"), "--runs", "3", "--rows", "30000",
+         "--chunks", "30", "--data-dir", str(tmp_path), "--seed", "5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed, 0 failed" in result.stdout

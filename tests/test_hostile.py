@@ -1,0 +1,842 @@
+"""Hostile and broken peers against a live server.py (and a hostile server against a worker).
+
+The rule every test checks: no peer can run code on the server, crash it,
+exhaust it or change the results.  Whatever a peer does wrong ends in ONE
+WARNING line naming its address and a closed connection; the server carries
+on, and a real job run afterwards by two workers matches an independent
+pandas computation, with no row from the attacker in ``worker_results`` or
+``chunk_results``.  (The workers are worker.py processes where the process
+matters: secrets, TLS, many connections; elsewhere they are the same
+``worker.Worker`` in threads, to keep the file fast.)
+
+The attacker is this test process, speaking raw bytes through :class:`Peer`.
+To make "two real workers finish the job" deterministic on a small file,
+a well-behaved stand-in (``holder``) leases one chunk before the workers
+start and lets go of it only once both are connected: until then the
+workers are told to WAIT, so neither can finish the job alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+import re
+import socket
+import ssl
+import struct
+import threading
+import time
+
+import pytest
+
+import protocol
+from conftest import (assert_aggregate, db_rows, make_sales_csv, pandas_oracle, parse_final,
+                      wait_for)
+
+ROWS, CHUNKS = 3000, 6
+PRICE, QTY = "Unit Price", "Units Sold"
+REAL_WORKERS = ("w0", "w1")
+
+
+@pytest.fixture(scope="module")
+def sales(tmp_path_factory):
+    """(path, expected final aggregate) of a small generated sales CSV."""
+    path = make_sales_csv(tmp_path_factory.mktemp("hostile") / "sales.csv", ROWS, seed=7)
+    return path, pandas_oracle(path, PRICE, QTY)
+
+
+# --- the attacker's side -------------------------------------------------------
+
+class Peer:
+    """One hand-driven connection to the server (an attacker or the holder).
+
+    ``name`` is the ``host:port`` the server sees and logs.
+    """
+
+    def __init__(self, port: int, timeout: float = 10, tls: ssl.SSLContext | None = None):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.name = "%s:%s" % self.sock.getsockname()[:2]
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
+
+    def handshake(self, secret: bytes = b"") -> "Peer":
+        protocol.client_handshake(self.sock, secret)
+        return self
+
+    def hello(self, worker_id: str = "attacker") -> dict:
+        """Say HELLO as ``worker_id``; return the WELCOME."""
+        self.send({"type": protocol.HELLO, "worker_id": worker_id})
+        welcome = self.recv()
+        assert welcome["type"] == protocol.WELCOME, welcome
+        return welcome
+
+    def send(self, message: dict) -> None:
+        protocol.send_frame(self.sock, protocol.encode(message))
+
+    def recv(self) -> dict:
+        return protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME)
+
+    def raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def closed_by_server(self, timeout: float = 15) -> bool:
+        """Read until the server closes the connection; True once it has."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def framed(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def warnings_naming(server, peer: str) -> list[str]:
+    """The server's WARNING log lines that name ``peer`` (host:port)."""
+    named = re.compile(re.escape(peer) + r"(?!\d)")  # :4321 must not match :43210
+    return [line for line in server.stderr().splitlines()
+            if " WARNING " in line and named.search(line)]
+
+
+def assert_dropped_once(server, peer: Peer) -> str:
+    """The server closed ``peer``'s connection and logged exactly one WARNING for it."""
+    assert peer.closed_by_server()
+    lines = wait_for(lambda: warnings_naming(server, peer.name), 15,
+                     f"a WARNING naming {peer.name}")
+    assert len(lines) == 1, lines
+    assert server.proc.poll() is None, "the server died"
+    return lines[0]
+
+
+def hold_a_chunk(server, secret: bytes = b"", tls: ssl.SSLContext | None = None) -> Peer:
+    """A well-behaved client that leases one chunk and keeps it until closed."""
+    holder = Peer(server.port, tls=tls).handshake(secret)
+    holder.hello("holder")
+    holder.send({"type": protocol.GET_JOB})
+    assert holder.recv()["type"] == protocol.JOB
+    return holder
+
+
+def run_real_job(procs, server, expected: dict, processes: bool = False, env=None,
+                 worker_args=(), secret: bytes = b"", tls: ssl.SSLContext | None = None,
+                 tls_ca: str | None = None, holder: Peer | None = None) -> None:
+    """Two real workers finish the job: exact result, rows from them only.
+
+    The workers are worker.py processes with ``processes``, else
+    ``worker.Worker`` objects in threads of this process: the same code,
+    without paying a pandas import per worker in every test.  The holder
+    (a fresh one unless given) leases a chunk before the workers start and
+    closes once both are connected, so both take part whatever the speed.
+    """
+    holder = holder or hold_a_chunk(server, secret, tls)
+    if processes:
+        workers = [procs.worker(server.port, name, worker_args, env) for name in REAL_WORKERS]
+    else:
+        workers = [WorkerThread(server.port, name, secret, tls_ca) for name in REAL_WORKERS]
+    wait_for(lambda: all(f"worker {name} connected" in server.stderr() for name in REAL_WORKERS),
+             60, "both workers to connect")
+    holder.close()
+    code, out = server.finish(60)
+    assert code == 0, f"server exit {code}:\n{server.stderr()}"
+    assert_aggregate(parse_final(out), expected)
+    for worker in workers:
+        assert worker.wait(timeout=30) == 0
+    for table in ("worker_results", "chunk_results"):
+        names = {row[0] for row in db_rows(server.db, f"SELECT worker_id FROM {table}")}
+        assert names <= set(REAL_WORKERS), f"{table} has rows from {names - set(REAL_WORKERS)}"
+    assert db_rows(server.db, "SELECT COUNT(*) FROM chunk_results") == [(CHUNKS,)]
+    assert "Traceback" not in server.stderr()
+
+
+class WorkerThread(threading.Thread):
+    """worker.Worker's main loop in a thread; ``wait`` mirrors Popen.wait."""
+
+    def __init__(self, port: int, name: str, secret: bytes = b"", tls_ca: str | None = None):
+        import worker  # here, not at the top: pandas is imported only when needed
+        super().__init__(daemon=True, name=name)
+        self.worker = worker.Worker("127.0.0.1", port, name, secret, tls_ca, give_up_after=20,
+                                    io_timeout=30)
+        self.code = None
+        self.start()
+
+    def run(self):
+        try:
+            self.code = self.worker.run()
+        finally:
+            self.worker.disconnect()
+
+    def wait(self, timeout: float) -> int | None:
+        self.join(timeout)
+        return self.code
+
+
+def start(procs, sales, *args, env=None, db=None):
+    """A server on the small CSV, with short timeouts so dropped peers go fast."""
+    return procs.server(sales[0], db, args=["--chunks", CHUNKS, "--io-timeout", 2, *args],
+                        env=env)
+
+
+# --- named attacks, one test each ----------------------------------------------
+
+def test_random_bytes_before_the_handshake(procs, sales):
+    """Rule: 4 KiB of random bytes instead of the handshake answer: one warning,
+    connection closed, the job is still exact."""
+    server = start(procs, sales)
+    peer = Peer(server.port)
+    peer.raw(random.Random(1).randbytes(4096))
+    assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def test_random_bytes_after_hello(procs, sales):
+    """Rule: random bytes where a message should be (after a correct handshake
+    and HELLO): one warning, closed, exact job."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.hello()
+    peer.raw(random.Random(2).randbytes(4096))
+    assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def test_length_header_of_all_ones(procs, sales):
+    """Rule: a 0xFFFFFFFF length is refused from the header alone (the server
+    neither waits for 4 GiB nor allocates them): ERROR reply, one warning."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.raw(b"\xff\xff\xff\xff")
+    reply = peer.recv()
+    assert reply["type"] == protocol.ERROR and "exceeds" in reply["reason"]
+    assert "exceeds the limit" in assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def test_zero_length_frame(procs, sales):
+    """Rule: a zero length header is refused: ERROR reply, one warning."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.hello()
+    peer.raw(b"\x00\x00\x00\x00")
+    assert peer.recv()["type"] == protocol.ERROR
+    assert "zero-length" in assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def test_truncated_frame_then_close(procs, sales):
+    """Rule: half a frame then a close is a broken peer, not a goodbye: one
+    warning naming it, and the lease it held goes back to the queue."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.hello()
+    peer.send({"type": protocol.GET_JOB})
+    assert peer.recv()["type"] == protocol.JOB  # the attacker holds a lease now
+    peer.raw(framed(protocol.encode({"type": protocol.GET_JOB}))[:7])
+    peer.sock.shutdown(socket.SHUT_WR)
+    assert "closed after" in assert_dropped_once(server, peer)
+    wait_for(lambda: db_rows(server.db, "SELECT outcome FROM attempts WHERE worker_id = ?",
+                             ("attacker",)) == [("dropped",)], 15, "the lease to be dropped")
+    run_real_job(procs, server, sales[1])
+
+
+class RunsCode:
+    """Unpickling this runs a shell command (through os.system)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_os_system_pickle_is_refused(procs, sales, tmp_path):
+    """Rule: a HELLO whose pickle calls os.system("touch ...") is refused without
+    running anything: the file does not exist afterwards, one warning."""
+    marker = tmp_path / "pwned"
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.raw(framed(pickle.dumps({"type": protocol.HELLO, "worker_id": RunsCode(marker)},
+                                 protocol=5)))
+    assert peer.recv()["type"] == protocol.ERROR
+    assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+    assert not marker.exists()
+
+
+# Each case: the change to an honest RESULT of a real lease, and the words of
+# the refusal.  Everything else in the message is right, so only the one
+# check under test can refuse it (test_honest_result_is_counted is the control).
+BAD_RESULTS = {
+    "unknown chunk": (lambda r: r.update(chunk_id=CHUNKS + 100), "unknown chunk"),
+    "negative row count": (lambda r: r.update(rows_processed=-5, rejected_rows=0,
+                                              price_count=-5), "inconsistent row counts"),
+    "NaN sales": (lambda r: r.update(total_sales=math.nan), "total_sales must be a finite"),
+    "wrong job_id": (lambda r: r.update(job_id="0" * 16), "another job"),
+    "wrong attempt_id": (lambda r: r.update(attempt_id=r["attempt_id"] + 1000),
+                         "unknown attempt"),
+    "min above max": (lambda r: r.update(min_price=r["max_price"] + 1), "min_price <="),
+    "row count of another chunk": (lambda r: r.update(rows_processed=r["rows_processed"] + 1,
+                                                      price_count=r["price_count"] + 1),
+                                   "result says"),
+    "huge integer chunk_id": (lambda r: r.update(chunk_id=10 ** 5000), "unknown chunk"),
+    "another worker's name": (lambda r: r.update(worker_id="w0"), "worker_id differs"),
+}
+
+
+def honest_result(job: dict, worker_id: str) -> dict:
+    """The RESULT a real worker would send for ``job`` (computed by worker.py)."""
+    import worker  # here, not at the top: only these tests need pandas in-process
+    metrics = worker.compute_metrics(worker.load_chunk(job), job["price_col"], job["qty_col"])
+    return {"type": protocol.RESULT, "job_id": job["job_id"], "worker_id": worker_id,
+            "chunk_id": job["chunk_id"], "attempt_id": job["attempt_id"], **metrics}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RESULTS))
+def test_invalid_result_is_refused_and_never_stored(procs, sales, case):
+    """Rule: a well-formed RESULT for a real lease with one invalid field gets
+    an ERROR reply and a closed connection; no row of it is stored, and the
+    chunk is computed again by a real worker."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.hello("attacker")
+    peer.send({"type": protocol.GET_JOB})
+    job = peer.recv()
+    assert job["type"] == protocol.JOB
+    result = honest_result(job, "attacker")
+    change, reason = BAD_RESULTS[case]
+    change(result)
+    peer.send(result)
+    reply = peer.recv()
+    assert reply["type"] == protocol.ERROR and reason in reply["reason"], reply
+    assert reason in assert_dropped_once(server, peer)
+    assert db_rows(server.db, "SELECT COUNT(*) FROM worker_results") == [(0,)]
+    run_real_job(procs, server, sales[1])
+
+
+def test_honest_result_is_counted(procs, sales):
+    """Rule (the control for the cases above): the same hand-driven peer sending
+    the unchanged RESULT gets ACK counted=True and its row is stored."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.hello("honest")
+    peer.send({"type": protocol.GET_JOB})
+    job = peer.recv()
+    result = honest_result(job, "honest")
+    peer.send(result)
+    assert peer.recv() == {"type": protocol.ACK, "chunk_id": job["chunk_id"], "counted": True}
+    stored = db_rows(server.db, "SELECT worker_id, chunk_id, rows_processed, total_sales "
+                                "FROM chunk_results")
+    assert stored == [("honest", job["chunk_id"], result["rows_processed"],
+                       pytest.approx(result["total_sales"], rel=1e-12))]
+    assert warnings_naming(server, peer.name) == []
+
+
+def test_huge_row_count_in_stream_mode(procs, sales):
+    """Rule: in --stream mode the server cannot check a chunk's row count, but
+    a count beyond SQLite's 64-bit INTEGER (which raised OverflowError in the
+    insert: an "unexpected error" traceback) is refused like any bad field."""
+    server = start(procs, sales, "--stream")
+    peer = Peer(server.port).handshake()
+    peer.hello("attacker")
+    peer.send({"type": protocol.GET_JOB})
+    result = honest_result(peer.recv(), "attacker")
+    result.update(rows_processed=2 ** 70, price_count=2 ** 70 - result["rejected_rows"])
+    peer.send(result)
+    assert peer.recv()["type"] == protocol.ERROR
+    assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def test_failed_with_a_strange_error_field_is_recorded_safely(procs, sales):
+    """Rule: a FAILED for a real lease whose ``error`` is not text (a huge int,
+    whose str() raised ValueError) is acknowledged and recorded with a short
+    placeholder; the chunk is retried by a real worker."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.hello("attacker")
+    peer.send({"type": protocol.GET_JOB})
+    job = peer.recv()
+    peer.send({"type": protocol.FAILED, "job_id": job["job_id"], "worker_id": "attacker",
+               "chunk_id": job["chunk_id"], "attempt_id": job["attempt_id"],
+               "error": 10 ** 5000})
+    assert peer.recv() == {"type": protocol.ACK, "chunk_id": job["chunk_id"], "counted": False}
+    peer.close()
+    run_real_job(procs, server, sales[1])
+    errors = db_rows(server.db, "SELECT error FROM attempts WHERE worker_id = 'attacker'")
+    assert errors == [("(no message: a int)",)]
+
+
+# --- slow and idle peers -------------------------------------------------------
+
+def test_slow_peer_is_dropped_after_io_timeout(procs, sales):
+    """Rule: a peer that sends part of a frame and goes silent is dropped once
+    --io-timeout has passed since the frame started (one warning)."""
+    server = start(procs, sales, "--io-timeout", 1)
+    peer = Peer(server.port, timeout=30).handshake()
+    peer.hello()
+    peer.raw(framed(protocol.encode({"type": protocol.GET_JOB}))[:6])
+    assert "TimeoutError" in assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def drip(peer: Peer, data: bytes, interval: float = 0.25) -> int:
+    """Send ``data`` one byte per ``interval`` seconds (always within the
+    server's per-recv timeout); return how many bytes went out before the
+    server hung up, or ``len(data)`` if it never did."""
+    for sent in range(len(data)):
+        try:
+            peer.raw(data[sent:sent + 1])
+        except OSError:
+            return sent
+        time.sleep(interval)  # the attack's pace, not a wait for a condition
+    return len(data)
+
+
+def test_dripping_handshake_is_dropped_after_io_timeout(procs, sales):
+    """Rule: --io-timeout bounds the whole greeting, not each recv: a peer that
+    drips its handshake answer one byte every 0.25 s (9 s for 36 bytes,
+    more than enough to hold a slot for hours with a longer frame) is
+    dropped after --io-timeout (1 s), with one warning."""
+    server = start(procs, sales, "--io-timeout", 1)
+    peer = Peer(server.port)
+    answer = framed(bytes(32))
+    assert drip(peer, answer) < len(answer)
+    assert "no HELLO within" in assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def test_dripping_tls_handshake_is_dropped_after_io_timeout(procs, sales, tls_files):
+    """Rule: the same bound holds inside the TLS handshake, where the server's
+    code never sees the bytes: a TLS record header announcing 512 bytes,
+    then one byte every 0.25 s, is dropped after --io-timeout (1 s)."""
+    server = start(procs, sales, "--io-timeout", 1, "--tls-cert", tls_files["cert"],
+                   "--tls-key", tls_files["key"])
+    peer = Peer(server.port)
+    record = b"\x16\x03\x01\x02\x00" + bytes(512)
+    assert drip(peer, record) < 40
+    assert "no HELLO within" in assert_dropped_once(server, peer)
+
+
+def open_idle_peers(port: int, count: int) -> tuple[list[socket.socket], list[str]]:
+    """``count`` connections that each send half a length header, then
+    nothing; returns the sockets and their host:port names."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            sock.sendall(b"\x00\x00")
+        except OSError:
+            pass  # already refused and closed by the server: that is allowed
+        socks.append(sock)
+    return socks, ["%s:%s" % sock.getsockname()[:2] for sock in socks]
+
+
+def close_when_counted(server, socks: list[socket.socket]) -> None:
+    """Close ``socks`` once every chunk has a counted result, so that they were
+    idle for the whole job but do not keep the server lingering after it."""
+    wait_for(lambda: db_rows(server.db, "SELECT COUNT(*) FROM chunk_results")[0][0] == CHUNKS,
+             60, "every chunk to be counted")
+    for sock in socks:
+        sock.close()
+
+
+def assert_one_warning_each(server, names: list[str]) -> None:
+    """Each of ``names`` (host:port) appears in exactly one WARNING line."""
+    log = [line for line in server.stderr().splitlines() if " WARNING " in line]
+    for name in names:
+        named = re.compile(re.escape(name) + r"(?!\d)")
+        hits = [line for line in log if named.search(line)]
+        assert len(hits) == 1, (name, hits)
+
+
+@pytest.mark.timeout(90)
+def test_200_idle_connections_leave_room_for_workers(procs, sales):
+    """Rule: with the default --max-connections (256), 200 connections that
+    send half a header and stay silent (--io-timeout 60) leave room: two
+    worker.py processes finish the job exact while they hang; each idle
+    peer gets one warning when it finally closes."""
+    server = start(procs, sales, "--io-timeout", 60)
+    idle, names = open_idle_peers(server.port, 200)
+    closer = threading.Thread(target=close_when_counted, args=(server, idle), daemon=True)
+    closer.start()
+    run_real_job(procs, server, sales[1], processes=True)
+    closer.join(10)
+    assert_one_warning_each(server, names)
+
+
+@pytest.mark.timeout(90)
+def test_idle_connections_beyond_the_limit_are_refused_then_timed_out(procs, sales):
+    """Rule: when 200 silent half-header connections exceed --max-connections
+    (20), the extra ones are refused at once and the admitted ones are
+    dropped after --io-timeout (1 s), so workers refused meanwhile get in on
+    a retry and finish the job exact; one warning per idle peer."""
+    server = start(procs, sales, "--max-connections", 20, "--io-timeout", 1)
+    holder = hold_a_chunk(server)  # connected first, so it keeps its slot
+    idle, names = open_idle_peers(server.port, 200)
+    wait_for(lambda: "connections already open" in server.stderr(), 15,
+             "the server to refuse connections beyond the limit")
+    run_real_job(procs, server, sales[1], processes=True, holder=holder)
+    assert_one_warning_each(server, names)
+    for sock in idle:
+        sock.close()
+
+
+# --- fuzzing the live server ---------------------------------------------------
+
+FUZZ_CONNECTIONS = 1200
+
+
+def fuzz_frames(rng: random.Random, templates: list[bytes]):
+    """Frames (as raw bytes, header included) for one fuzz connection."""
+    for _ in range(rng.randint(2, 6)):
+        kind = rng.random()
+        payload = bytearray(rng.choice(templates))
+        if kind < 0.6:  # a valid message, mutated
+            for _ in range(rng.randint(1, 4)):
+                where = rng.randrange(len(payload))
+                action = rng.choice(("flip", "insert", "cut"))
+                if action == "flip":
+                    payload[where] = rng.randrange(256)
+                elif action == "insert":
+                    payload[where:where] = rng.randbytes(rng.randint(1, 8))
+                elif where:
+                    del payload[where:]
+            yield framed(bytes(payload))
+        elif kind < 0.75:  # random bytes, framed or not
+            junk = rng.randbytes(rng.randint(1, 300))
+            yield framed(junk) if rng.random() < 0.5 else junk
+        elif kind < 0.9:  # a length that lies: too big, zero, or not matching
+            size = rng.choice((0, 0xFFFFFFFF, 1 << 20 + 1, len(payload) + rng.randint(1, 50)))
+            yield struct.pack("!I", size) + bytes(payload)
+        else:  # the valid message itself
+            yield framed(bytes(payload))
+
+
+def send_in_pieces(sock: socket.socket, data: bytes, rng: random.Random) -> None:
+    """Send ``data`` split at random points (TCP may deliver it like that anyway)."""
+    cuts = sorted(rng.sample(range(1, len(data)), min(3, len(data) - 1))) if len(data) > 1 else []
+    for start, end in zip([0] + cuts, cuts + [len(data)]):
+        sock.sendall(data[start:end])
+
+
+def fuzz_connection(port: int, seed: int, templates: list[bytes]) -> tuple[str, int]:
+    """One connection's worth of fuzz; return (peer name, frames sent)."""
+    rng = random.Random(seed)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    name = "%s:%s" % sock.getsockname()[:2]
+    sent = 0
+    try:
+        if rng.random() < 0.9:
+            protocol.client_handshake(sock, b"")
+            if rng.random() < 0.8:
+                protocol.send_message(sock, protocol.HELLO, worker_id=f"fuzz-{seed}")
+        for frame in fuzz_frames(rng, templates):
+            send_in_pieces(sock, frame, rng)
+            sent += 1
+    except (OSError, EOFError, protocol.ProtocolError):
+        pass  # the server hung up on us: expected, and the point
+    finally:
+        sock.close()
+    return name, sent
+
+
+@pytest.mark.timeout(90)
+def test_fuzzed_frames_over_many_connections(procs, sales):
+    """Rule: thousands of random and mutated HELLO/GET_JOB/RESULT frames, with
+    lying lengths and split at random points, over 1200 connections: the
+    server stays up, logs at most one warning per connection and no
+    traceback, and a real job afterwards is exact with no fuzz rows."""
+    server = start(procs, sales)
+    welcome = Peer(server.port).handshake().hello("probe")
+    templates = [protocol.encode(m) for m in (
+        {"type": protocol.HELLO, "worker_id": "fuzz"},
+        {"type": protocol.GET_JOB},
+        # A RESULT for a real chunk of this job, but an attempt never issued:
+        # a mutation cannot turn it into one that counts.
+        {"type": protocol.RESULT, "job_id": welcome["job_id"], "worker_id": "fuzz",
+         "chunk_id": 1, "attempt_id": 10 ** 6, "rows_processed": 500, "rejected_rows": 0,
+         "total_sales": 1234.5, "min_price": 1.0, "max_price": 9.0, "avg_price": 5.0,
+         "price_count": 500, "groups": []},
+    )]
+    results = []
+    threads = [threading.Thread(target=lambda first: results.extend(
+        fuzz_connection(server.port, seed, templates)
+        for seed in range(first, FUZZ_CONNECTIONS, 8)), args=(first,)) for first in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == FUZZ_CONNECTIONS
+    assert sum(sent for _, sent in results) >= 3000
+    assert server.proc.poll() is None
+    run_real_job(procs, server, sales[1])
+    log = server.stderr()
+    assert "unexpected error" not in log and "Traceback" not in log
+    warned = [line for line in log.splitlines() if " WARNING " in line]
+    for name, _ in results:
+        named = re.compile(re.escape(name) + r"(?!\d)")
+        assert sum(1 for line in warned if named.search(line)) <= 1, name
+
+
+# Pickles of builtins only that still hurt (regressions: see protocol.py,
+# above MAX_DEPTH).  Before the fix the first froze the server for seconds
+# and took 4 GiB, the second killed it with a segfault, the third froze it.
+def _deep_key_bomb() -> bytes:
+    return b"\x80\x04}" + b")" + b"\x85" * 300_000 + b"Ns."
+
+
+def _shared_tuple_bomb() -> bytes:
+    body = b"\x80\x04}\x8c\x04type)\x940"
+    for level in range(40):
+        body += b"h" + bytes([level]) + b"h" + bytes([level]) + b"\x86\x94"
+        body += b"0" if level < 39 else b""
+    return body + b"s."
+
+
+PICKLE_BOMBS = {
+    "4 GiB memo": lambda: b"\x80\x04Nr" + struct.pack("<I", 2 ** 28) + b".",
+    "tuple nested 300,000 deep": _deep_key_bomb,
+    "shared-reference tuple of 2**40 nodes": _shared_tuple_bomb,
+}
+
+
+@pytest.mark.parametrize("case", sorted(PICKLE_BOMBS))
+def test_pickle_bombs_made_of_builtins(procs, sales, case):
+    """Rule: a frame-sized pickle that uses no global but would exhaust memory,
+    overflow the C stack or hash forever is refused before it is unpickled:
+    ERROR reply, one warning, the server alive and the job exact."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.raw(framed(PICKLE_BOMBS[case]()))
+    assert peer.recv()["type"] == protocol.ERROR
+    assert "refused pickle" in assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+# --- authentication ------------------------------------------------------------
+
+def env_with_secret(secret: str | None) -> dict:
+    """This process's environment with SALES_SECRET set to ``secret`` (or unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "SALES_SECRET"}
+    if secret is not None:
+        env["SALES_SECRET"] = secret
+    return env
+
+
+def worker_log(procs, name: str) -> str:
+    """The output of the worker.py process(es) started as ``name``."""
+    return "".join(path.read_text() for path in sorted(procs.tmp.glob(f"{name}-*.log")))
+
+
+def test_wrong_or_missing_secret_is_refused_before_unpickling(procs, sales, tmp_path):
+    """Rule: with a secret set (SALES_SECRET), a peer that answers the challenge
+    with a pickle, a worker with the wrong secret and a worker with none are
+    all refused in the handshake: nothing is unpickled (the pickle's command
+    never runs), each worker exits 1 saying why, the server warns and lives."""
+    marker = tmp_path / "pwned"
+    server = start(procs, sales, env=env_with_secret("right secret"))
+    peer = Peer(server.port)
+    peer.raw(framed(pickle.dumps(RunsCode(marker), protocol=5)))
+    assert "failed the challenge" in assert_dropped_once(server, peer)
+    wrong = procs.worker(server.port, "wrong", env=env_with_secret("wrong secret"))
+    missing = procs.worker(server.port, "missing", env=env_with_secret(None))
+    assert wrong.wait(timeout=30) == 1
+    assert missing.wait(timeout=30) == 1
+    for name in ("wrong", "missing"):
+        assert "authentication refused by peer (wrong secret?)" in worker_log(procs, name)
+    assert server.stderr().count("failed the challenge") == 3
+    assert server.proc.poll() is None
+    assert not marker.exists()
+
+
+def test_right_secret_from_the_environment_gives_an_exact_job(procs, sales):
+    """Rule: server and workers that share SALES_SECRET complete the job exact."""
+    env = env_with_secret("right secret")
+    server = start(procs, sales, env=env)
+    run_real_job(procs, server, sales[1], processes=True, env=env, secret=b"right secret")
+    assert " WARNING " not in server.stderr()
+
+
+# --- TLS -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost
+    (PEM files), plus an unrelated CA that signed nothing of ours."""
+    trustme = pytest.importorskip("trustme")
+    folder = tmp_path_factory.mktemp("tls")
+    ca, other = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"cert": folder / "server.pem", "key": folder / "server.key",
+             "ca": folder / "ca.pem", "other_ca": folder / "other-ca.pem"}
+    cert.private_key_pem.write_to_path(str(files["key"]))
+    with open(files["cert"], "wb") as f:
+        for blob in cert.cert_chain_pems:
+            f.write(blob.bytes())
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    other.cert_pem.write_to_path(str(files["other_ca"]))
+    return {name: str(path) for name, path in files.items()}
+
+
+def start_tls(procs, sales, tls_files):
+    return start(procs, sales, "--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"])
+
+
+def test_tls_job_is_exact(procs, sales, tls_files):
+    """Rule: over TLS (worker.py --tls-ca) the job completes exact."""
+    server = start_tls(procs, sales, tls_files)
+    context = ssl.create_default_context(cafile=tls_files["ca"])
+    run_real_job(procs, server, sales[1], processes=True,
+                 worker_args=["--tls-ca", tls_files["ca"]], tls=context)
+
+
+def test_plain_tcp_and_wrong_ca_are_refused_by_a_tls_server(procs, sales, tls_files):
+    """Rule: a plain-TCP peer talking to a TLS server is dropped with one
+    warning; a worker that does not trust the server's CA exits 1 at once
+    with a certificate error (no reconnect loop); the server lives on and a
+    TLS job afterwards is exact."""
+    server = start_tls(procs, sales, tls_files)
+    peer = Peer(server.port)
+    peer.raw(framed(protocol.encode({"type": protocol.HELLO, "worker_id": "plain"})))
+    assert "SSL" in assert_dropped_once(server, peer)
+    distrustful = procs.worker(server.port, "distrustful",
+                               ["--tls-ca", tls_files["other_ca"]])
+    assert distrustful.wait(timeout=30) == 1
+    assert "certificate verify failed" in worker_log(procs, "distrustful")
+    # Exactly once: the worker gave up at the first certificate error
+    # (it used to retry for --give-up-after seconds, then blame the network).
+    wait_for(lambda: server.stderr().count(" WARNING ") >= 2, 15,
+             "the server to log the refused TLS handshake")
+    assert server.stderr().lower().count("unknown ca") == 1
+    assert "unreachable" not in worker_log(procs, "distrustful")
+    assert server.proc.poll() is None
+    run_real_job(procs, server, sales[1], tls=ssl.create_default_context(cafile=tls_files["ca"]),
+                 tls_ca=tls_files["ca"])
+
+
+# --- the worker protects itself --------------------------------------------------
+
+class FakeServer(threading.Thread):
+    """A broken or hostile server for one worker connection.
+
+    It does the real handshake (no secret), answers HELLO with WELCOME,
+    then runs ``script(conn)`` and waits for the worker to hang up.  It
+    accepts a single connection: a worker that reconnected in a loop would
+    hang in the next handshake and fail the test by its timeout.
+    """
+
+    def __init__(self, script):
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.script = script
+        self.received: list[dict] = []
+        self.error = None
+        self.start()
+
+    def recv(self, conn) -> dict:
+        message = protocol.recv_message(conn, 1 << 20)
+        self.received.append(message)
+        return message
+
+    def run(self):
+        try:
+            conn, _ = self.listener.accept()
+            with conn:
+                conn.settimeout(30)
+                protocol.server_handshake(conn, b"")
+                assert self.recv(conn)["type"] == protocol.HELLO
+                protocol.send_message(conn, protocol.WELCOME, job_id="fake", chunks=1,
+                                      lease_timeout=60)
+                assert self.recv(conn)["type"] == protocol.GET_JOB
+                self.script(self, conn)
+                while conn.recv(65536):  # until the worker hangs up
+                    pass
+        except Exception as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.listener.close()
+
+
+def job_fields(**changes) -> dict:
+    """A JOB message as the real server sends it, with ``changes``."""
+    fields = {"job_id": "fake", "chunk_id": 0, "attempt_id": 1, "rows": None,
+              "format": "frame", "data": b"this is not a pickled DataFrame",
+              "compressed": False, "price_col": PRICE, "qty_col": QTY, "group_col": None,
+              "sep": ",", "decimal": ".", "encoding": "utf-8"}
+    fields.update(changes)
+    return {k: v for k, v in fields.items() if v is not ...}
+
+
+def run_worker_against(procs, fake: FakeServer, name: str) -> tuple[int, str]:
+    """Run worker.py against ``fake``; return (exit code, its log)."""
+    code = procs.worker(fake.port, name).wait(timeout=60)
+    fake.join(30)
+    assert fake.error is None, repr(fake.error)
+    return code, worker_log(procs, name)
+
+
+def test_worker_refuses_a_job_frame_over_its_bound(procs):
+    """Rule: a JOB length header beyond the worker's WORKER_MAX_FRAME (1 GiB)
+    makes it exit 1 saying the server broke the protocol, at once and
+    without allocating or reconnecting."""
+    fake = FakeServer(lambda self, conn: conn.sendall(b"\xff\xff\xff\xff"))
+    code, log = run_worker_against(procs, fake, "victim")
+    assert code == 1
+    assert "broke the protocol" in log and "exceeds the limit" in log
+
+
+def test_worker_refuses_a_job_without_chunk_id(procs):
+    """Rule: a JOB without chunk_id cannot even be reported as failed: the
+    worker exits 1 with a clear message instead of looping."""
+    fake = FakeServer(lambda self, conn: protocol.send_message(
+        conn, protocol.JOB, **job_fields(chunk_id=...)))
+    code, log = run_worker_against(procs, fake, "victim")
+    assert code == 1
+    assert "malformed JOB" in log
+
+
+def test_worker_reports_bad_job_data_as_failed(procs):
+    """Rule: a JOB with valid ids but data that is not a DataFrame is a failed
+    attempt, reported as FAILED (error as data); the worker carries on and
+    exits 0 when told NO_JOB."""
+    def script(self, conn):
+        protocol.send_message(conn, protocol.JOB, **job_fields())
+        failed = self.recv(conn)
+        protocol.send_message(conn, protocol.ACK, chunk_id=failed.get("chunk_id"),
+                              counted=False)
+        assert self.recv(conn)["type"] == protocol.GET_JOB
+        protocol.send_message(conn, protocol.NO_JOB)
+
+    fake = FakeServer(script)
+    code, _ = run_worker_against(procs, fake, "victim")
+    assert code == 0
+    failed = fake.received[2]
+    assert failed["type"] == protocol.FAILED
+    assert (failed["job_id"], failed["chunk_id"], failed["attempt_id"]) == ("fake", 0, 1)
+    assert failed["worker_id"] == "victim" and failed["error"]
+
+
+# --- listening on a network without a secret -------------------------------------
+
+def test_unauthenticated_server_on_a_network_address_warns(procs, sales, tmp_path):
+    """Rule: without a secret, binding to a non-loopback address logs that
+    unauthenticated pickle is unsafe on a network; with SALES_SECRET set it
+    does not, and neither does the default loopback address."""
+    exposed = start(procs, sales, "--host", "0.0.0.0", env=env_with_secret(None),
+                    db=tmp_path / "a.sqlite")
+    assert "unauthenticated pickle is unsafe on a network" in exposed.stderr()
+    guarded = start(procs, sales, "--host", "0.0.0.0", env=env_with_secret("s3cret"),
+                    db=tmp_path / "b.sqlite")
+    local = start(procs, sales, env=env_with_secret(None), db=tmp_path / "c.sqlite")
+    assert "unsafe" not in guarded.stderr() + local.stderr()
