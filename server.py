@@ -72,7 +72,7 @@ import pandas as pd
 import protocol
 from db_utils import DROPPED, EXPIRED, FAILED, ResultStore
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, find_columns,
-                    normalize_name)
+                    normalize_name, read_columns)
 
 log = logging.getLogger("server")
 
@@ -348,13 +348,12 @@ class FrameChunks:
 
     def __init__(self, info: CsvInfo, chunks: int, chunk_rows: int | None, compress: bool):
         wanted = [c for c in (info.price_col, info.qty_col, info.group_col) if c]
-        # Group values are labels: read them as text, as --stream workers do,
-        # so "007" stays "007" and a gap never turns 7 into "7.0".
-        as_text = {info.group_col: str} if info.group_col else None
         try:
-            self.frame = pd.read_csv(info.path, sep=info.sep, decimal=info.decimal,
-                                     encoding=info.encoding, usecols=wanted, dtype=as_text,
-                                     compression=info.compression, low_memory=False)
+            with _open_decompressed(info.path, info.compression) as stream:
+                # The same reader as --stream workers use, so both modes
+                # agree on every record (see worker.read_columns).
+                self.frame = read_columns(stream, info.sep, info.decimal, info.encoding,
+                                          wanted, info.group_col)
         except UnicodeDecodeError as exc:
             raise InputError(f"{info.path}: not valid {info.encoding} ({exc.reason} at byte "
                              f"{exc.start} of a block); pass --encoding, e.g. --encoding cp1252") from None
@@ -834,7 +833,9 @@ class Handler(socketserver.BaseRequestHandler):
             if srv.tls is not None:
                 self.sock = srv.tls.wrap_socket(self.sock, server_side=True)
                 srv.track(self.request, self.sock)  # wrapping detached the plain socket
-            protocol.server_handshake(self.sock, srv.secret)
+            # The timeout bounds the whole handshake, not each recv: see
+            # protocol._recv_handshake_frame.  (TLS bounds its own the same way.)
+            protocol.server_handshake(self.sock, srv.secret, srv.io_timeout)
             hello = self.receive()
             if hello["type"] != protocol.HELLO:
                 raise protocol.ProtocolError(f"expected HELLO, got {hello['type']}")

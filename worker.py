@@ -26,6 +26,7 @@ it and are shared with the server, which checks the header before it starts.
 from __future__ import annotations
 
 import argparse
+import codecs
 import io
 import logging
 import os
@@ -246,18 +247,101 @@ def load_chunk(job: dict) -> pd.DataFrame:
     if job["format"] != "csv":
         raise ValueError(f"unknown JOB format {job['format']!r}")
     wanted = [c for c in (job["price_col"], job["qty_col"], job.get("group_col")) if c]
-    # The group column is read as text: guessing its type per chunk would
-    # split one value into "7" and "7.0" when only some chunks have gaps.
-    as_text = {job["group_col"]: str} if job.get("group_col") else None
     try:
-        return pd.read_csv(io.BytesIO(raw), sep=job["sep"], decimal=job["decimal"],
-                           encoding=job["encoding"], usecols=wanted, dtype=as_text,
-                           low_memory=False)
+        return read_columns(io.BytesIO(raw), job["sep"], job["decimal"], job["encoding"],
+                            wanted, job.get("group_col"))
     except UnicodeDecodeError as exc:
         # Seen only here, deep in a --stream job: the server checked the
         # head of the file, not every byte.  Say which option fixes it.
         raise ValueError(f"chunk is not valid {job['encoding']} text ({exc.reason}); "
                          f"restart the server with --encoding, e.g. --encoding cp1252") from None
+
+
+# A column name no real header can hold (the server refuses NUL bytes).
+SURPLUS = "\x00surplus"
+
+
+def read_columns(stream, sep: str, decimal: str, encoding: str, wanted: list,
+                 group_col: str | None = None) -> pd.DataFrame:
+    """Parse CSV text from a binary ``stream``, keeping the ``wanted`` columns.
+
+    Used by the server (documented mode) and by workers (``--stream``), so
+    both read records the same way:
+
+    * Only empty cells are missing values.  pandas' default list would turn
+      the group "NA" (North America) into a missing group; a price "NA" is
+      rejected either way, because it is not a number.
+    * The group column is read as text: "007" stays "007", and a chunk with
+      gaps never turns 7 into "7.0".
+    * A record with more non-empty fields than the header is an error.
+      With ``usecols``, pandas silently reads such a record by position
+      (pandas issue 40049): the unquoted ``1,234.50,2`` under
+      ``Price,Quantity`` would become price 1, quantity 234.5.  So the
+      header is extended by one :data:`SURPLUS` column, where the surplus
+      lands, and any value there raises ``ValueError`` naming the record.
+
+    Returns a DataFrame with the ``wanted`` columns.  Raises ``ValueError``
+    (and pandas' ``ParserError``, a subclass) for malformed data and
+    ``UnicodeDecodeError`` for bytes not in ``encoding``.
+    """
+    columns = wanted
+    if "\n".encode(encoding).removeprefix(codecs.BOM_UTF8) == b"\n":
+        stream = _with_surplus_column(stream, (sep + SURPLUS).encode(encoding)
+                                      .removeprefix(codecs.BOM_UTF8))
+        columns = wanted + [SURPLUS]
+    frame = pd.read_csv(stream, sep=sep, decimal=decimal, encoding=encoding, usecols=columns,
+                        dtype={group_col: str} if group_col else None,
+                        keep_default_na=False, na_values={c: [""] for c in columns},
+                        low_memory=False)
+    if SURPLUS in frame:
+        surplus = frame.pop(SURPLUS).notna().to_numpy()
+        if surplus.any():
+            record = int(surplus.argmax()) + 1
+            raise ValueError(f"data record {record} has more fields than the header; "
+                             f"quote values that contain the separator {sep!r}")
+    return frame
+
+
+def _with_surplus_column(stream, suffix: bytes):
+    """``stream`` with ``suffix`` added at the end of its header record.
+
+    The header is the first record after any blank lines; its end is the
+    first newline preceded by an even number of quotes (RFC 4180).
+    """
+    head = stream.read(1 << 20)
+    start = len(head) - len(head.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
+    eol = b"\n" if b"\n" in head else b"\r"   # old Mac files end lines with CR alone
+    end, quotes = start, 0
+    while True:
+        newline = head.find(eol, end)
+        if newline == -1:
+            end = len(head)    # the header is the last line, or longer than the head
+            break
+        quotes += head.count(b'"', end, newline)
+        end = newline + 1
+        if quotes % 2 == 0:
+            break
+    line_end = len(head[:end]) - len(head[:end].rstrip(b"\r\n"))
+    head = head[:end - line_end] + suffix + head[end - line_end:]
+    return io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 20)
+
+
+class _Prefixed(io.RawIOBase):
+    """A read-only stream: ``prefix`` bytes, then whatever ``rest`` holds."""
+
+    def __init__(self, prefix: bytes, rest):
+        self.prefix, self.rest = memoryview(prefix), rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.prefix:
+            n = min(len(buffer), len(self.prefix))
+            buffer[:n] = self.prefix[:n]
+            self.prefix = self.prefix[n:]
+            return n
+        return self.rest.readinto(buffer)
 
 
 # --- Fault injection (off by default; for experiments and tests) ---------------

@@ -862,3 +862,40 @@ def test_regression_sep_typed_as_backslash_t(tmp_path):
     load failed with a message about the python engine.  Now it means a tab."""
     data = b"Price\tQuantity\n1.50\t2\n"
     assert totals(tmp_path, data, ["--sep", "\\t"])["total_sales"] == pytest.approx(3.0)
+
+
+def test_regression_surplus_fields_are_an_error_in_both_readers():
+    """A record with more non-empty fields than the header is an error, not a
+    row read by position: pandas' usecols alone would read the unquoted
+    `1,234.50,2` as price 1, quantity 234.5.  A trailing empty field is fine."""
+    data = b"Price,Quantity\n1,234.50,2\n"
+    with pytest.raises(ValueError, match="record 1 has more fields than the header"):
+        worker.read_columns(io.BytesIO(data), ",", ".", "utf-8-sig", ["Price", "Quantity"])
+    trailing = worker.read_columns(io.BytesIO(b"Price,Quantity\n2.5,4,\n"), ",", ".",
+                                   "utf-8-sig", ["Price", "Quantity"])
+    assert trailing.to_dict("list") == {"Price": [2.5], "Quantity": [4]}
+
+
+def test_regression_surplus_fields_beyond_the_head(tmp_path):
+    """The same record after the 256 KiB head the server inspects: documented
+    mode refuses the file (exit 2 path), --stream fails that chunk's attempt."""
+    path = tmp_path / "late.csv"
+    path.write_bytes(b"Price,Quantity\n" + b"1.00,1\n" * 40_000 + b"1,234.50,2\n")
+    info = server.inspect_csv(str(path))
+    with pytest.raises(server.InputError, match="record 40001 has more fields"):
+        server.FrameChunks(info, 4, None, False)
+    chunks = server.StreamChunks(info, 4, False)
+    job = {"format": "csv", "data": chunks.payload(len(chunks) - 1), "price_col": "Price",
+           "qty_col": "Quantity", "sep": ",", "decimal": ".", "encoding": info.encoding}
+    with pytest.raises(ValueError, match="more fields than the header"):
+        worker.load_chunk(job)
+
+
+def test_regression_group_value_na_is_a_value():
+    """Only an empty cell is a missing group: 'NA' (North America, in
+    Kaggle's sales_data_sample) is a group of its own."""
+    data = b"Territory,Price,Qty\nNA,1,1\n,2,1\nEMEA,3,1\n"
+    frame = worker.read_columns(io.BytesIO(data), ",", ".", "utf-8-sig",
+                                ["Price", "Qty", "Territory"], "Territory")
+    groups = worker.compute_metrics(frame, "Price", "Qty", group_col="Territory")["groups"]
+    assert sorted((g[0] or "", g[1]) for g in groups) == [("", 1), ("EMEA", 1), ("NA", 1)]
