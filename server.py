@@ -697,13 +697,13 @@ def _brief(value) -> str:
 def check_stats(where: str, rows, rejected, sales, low, high, mean, count) -> None:
     """Check one set of partial metrics; raise ProtocolError naming ``where``.
 
-    Rules: counts are non-negative ints with ``rejected <= rows`` and
+    Rules: counts are non-negative 64-bit ints with ``rejected <= rows`` and
     ``count == rows - rejected``; sales is a finite number; with
     ``count == 0`` the price statistics are None, otherwise finite with
     ``min <= mean <= max`` (within rounding).
     """
     if not (_is_int(rows) and _is_int(rejected) and _is_int(count)):
-        raise protocol.ProtocolError(f"{where}: row counts must be integers")
+        raise protocol.ProtocolError(f"{where}: row counts must be 64-bit integers")
     if rows < 0 or rejected < 0 or rejected > rows or count != rows - rejected:
         raise protocol.ProtocolError(f"{where}: inconsistent row counts")
     if not _is_number(sales):

@@ -165,7 +165,7 @@ def test_chunkbook_finishes_exactly_at_the_last_chunk_in_any_order():
         book = server_mod.ChunkBook(chunks, 60.0, max_attempts=1, done=done)
         leases = [book.lease("w", conn=1) for _ in range(chunks - len(done))]
         rng.shuffle(leases)
-        for i, lease in enumerate(leases):
+        for lease in leases:
             assert not book.finished.is_set()
             if rng.random() < 0.3:
                 assert book.fail(lease.chunk_id, lease.attempt_id, "boom")

@@ -18,6 +18,7 @@ workers are told to WAIT, so neither can finish the job alone.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import pickle
@@ -180,8 +181,10 @@ class WorkerThread(threading.Thread):
 
 
 def start(procs, sales, *args, env=None, db=None):
-    """A server on the small CSV, with short timeouts so dropped peers go fast."""
-    return procs.server(sales[0], db, args=["--chunks", CHUNKS, "--io-timeout", 2, *args],
+    """A server on the small CSV.  --io-timeout is 5 s unless ``args`` say
+    otherwise: short enough for a test, long enough for the real workers'
+    handshakes on a busy machine."""
+    return procs.server(sales[0], db, args=["--chunks", CHUNKS, "--io-timeout", 5, *args],
                         env=env)
 
 
@@ -351,7 +354,7 @@ def test_huge_row_count_in_stream_mode(procs, sales):
     result.update(rows_processed=2 ** 70, price_count=2 ** 70 - result["rejected_rows"])
     peer.send(result)
     assert peer.recv()["type"] == protocol.ERROR
-    assert_dropped_once(server, peer)
+    assert "64-bit" in assert_dropped_once(server, peer)
     run_real_job(procs, server, sales[1])
 
 
@@ -378,8 +381,8 @@ def test_failed_with_a_strange_error_field_is_recorded_safely(procs, sales):
 
 def test_slow_peer_is_dropped_after_io_timeout(procs, sales):
     """Rule: a peer that sends part of a frame and goes silent is dropped once
-    --io-timeout has passed since the frame started (one warning)."""
-    server = start(procs, sales, "--io-timeout", 1)
+    --io-timeout (2 s) has passed since the frame started (one warning)."""
+    server = start(procs, sales, "--io-timeout", 2)
     peer = Peer(server.port, timeout=30).handshake()
     peer.hello()
     peer.raw(framed(protocol.encode({"type": protocol.GET_JOB}))[:6])
@@ -404,9 +407,9 @@ def test_dripping_handshake_is_dropped_after_io_timeout(procs, sales):
     """Rule: --io-timeout bounds the whole handshake, not each recv: a peer
     that drips its answer one byte every 0.25 s (36 bytes in 9 s; a 256-byte
     frame at 9 s a byte would hold a slot for over half an hour) is
-    dropped after --io-timeout (1 s), with one warning.  It used to be
+    dropped after --io-timeout (2 s), with one warning.  It used to be
     read to the end."""
-    server = start(procs, sales, "--io-timeout", 1)
+    server = start(procs, sales, "--io-timeout", 2)
     peer = Peer(server.port)
     answer = framed(bytes(32))
     assert drip(peer, answer) < len(answer)
@@ -418,8 +421,8 @@ def test_dripping_tls_handshake_is_dropped_after_io_timeout(procs, sales, tls_fi
     """Rule: the same bound holds inside the TLS handshake, where the server's
     code never sees the bytes (Python's ssl module applies the socket
     timeout to the whole handshake): a TLS record header announcing 512
-    bytes, then one byte every 0.25 s, is dropped after --io-timeout (1 s)."""
-    server = start(procs, sales, "--io-timeout", 1, "--tls-cert", tls_files["cert"],
+    bytes, then one byte every 0.25 s, is dropped after --io-timeout (2 s)."""
+    server = start(procs, sales, "--io-timeout", 2, "--tls-cert", tls_files["cert"],
                    "--tls-key", tls_files["key"])
     peer = Peer(server.port)
     record = b"\x16\x03\x01\x02\x00" + bytes(512)
@@ -478,9 +481,9 @@ def test_200_idle_connections_leave_room_for_workers(procs, sales):
 def test_idle_connections_beyond_the_limit_are_refused_then_timed_out(procs, sales):
     """Rule: when 200 silent half-header connections exceed --max-connections
     (20), the extra ones are refused at once and the admitted ones are
-    dropped after --io-timeout (1 s), so workers refused meanwhile get in on
+    dropped after --io-timeout (2 s), so workers refused meanwhile get in on
     a retry and finish the job exact; one warning per idle peer."""
-    server = start(procs, sales, "--max-connections", 20, "--io-timeout", 1)
+    server = start(procs, sales, "--max-connections", 20, "--io-timeout", 2)
     holder = hold_a_chunk(server)  # connected first, so it keeps its slot
     idle, names = open_idle_peers(server.port, 200)
     wait_for(lambda: "connections already open" in server.stderr(), 15,
@@ -584,9 +587,10 @@ def test_fuzzed_frames_over_many_connections(procs, sales):
     log = server.stderr()
     assert "unexpected error" not in log and "Traceback" not in log
     warned = [line for line in log.splitlines() if " WARNING " in line]
-    for name, _ in results:
+    # A local port can be reused by a later connection, so count per name.
+    for name, uses in collections.Counter(name for name, _ in results).items():
         named = re.compile(re.escape(name) + r"(?!\d)")
-        assert sum(1 for line in warned if named.search(line)) <= 1, name
+        assert sum(1 for line in warned if named.search(line)) <= uses, name
 
 
 # Pickles of builtins only that still hurt (regressions: see protocol.py,

@@ -3,7 +3,12 @@
     python tools/bench.py                               # 1,000,000 generated rows, 3 repetitions
     python tools/bench.py --csv /tmp/bench/sales_5m.csv --reps 3
     python tools/bench.py --only pandas-usecols stream --reps 1 --json
-    python tools/bench.py --chunk-overhead --many-workers --make-csv
+    python tools/bench.py --chunk-overhead --many-workers --make-csv --no-modes
+    PYTHONPATH=/tmp/duckdb-lib python tools/bench.py --save bench.json   # with DuckDB
+
+DuckDB is installed for the benchmark only, outside the project, e.g.
+``pip install --target /tmp/duckdb-lib duckdb``; without it the duckdb row
+says "skipped".  ``--save FILE`` keeps the JSON document next to the table.
 
 Every candidate runs as a whole process, exactly as a user would start it,
 so interpreter start-up and ``import pandas`` are part of its time:
@@ -44,7 +49,8 @@ How things are measured
   JSON file.  The kernel's per-child figure from ``wait4`` would give only
   the largest process of the tree, not the server's and the workers'
   separately.  A process killed by a signal writes nothing; its column
-  then shows "-".
+  then shows "-".  (A ``sitecustomize`` already on the interpreter's own
+  path would be shadowed during the measurement; this venv has none.)
 * bytes sent: the server's final log line (``sent N bytes``).
 * phases: the server's final log line (``time per phase: ...``).
 
@@ -291,7 +297,6 @@ def compare(result: dict, reference: dict, rel: float = REL_TOLERANCE) -> list[s
 class Input:
     """The CSV and how to read it (what server.inspect_csv detects)."""
     path: str
-    rows: int | None
     size: int
     price: str
     qty: str
@@ -304,11 +309,12 @@ def describe_input(path: str) -> Input:
     """Detect columns and dialect with the server's own ``inspect_csv``."""
     from server import inspect_csv
     info = inspect_csv(path)
-    return Input(path, None, info.size, info.price_col, info.qty_col, info.sep,
-                 info.decimal, info.encoding)
+    return Input(path, info.size, info.price_col, info.qty_col, info.sep, info.decimal,
+                 info.encoding)
 
 
-def generate_csv(rows: int, work_dir: Path, seed: int = 0, timeout: float = 600) -> tuple[Path, Run]:
+def generate_csv(rows: int, work_dir: Path, seed: int = 0,
+                 timeout: float = 600) -> tuple[Path, Run | None]:
     """Write (or reuse) ``sales_<rows>_seed<seed>.csv`` in ``work_dir`` with make_csv.py.
 
     The file is a pure function of (rows, seed), so an existing one is reused.
@@ -634,6 +640,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="workers of the distributed modes")
     p.add_argument("--chunks", type=int, default=200, help="chunks of the distributed modes")
     p.add_argument("--json", action="store_true", help="print one JSON document, not a table")
+    p.add_argument("--save", type=Path, default=None,
+                   help="also write the JSON document to this file")
     p.add_argument("--work-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "sales_bench",
                    help="where generated CSVs and temporary files go (never the repository)")
@@ -699,8 +707,11 @@ def main(argv=None) -> int:
     if args.make_csv:
         summary["make_csv"] = make_csv_timing(args, log)
     summary["load_after"] = os.getloadavg()
+    document = json.dumps(summary, indent=2, default=str)
+    if args.save:
+        args.save.write_text(document + "\n")
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(document)
     elif "modes" in summary:
         print_table(summary)
     if failed:
