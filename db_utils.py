@@ -407,8 +407,8 @@ class JobState:
     """What the database already knows about a job when the server starts.
 
     ``done``: set of chunk ids with a counted result.  ``attempts``: dict
-    attempt_id -> chunk_id of every earlier attempt (so a result re-sent
-    after a server restart is still recognised).  ``next_attempt_id``: the
+    attempt_id -> (chunk_id, worker_id) of every earlier attempt (so a
+    result re-sent after a server restart is still recognised).  ``next_attempt_id``: the
     first attempt id this run may use.
     """
 
@@ -474,8 +474,8 @@ class ResultStore:
         self._transaction(statements)
         done = {row["chunk_id"] for row in self._query(
             "SELECT chunk_id FROM chunk_results WHERE job_id = ?", (job_id,))}
-        attempts = {row["attempt_id"]: row["chunk_id"] for row in self._query(
-            "SELECT attempt_id, chunk_id FROM attempts WHERE job_id = ?", (job_id,))}
+        attempts = {row["attempt_id"]: (row["chunk_id"], row["worker_id"]) for row in self._query(
+            "SELECT attempt_id, chunk_id, worker_id FROM attempts WHERE job_id = ?", (job_id,))}
         return JobState(done, attempts, max(attempts, default=0) + 1)
 
     # --- attempts ----------------------------------------------------------

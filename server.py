@@ -376,8 +376,13 @@ class FrameChunks:
         return len(self.bounds) - 1
 
     def rows_of(self, chunk_id: int) -> int:
-        """How many records chunk ``chunk_id`` holds (checked against RESULTs)."""
+        """How many records chunk ``chunk_id`` holds."""
         return self.bounds[chunk_id + 1] - self.bounds[chunk_id]
+
+    def row_bounds(self, chunk_id: int) -> tuple[int, int]:
+        """(fewest, most) records a RESULT for the chunk may report: exact here."""
+        rows = self.rows_of(chunk_id)
+        return rows, rows
 
     def payload(self, chunk_id: int) -> bytes:
         """The pickled (and maybe zlib'd) DataFrame slice of chunk ``chunk_id``."""
@@ -441,6 +446,12 @@ class StreamChunks:
     def rows_of(self, chunk_id: int) -> None:
         """Unknown until a worker parses the chunk."""
         return None
+
+    def row_bounds(self, chunk_id: int) -> tuple[int, int]:
+        """(fewest, most) records a RESULT may report: a record takes at least
+        one byte (its newline), so no more than the chunk's length."""
+        start, end = self.ranges[chunk_id]
+        return 0, end - start
 
     def payload(self, chunk_id: int) -> bytes:
         """Header + the chunk's bytes, read with ``os.pread`` (maybe zlib'd)."""
@@ -550,7 +561,7 @@ class ChunkBook:
             self.state[chunk_id] = DONE
         self.queue = collections.deque(c for c in range(chunks) if self.state[c] == PENDING)
         self.leases: dict[int, Lease] = {}
-        self.attempt_chunk = dict(known_attempts or {})
+        self.attempt_owner = dict(known_attempts or {})  # attempt_id -> (chunk_id, worker_id)
         self.next_attempt_id = next_attempt_id
         self.failures = [0] * chunks
         # Attempts whose failure is already counted: a worker that lost the
@@ -580,14 +591,20 @@ class ChunkBook:
             self.next_attempt_id += 1
             self.state[chunk_id] = LEASED
             self.leases[lease.attempt_id] = lease
-            self.attempt_chunk[lease.attempt_id] = chunk_id
+            self.attempt_owner[lease.attempt_id] = (chunk_id, worker_id)
             self.dispatches += 1
             return lease
 
-    def is_attempt_of(self, attempt_id: int, chunk_id: int) -> bool:
-        """True if ``attempt_id`` was issued (now or in an earlier run) for ``chunk_id``."""
+    def is_attempt_of(self, attempt_id: int, chunk_id: int, worker_id: str) -> bool:
+        """True if ``attempt_id`` was issued (now or in an earlier run) for
+        ``chunk_id`` to ``worker_id``: nobody reports another's attempt."""
         with self._lock:
-            return self.attempt_chunk.get(attempt_id) == chunk_id
+            return self.attempt_owner.get(attempt_id) == (chunk_id, worker_id)
+
+    def held_by(self, conn: int) -> int | None:
+        """The chunk a live lease of connection ``conn`` holds, if any."""
+        with self._lock:
+            return next((l.chunk_id for l in self.leases.values() if l.conn == conn), None)
 
     def complete(self, chunk_id: int, attempt_id: int) -> None:
         """A result for the chunk is committed: it is DONE (idempotent)."""
@@ -898,6 +915,11 @@ class Handler(socketserver.BaseRequestHandler):
 
     def handle_get_job(self, msg: dict) -> None:
         srv = self.server
+        held = srv.book.held_by(self.conn)
+        if held is not None:
+            # A worker computes one chunk at a time; a peer that asks again
+            # before reporting would hoard chunks and starve the others.
+            raise protocol.ProtocolError(f"GET_JOB while holding chunk {held}")
         lease = srv.book.lease(self.worker_id, self.conn)
         if lease is None and not srv.book.finished.is_set():
             # Nothing pending, yet not finished: usually the last chunks are
@@ -938,10 +960,11 @@ class Handler(socketserver.BaseRequestHandler):
                   "max_price", "avg_price", "price_count")
         values = [msg.get(f) for f in fields]
         check_stats(f"chunk {chunk_id}", *values)
-        expected_rows = srv.chunks.rows_of(chunk_id)
-        if expected_rows is not None and msg["rows_processed"] != expected_rows:
+        fewest, most = srv.chunks.row_bounds(chunk_id)
+        if not fewest <= msg["rows_processed"] <= most:
+            expected = fewest if fewest == most else f"{fewest}..{most}"
             raise protocol.ProtocolError(
-                f"chunk {chunk_id} has {expected_rows} rows, result says {msg['rows_processed']}")
+                f"chunk {chunk_id} has {expected} rows, result says {msg['rows_processed']}")
         groups = self.check_groups(msg, chunk_id)
         started = time.perf_counter()
         counted = srv.store.record_result(
@@ -985,7 +1008,7 @@ class Handler(socketserver.BaseRequestHandler):
             raise protocol.ProtocolError("worker_id differs from the one in HELLO")
         if not (_is_int(chunk_id) and 0 <= chunk_id < len(srv.book)):
             raise protocol.ProtocolError(f"unknown chunk {_brief(chunk_id)}")
-        if not (_is_int(attempt_id) and srv.book.is_attempt_of(attempt_id, chunk_id)):
+        if not (_is_int(attempt_id) and srv.book.is_attempt_of(attempt_id, chunk_id, self.worker_id)):
             raise protocol.ProtocolError(
                 f"unknown attempt {_brief(attempt_id)} for chunk {chunk_id}")
         return chunk_id, attempt_id

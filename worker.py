@@ -39,6 +39,7 @@ import ssl
 import sys
 import threading
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -289,10 +290,20 @@ def read_columns(stream, sep: str, decimal: str, encoding: str, wanted: list,
         stream = _with_surplus_column(stream, (sep + SURPLUS).encode(encoding)
                                       .removeprefix(codecs.BOM_UTF8))
         columns = wanted + [SURPLUS]
-    frame = pd.read_csv(stream, sep=sep, decimal=decimal, encoding=encoding, usecols=columns,
-                        dtype={group_col: str} if group_col else None,
-                        keep_default_na=False, na_values={c: [""] for c in columns},
-                        low_memory=False)
+    # The surplus column is read as "category": almost always empty, it then
+    # costs next to nothing, where the default type inference of an all-empty
+    # column costs as much as the price column itself.
+    types = {SURPLUS: "category"} if SURPLUS in columns else {}
+    if group_col:
+        types[group_col] = str
+    with warnings.catch_warnings():
+        # pandas parses large inputs in pieces; a price column that is text in
+        # one piece and numbers in another comes out mixed, which it warns
+        # about.  to_number() reads both kinds alike, so the warning is noise.
+        warnings.simplefilter("ignore", pd.errors.DtypeWarning)
+        frame = pd.read_csv(stream, sep=sep, decimal=decimal, encoding=encoding,
+                            usecols=columns, dtype=types, keep_default_na=False,
+                            na_values={c: [""] for c in columns})
     if SURPLUS in frame:
         surplus = frame.pop(SURPLUS).notna().to_numpy()
         if surplus.any():
@@ -431,7 +442,7 @@ class Worker:
                              self.worker_id, self.chunks_done)
                     return 0
                 if reply["type"] == protocol.WAIT:
-                    self.stopping.wait(float(reply.get("retry_after", 0.5)))
+                    self.stopping.wait(_retry_after(reply))
                     continue
                 if reply["type"] != protocol.JOB:
                     raise protocol.ProtocolError(f"unexpected {reply['type']} reply to GET_JOB")
@@ -568,6 +579,14 @@ class Worker:
                                          f"got {reply['type']}")
         if message["type"] == protocol.RESULT:
             self.chunks_done += 1
+
+
+def _retry_after(reply: dict) -> float:
+    """The WAIT delay in seconds, clamped to 0.01..5 (0.5 if it is not a number)."""
+    delay = reply.get("retry_after")
+    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not delay == delay:
+        return 0.5
+    return min(max(float(delay), 0.01), 5.0)
 
 
 # --- Command line --------------------------------------------------------------

@@ -652,7 +652,8 @@ def test_book_lease_expires_at_its_deadline_and_the_chunk_is_retried_first():
     assert book.counts() == {"PENDING": 3, "LEASED": 0, "DONE": 0, "FAILED": 0}
     retry = book.lease("b", conn=2)
     assert retry.chunk_id in (0, 1) and retry.attempt_id == 3
-    assert book.is_attempt_of(1, 0) and not book.is_attempt_of(1, 1)
+    assert book.is_attempt_of(1, 0, "a") and not book.is_attempt_of(1, 1, "a")
+    assert not book.is_attempt_of(1, 0, "b")  # nobody reports another's attempt
 
 
 def test_book_release_returns_only_the_dropped_connections_chunks():
@@ -743,12 +744,12 @@ def test_book_finished_only_when_no_chunk_is_pending_or_leased():
     book.complete(b.chunk_id, b.attempt_id)
     assert book.finished.is_set()
 
-    resumed = server_mod.ChunkBook(2, 10.0, 3, done={0, 1}, known_attempts={4: 0, 5: 1},
+    resumed = server_mod.ChunkBook(2, 10.0, 3, done={0, 1}, known_attempts={4: (0, "w"), 5: (1, "w")},
                                    next_attempt_id=6)
     assert resumed.finished.is_set() and resumed.lease("a", conn=1) is None
-    half = server_mod.ChunkBook(2, 10.0, 3, done={0}, known_attempts={4: 0}, next_attempt_id=5)
+    half = server_mod.ChunkBook(2, 10.0, 3, done={0}, known_attempts={4: (0, "w")}, next_attempt_id=5)
     lease = half.lease("a", conn=1)
-    assert (lease.chunk_id, lease.attempt_id) == (1, 5) and half.is_attempt_of(4, 0)
+    assert (lease.chunk_id, lease.attempt_id) == (1, 5) and half.is_attempt_of(4, 0, "w")
 
 
 # --- the long chaos run (opt-in) -------------------------------------------------------
