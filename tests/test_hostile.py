@@ -774,6 +774,62 @@ class FakeServer(threading.Thread):
             self.listener.close()
 
 
+def test_second_get_job_while_holding_a_chunk_is_refused(procs, sales):
+    """Rule: a worker holds one chunk at a time.  A peer that asks again before
+    reporting (to hoard chunks) is dropped, and its chunk goes back at once."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.hello("hoarder")
+    peer.send({"type": protocol.GET_JOB})
+    assert peer.recv()["type"] == protocol.JOB
+    peer.send({"type": protocol.GET_JOB})
+    reply = peer.recv()
+    assert reply["type"] == protocol.ERROR and "while holding chunk" in reply["reason"]
+    assert "while holding chunk" in assert_dropped_once(server, peer)
+    assert db_rows(server.db, "SELECT outcome FROM attempts WHERE worker_id = 'hoarder'") == \
+        [("dropped",)]
+    run_real_job(procs, server, sales[1])
+
+
+def test_failure_report_for_another_workers_attempt_is_refused(procs, sales):
+    """Rule: an attempt belongs to the worker it was leased to; another peer
+    cannot report it failed (and so cannot fail a chunk it never had)."""
+    server = start(procs, sales, "--max-attempts", 1)
+    holder = hold_a_chunk(server)
+    owned = db_rows(server.db, "SELECT attempt_id, chunk_id FROM attempts")[0]
+    peer = Peer(server.port).handshake()
+    peer.hello("mallory")
+    peer.send({"type": protocol.FAILED, "job_id": holder_job_id(server), "worker_id": "mallory",
+               "chunk_id": owned[1], "attempt_id": owned[0], "error": "made up"})
+    reply = peer.recv()
+    assert reply["type"] == protocol.ERROR and "unknown attempt" in reply["reason"]
+    assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1], holder=holder)
+
+
+def holder_job_id(server) -> str:
+    """The job id, as the server stored it."""
+    return db_rows(server.db, "SELECT job_id FROM jobs")[0][0]
+
+
+def test_stream_row_count_cannot_exceed_the_chunk_bytes(procs, sales):
+    """Rule: in --stream mode a record takes at least one byte, so a RESULT
+    claiming more rows than its chunk has bytes is refused (2 * 2**62 would
+    otherwise overflow the final SUM)."""
+    server = start(procs, sales, "--stream")
+    peer = Peer(server.port).handshake()
+    peer.hello("attacker")
+    peer.send({"type": protocol.GET_JOB})
+    job = peer.recv()
+    result = honest_result(job, "attacker")
+    result.update(rows_processed=2 ** 62, price_count=2 ** 62 - result["rejected_rows"])
+    peer.send(result)
+    reply = peer.recv()
+    assert reply["type"] == protocol.ERROR and "result says" in reply["reason"]
+    assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
 def job_fields(**changes) -> dict:
     """A JOB message as the real server sends it, with ``changes``."""
     fields = {"job_id": "fake", "chunk_id": 0, "attempt_id": 1, "rows": None,
@@ -846,3 +902,20 @@ def test_unauthenticated_server_on_a_network_address_warns(procs, sales, tmp_pat
                     db=tmp_path / "b.sqlite")
     local = start(procs, sales, env=env_with_secret(None), db=tmp_path / "c.sqlite")
     assert "unsafe" not in guarded.stderr() + local.stderr()
+
+
+def test_worker_survives_a_wait_with_a_strange_delay(procs):
+    """Rule: a WAIT whose retry_after is not a number (here a string) is read
+    as the default delay; the worker neither crashes nor spins, and exits 0
+    when told NO_JOB."""
+    def script(self, conn):
+        protocol.send_message(conn, protocol.WAIT, retry_after="soon")
+        assert self.recv(conn)["type"] == protocol.GET_JOB
+        protocol.send_message(conn, protocol.WAIT, retry_after=-1e300)
+        assert self.recv(conn)["type"] == protocol.GET_JOB
+        protocol.send_message(conn, protocol.NO_JOB)
+
+    fake = FakeServer(script)
+    code, log = run_worker_against(procs, fake, "patient")
+    assert code == 0, log
+    assert "Traceback" not in log
