@@ -959,13 +959,20 @@ class Handler(socketserver.BaseRequestHandler):
         fields = ("rows_processed", "rejected_rows", "total_sales", "min_price",
                   "max_price", "avg_price", "price_count")
         values = [msg.get(f) for f in fields]
-        check_stats(f"chunk {chunk_id}", *values)
-        fewest, most = srv.chunks.row_bounds(chunk_id)
-        if not fewest <= msg["rows_processed"] <= most:
-            expected = fewest if fewest == most else f"{fewest}..{most}"
-            raise protocol.ProtocolError(
-                f"chunk {chunk_id} has {expected} rows, result says {msg['rows_processed']}")
-        groups = self.check_groups(msg, chunk_id)
+        try:
+            check_stats(f"chunk {chunk_id}", *values)
+            fewest, most = srv.chunks.row_bounds(chunk_id)
+            if not fewest <= msg["rows_processed"] <= most:
+                expected = fewest if fewest == most else f"{fewest}..{most}"
+                raise protocol.ProtocolError(
+                    f"chunk {chunk_id} has {expected} rows, result says {msg['rows_processed']}")
+            groups = self.check_groups(msg, chunk_id)
+        except protocol.ProtocolError as exc:
+            # An invalid result for a real lease is a failed attempt: if the
+            # worker computes it the same way every time, --max-attempts
+            # ends the job with this message instead of retrying for ever.
+            self.fail_attempt(chunk_id, attempt_id, f"invalid RESULT: {exc}")
+            raise
         started = time.perf_counter()
         counted = srv.store.record_result(
             srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,
@@ -981,17 +988,21 @@ class Handler(socketserver.BaseRequestHandler):
         self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": counted})
 
     def handle_failed(self, msg: dict) -> None:
-        srv = self.server
         chunk_id, attempt_id = self.check_ids(msg)
         error = msg.get("error")
         error = error[:500] if isinstance(error, str) else f"(no message: {_brief(error)})"
         log.warning("chunk %d attempt %d failed on %s: %s", chunk_id, attempt_id,
                     self.worker_id, error)
+        self.fail_attempt(chunk_id, attempt_id, error)
+        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": False})
+
+    def fail_attempt(self, chunk_id: int, attempt_id: int, error: str) -> None:
+        """Record a failed attempt; the chunk FAILS after --max-attempts of them."""
+        srv = self.server
         srv.store.end_attempt(srv.job_id, attempt_id, FAILED, error)
         if srv.book.fail(chunk_id, attempt_id, error):
             log.error("chunk %d FAILED after %d failed attempts; last error: %s",
                       chunk_id, srv.book.max_attempts, error)
-        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": False})
 
     dispatch = {protocol.GET_JOB: handle_get_job, protocol.RESULT: handle_result,
                 protocol.FAILED: handle_failed}

@@ -29,6 +29,7 @@ import argparse
 import codecs
 import io
 import logging
+import math
 import os
 import pickle
 import random
@@ -174,7 +175,8 @@ def compute_metrics(df: pd.DataFrame, price_col: str | None = None,
                                price_count); else []
 
     Raises :class:`ColumnError` (a ``ValueError``) if a column cannot be
-    found (see :func:`find_columns`).
+    found (see :func:`find_columns`), and ``ValueError`` if a total
+    overflows to infinity.
     """
     price_col, qty_col = find_columns(df.columns, price_col, qty_col)
     price = to_number(df[price_col], decimal)
@@ -200,6 +202,11 @@ def compute_metrics(df: pd.DataFrame, price_col: str | None = None,
     if group_col is not None:
         valid = pd.Series(valid, index=df.index)
         metrics["groups"] = _group_metrics(df[group_col], price, qty, valid)
+    totals = [metrics["total_sales"], metrics["avg_price"]] + [g[3] for g in metrics["groups"]]
+    if not all(math.isfinite(x) for x in totals if x is not None):
+        # Finite prices and quantities can still multiply or add up past
+        # 1.8e308.  The server would refuse an infinite total, so say why here.
+        raise ValueError("a total overflows a float (prices or quantities near 1e308?)")
     return metrics
 
 

@@ -47,6 +47,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from faker import Faker
 from hypothesis import HealthCheck, given, settings
@@ -899,3 +900,12 @@ def test_regression_group_value_na_is_a_value():
                                 ["Price", "Qty", "Territory"], "Territory")
     groups = worker.compute_metrics(frame, "Price", "Qty", group_col="Territory")["groups"]
     assert sorted((g[0] or "", g[1]) for g in groups) == [("", 1), ("EMEA", 1), ("NA", 1)]
+
+
+def test_regression_overflowing_total_is_a_clear_failure():
+    """Finite prices and quantities can multiply past 1.8e308.  The worker says
+    so (a failed attempt with the reason) instead of sending an infinite total
+    that the server can only refuse."""
+    frame = pd.DataFrame({"Price": [1e300, 2.0], "Qty": [1e10, 1]})
+    with pytest.raises(ValueError, match="overflows"):
+        worker.compute_metrics(frame, "Price", "Qty")

@@ -807,6 +807,26 @@ def test_failure_report_for_another_workers_attempt_is_refused(procs, sales):
     run_real_job(procs, server, sales[1], holder=holder)
 
 
+def test_a_result_refused_every_time_fails_the_job_instead_of_looping(procs, sales):
+    """Rule: an invalid RESULT for a real lease counts as a failed attempt, so a
+    worker that computes the same bad result every time ends the job after
+    --max-attempts with the reason, instead of a lease-refuse-retry loop."""
+    server = start(procs, sales, "--chunks", 1, "--max-attempts", 2)
+    for attempt in range(2):
+        peer = Peer(server.port).handshake()
+        peer.hello("stubborn")
+        peer.send({"type": protocol.GET_JOB})
+        result = honest_result(peer.recv(), "stubborn")
+        result["total_sales"] = math.inf
+        peer.send(result)
+        assert peer.recv()["type"] == protocol.ERROR
+        assert peer.closed_by_server()
+    code, out = server.finish(30)
+    assert code == 1 and "total_rows" not in out
+    assert "invalid RESULT" in server.stderr().splitlines()[-1]
+    assert db_rows(server.db, "SELECT COUNT(*) FROM chunk_results") == [(0,)]
+
+
 def holder_job_id(server) -> str:
     """The job id, as the server stored it."""
     return db_rows(server.db, "SELECT job_id FROM jobs")[0][0]
