@@ -389,7 +389,6 @@ def test_column_options_on_the_server(tmp_path):
 def test_to_number_cells(cell, decimal, value):
     """Currency, spaces, apostrophes and grouping marks are cleaned; what is still not
     a finite number becomes NaN (a rejected row), never an exception."""
-    import pandas as pd
     got = worker.to_number(pd.Series([cell, "1"], dtype=object), decimal).iloc[0]
     if value is None:
         assert math.isnan(got)
@@ -399,7 +398,6 @@ def test_to_number_cells(cell, decimal, value):
 
 def test_text_prices_are_never_multiplied_as_strings():
     """A text column ('2.50' next to 'TBD') gives 7.50 for 2.50 x 3, not '2.502.502.50'."""
-    import pandas as pd
     frame = pd.DataFrame({"Price": ["2.50", "TBD", "4.00"], "Quantity": [3, 1, 2]})
     metrics = worker.compute_metrics(frame)
     assert metrics["total_sales"] == pytest.approx(15.5)
