@@ -72,7 +72,7 @@ import pandas as pd
 import protocol
 from db_utils import DROPPED, EXPIRED, FAILED, ResultStore
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, find_columns,
-                    normalize_name, read_columns)
+                    normalize_name, port_number, read_columns)
 
 log = logging.getLogger("server")
 
@@ -160,7 +160,8 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
         if len(sep) != 1:
             raise InputError(f"--sep must be one character (or '\\t' for a tab), got {sep!r}")
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: " + ("a folder, not a file" if os.path.isdir(path)
+                                          else "no such file"))
     size = os.path.getsize(path)
     if size == 0:
         raise InputError(f"{path}: input CSV is empty (0 bytes, no header)")
@@ -781,10 +782,28 @@ class JobServer(socketserver.ThreadingTCPServer):
         self.io_timeout, self.idle_timeout = io_timeout, idle_timeout
         self.max_connections, self.wait_interval = max_connections, wait_interval
         self.timings = Timings()
-        self.progress = Progress(len(chunks))
+        self.progress = Progress(len(chunks), len(book) - book.counts()[PENDING])
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        # Workers that took part in this job (in this run or an earlier one)
+        # and have not heard NO_JOB yet: the server lingers for them at the end.
+        self._untold = {worker for _, worker in book.attempt_owner.values()}
         super().__init__(address, Handler)
+
+    def hello(self, worker_id: str) -> None:
+        """Note a worker that joined: it should hear NO_JOB before the server goes."""
+        with self._conns_lock:
+            self._untold.add(worker_id)
+
+    def told_done(self, worker_id: str) -> None:
+        """``worker_id`` has heard NO_JOB."""
+        with self._conns_lock:
+            self._untold.discard(worker_id)
+
+    def waiting_for(self) -> int:
+        """Connections still open plus workers that have not heard NO_JOB."""
+        with self._conns_lock:
+            return len(self._conns) + len(self._untold)
 
     def verify_request(self, request, client_address) -> bool:
         """Admit a connection unless ``max_connections`` are already open."""
@@ -909,6 +928,7 @@ class Handler(socketserver.BaseRequestHandler):
         if not isinstance(worker_id, str) or not 0 < len(worker_id) <= 200:
             raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 characters")
         self.worker_id = worker_id
+        self.server.hello(worker_id)
         log.info("worker %s connected from %s", worker_id, self.peer)
         self.send({"type": protocol.WELCOME, "job_id": self.server.job_id,
                    "chunks": len(self.server.book), "lease_timeout": self.server.book.lease_timeout})
@@ -929,10 +949,13 @@ class Handler(socketserver.BaseRequestHandler):
             srv.book.finished.wait(srv.wait_interval)
             lease = srv.book.lease(self.worker_id, self.conn)
         if lease is None:
-            done = srv.book.finished.is_set()
-            self.send({"type": protocol.NO_JOB} if done else
-                      {"type": protocol.WAIT, "retry_after": srv.wait_interval})
+            if srv.book.finished.is_set():
+                self.send({"type": protocol.NO_JOB})
+                srv.told_done(self.worker_id)
+            else:
+                self.send({"type": protocol.WAIT, "retry_after": srv.wait_interval})
             return
+        srv.progress.begin()
         started = time.perf_counter()
         data = srv.chunks.payload(lease.chunk_id)
         srv.timings.add("serialize", time.perf_counter() - started)
@@ -1051,13 +1074,24 @@ class Handler(socketserver.BaseRequestHandler):
 # --- Progress and the main loop ------------------------------------------------
 
 class Progress:
-    """Logs done/total, rows per second and an ETA, at most once a second."""
+    """Logs done/total, rows per second and an ETA, at most once a second.
 
-    def __init__(self, total: int):
-        self.total, self.rows, self.done = total, 0, 0
-        self.started = time.monotonic()
+    ``total`` chunks, of which ``resumed`` were done by an earlier run.
+    Rates count from the first lease of this run (:meth:`begin`), not from
+    start-up: a server may wait a long time for its first worker.
+    """
+
+    def __init__(self, total: int, resumed: int = 0):
+        self.total, self.resumed, self.rows, self.done = total, resumed, 0, 0
+        self.started = None
         self._last = 0.0
         self._lock = threading.Lock()
+
+    def begin(self) -> None:
+        """The first chunk of this run went out: start the clock (idempotent)."""
+        with self._lock:
+            if self.started is None:
+                self.started = time.monotonic()
 
     def chunk_done(self, rows: int, book: ChunkBook) -> None:
         """Count one newly counted chunk of ``rows`` rows, and maybe log."""
@@ -1072,9 +1106,11 @@ class Progress:
             left = book.counts()
             left = left[PENDING] + left[LEASED]
             self._last = now
-            elapsed = max(now - self.started, 1e-9)
-            log.info("progress: %d/%d chunks done (%.0f%%), %d rows, %.0f rows/s, ETA %.1f s",
-                     self.total - left, self.total, 100.0 * (self.total - left) / max(self.total, 1),
+            elapsed = max(now - (self.started or now), 1e-9)
+            earlier = f", {self.resumed} from an earlier run" if self.resumed else ""
+            log.info("progress: %d/%d chunks done (%.0f%%%s), %d rows in this run, %.0f rows/s, "
+                     "ETA %.1f s", self.total - left, self.total,
+                     100.0 * (self.total - left) / max(self.total, 1), earlier,
                      self.rows, self.rows / elapsed, elapsed / self.done * left)
 
 
@@ -1146,10 +1182,14 @@ def run(args: argparse.Namespace) -> int:
                      len(state.done), len(chunks))
         book = ChunkBook(len(chunks), args.lease_timeout, args.max_attempts, state.done,
                          state.attempts, state.next_attempt_id)
-        server = JobServer((args.host, args.port), chunks, book, store, job_id, info,
-                           secret=secret, tls=tls, max_frame=args.max_frame,
-                           io_timeout=args.io_timeout, idle_timeout=args.idle_timeout,
-                           max_connections=args.max_connections)
+        try:
+            server = JobServer((args.host, args.port), chunks, book, store, job_id, info,
+                               secret=secret, tls=tls, max_frame=args.max_frame,
+                               io_timeout=args.io_timeout, idle_timeout=args.idle_timeout,
+                               max_connections=args.max_connections)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {args.host}:{args.port}: "
+                             f"{exc.strerror or exc}") from None
         for phase, seconds in loaded.items():
             server.timings.add(phase, seconds)
         return serve(server, args)
@@ -1191,10 +1231,12 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
         waited = time.perf_counter()
         server.timings.add("wait", waited - started)
         if book.finished.is_set():
-            # Let connected workers ask once more and hear NO_JOB, so they
-            # exit 0 instead of reconnecting to a server that is gone.
+            # Let the workers ask once more and hear NO_JOB, so they exit 0
+            # instead of reconnecting to a server that is gone.  That includes
+            # workers of an earlier run that are still backing off before
+            # they reconnect: a resumed job may finish before they are back.
             deadline = time.monotonic() + args.linger
-            while server.open_connections() and time.monotonic() < deadline and not stop.is_set():
+            while server.waiting_for() and time.monotonic() < deadline and not stop.is_set():
                 time.sleep(0.02)
             server.timings.add("linger", time.perf_counter() - waited)
     finally:
@@ -1260,7 +1302,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--csv", required=True, help="input CSV (.gz/.bz2/.zip/.xz too)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=5000, help="TCP port (0: any free port)")
+    p.add_argument("--port", type=port_number(0), default=5000, help="TCP port (0: any free port)")
     p.add_argument("--chunks", type=_positive_int, default=200, help="number of chunks")
     p.add_argument("--chunk-rows", type=_positive_int, default=None,
                    help="rows per chunk instead of --chunks (documented mode only)")
@@ -1269,7 +1311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME")
     p.add_argument("--fresh", action="store_true",
                    help="forget earlier results of this job instead of resuming")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="how much to log; DEBUG shows every lease")
     p.add_argument("--port-file", default=None, help="write the bound port to this file")
     g = p.add_argument_group("scheduling")
     g.add_argument("--lease-timeout", type=_positive_float, default=60.0,

@@ -445,7 +445,7 @@ class Worker:
                     return 0
                 reply = self.request({"type": protocol.GET_JOB})
                 if reply["type"] == protocol.NO_JOB:
-                    log.info("%s: job finished, %d chunks processed here",
+                    log.info("%s: job finished, %d results delivered from here",
                              self.worker_id, self.chunks_done)
                     return 0
                 if reply["type"] == protocol.WAIT:
@@ -514,6 +514,9 @@ class Worker:
                 raise
             except (OSError, EOFError, protocol.TruncatedFrame) as exc:
                 self.disconnect()
+                if bound == 0.1:  # the first failure of this outage: say what goes on
+                    log.warning("%s: cannot reach %s:%d (%s); retrying for up to %.0f s",
+                                self.worker_id, self.host, self.port, exc, self.give_up_after)
                 if time.monotonic() >= deadline:
                     raise GiveUp(f"server {self.host}:{self.port} unreachable for "
                                  f"{self.give_up_after:.0f} s ({exc})") from None
@@ -598,13 +601,23 @@ def _retry_after(reply: dict) -> float:
 
 # --- Command line --------------------------------------------------------------
 
+def port_number(lowest: int):
+    """An argparse type: a TCP port number from ``lowest`` to 65535."""
+    def port(text: str) -> int:
+        value = int(text)
+        if not lowest <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"must be {lowest}..65535, got {value}")
+        return value
+    return port
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The worker's command line (see ``--help``)."""
     p = argparse.ArgumentParser(
         description="Pull chunks from a sales-analysis server and report partial metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--server", default="127.0.0.1", help="server host name or address")
-    p.add_argument("--port", type=int, default=5000, help="server TCP port")
+    p.add_argument("--port", type=port_number(1), default=5000, help="server TCP port")
     p.add_argument("--port-file", default=None,
                    help="read the port from this file (server.py --port-file), waiting "
                         "until it appears; overrides --port")
@@ -618,7 +631,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds to keep reconnecting to an unreachable server")
     p.add_argument("--io-timeout", type=float, default=60.0,
                    help="seconds one read or write may block")
-    p.add_argument("--log-level", default="INFO",
+    p.add_argument("--log-level", default="INFO", help="how much to log",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     f = p.add_argument_group("fault injection (off by default; for experiments)")
     f.add_argument("--crash-rate", type=float, default=0.0,

@@ -356,6 +356,27 @@ def test_server_killed_and_restarted_resumes_without_redoing_chunks(procs, tmp_p
     assert integrity(first.db) == "ok"
 
 
+@pytest.mark.timeout(90)
+def test_resumed_job_waits_for_the_workers_of_the_earlier_run(procs, tmp_path):
+    """Rule: a resumed job can end before a worker of the killed server is back
+    (it may be sleeping up to 5 s between reconnects).  The server lingers
+    (--linger) until every worker that took part has heard NO_JOB, so that
+    worker exits 0 instead of finding no server and giving up."""
+    csv = small_csv(tmp_path / "sales.csv", 4_000)
+    args = ("--chunks", 4, "--lease-timeout", 60, "--port", free_port())
+    first = procs.server(csv, args=args)
+    late = ScriptedWorker(first.port, "late")
+    assert late.get_job()["type"] == protocol.JOB   # "late" takes part in the job
+    kill(first.proc)
+    late.close()
+
+    second = procs.server(csv, db=first.db, args=(*args, "--linger", 30))
+    assert procs.worker(second.port, "w0").wait(timeout=60) == 0   # w0 did every chunk
+    assert second.proc.poll() is None, "the server left before 'late' heard NO_JOB"
+    assert procs.worker(second.port, "late").wait(timeout=60) == 0
+    assert_exact(finish_ok(second), oracle(csv))
+
+
 # --- 6. several jobs in one database ---------------------------------------------------
 
 @pytest.mark.timeout(90)

@@ -1,4 +1,4 @@
-"""Benchmark the distributed job against single-process baselines (issue 6).
+"""Benchmark the distributed job against single-process baselines.
 
     python tools/bench.py                               # 1,000,000 generated rows, 3 repetitions
     python tools/bench.py --csv /tmp/bench/sales_5m.csv --reps 3
@@ -444,7 +444,7 @@ def _run_one(mode: str, data: Input, args, mode_runs: ModeRuns) -> Run:
 # --- Sub-benchmarks -------------------------------------------------------------
 
 def chunk_overhead(args, log) -> dict:
-    """Target 5: 10,000 tiny chunks with 4 workers; chunks committed per second."""
+    """Goal 5: 10,000 tiny chunks with 4 workers; chunks committed per second."""
     path, _ = generate_csv(args.overhead_chunks * 10, args.work_dir, seed=5)
     data = describe_input(str(path))
     reference = parse_json_result(measure(mode_command(REFERENCE, data, args),
@@ -477,7 +477,7 @@ def chunk_overhead(args, log) -> dict:
 
 
 def many_workers(args, log) -> dict:
-    """Target 6: ``--many`` workers at once; exact, and no "database is locked"."""
+    """Goal 6: ``--many`` workers at once; exact, and no "database is locked"."""
     path, _ = generate_csv(args.many_rows, args.work_dir, seed=6)
     data = describe_input(str(path))
     reference = parse_json_result(measure(mode_command(REFERENCE, data, args),
@@ -513,7 +513,7 @@ def many_workers(args, log) -> dict:
 
 
 def make_csv_timing(args, log) -> dict:
-    """Target 7: wall time of ``tools/make_csv.py --rows N`` (the file is deleted after)."""
+    """Goal 7: wall time of ``tools/make_csv.py --rows N`` (the file is deleted after)."""
     path = args.work_dir / f"make_csv_timing_{os.getpid()}.csv"
     try:
         run = measure([PY, str(ROOT / "tools" / "make_csv.py"), "--rows", str(args.make_csv_rows),
@@ -604,21 +604,21 @@ def target_lines(summary: dict) -> list:
         for mode in ("frame", "stream"):
             if wall(mode):
                 ratio = wall(mode) / wall("pandas-usecols")
-                lines.append(f"target 1 ({mode}): {ratio:.2f}x pandas usecols (goal <= 1.0): "
+                lines.append(f"goal 1 ({mode}): {ratio:.2f}x pandas usecols (aim <= 1.0): "
                              f"{verdict(ratio <= 1.0)}")
                 if wall("duckdb"):
                     lines.append(f"  stretch ({mode}): {wall(mode) / wall('duckdb'):.2f}x DuckDB")
     if wall("pandas-all") and wall("frame"):
         ratio = wall("frame") / wall("pandas-all")
-        lines.append(f"target 2 (frame): {ratio:.2f}x pandas all columns (goal <= 2.0): "
+        lines.append(f"goal 2 (frame): {ratio:.2f}x pandas all columns (aim <= 2.0): "
                      f"{verdict(ratio <= 2.0)}")
     if modes.get("stream", {}).get("server_rss_mib"):
         rss = modes["stream"]["server_rss_mib"]
-        lines.append(f"target 3 (stream): server peak RSS {rss:.0f} MiB (goal <= 256): "
+        lines.append(f"goal 3 (stream): server peak RSS {rss:.0f} MiB (aim <= 256): "
                      f"{verdict(rss <= 256)}")
     for plain, zipped in (("frame", "frame-zlib"), ("stream", "stream-zlib")):
         if wall(plain) and wall(zipped) and modes[plain]["bytes_sent"]:
-            lines.append(f"target 4 ({zipped}): {modes[zipped]['bytes_sent'] / 1e6:.1f} MB sent "
+            lines.append(f"goal 4 ({zipped}): {modes[zipped]['bytes_sent'] / 1e6:.1f} MB sent "
                          f"vs {modes[plain]['bytes_sent'] / 1e6:.1f} MB, "
                          f"{wall(zipped):.2f} s vs {wall(plain):.2f} s")
     return ["\n" + lines[0], *lines[1:]] if lines else []
@@ -648,18 +648,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per command")
     s = p.add_argument_group("sub-benchmarks")
     s.add_argument("--chunk-overhead", action="store_true",
-                   help="target 5: chunks committed per second with tiny chunks")
+                   help="goal 5: chunks committed per second with tiny chunks")
     s.add_argument("--overhead-chunks", type=int, default=10_000, help="chunks (10 rows each)")
     s.add_argument("--overhead-workers", type=int, default=4, help="workers")
     s.add_argument("--many-workers", action="store_true",
-                   help="target 6: a job with --many workers at once")
+                   help="goal 6: a job with --many workers at once")
     s.add_argument("--many", type=int, default=100, help="workers")
     s.add_argument("--many-chunks", type=int, default=2000, help="chunks")
     s.add_argument("--many-rows", type=int, default=200_000, help="rows of its CSV")
     s.add_argument("--many-delay", type=float, default=0.5,
                    help="seconds each worker sleeps per chunk (simulated work)")
     s.add_argument("--make-csv", action="store_true",
-                   help="target 7: time tools/make_csv.py --rows --make-csv-rows")
+                   help="goal 7: time tools/make_csv.py --rows --make-csv-rows")
     s.add_argument("--make-csv-rows", type=int, default=5_000_000, help="rows to generate")
     args = p.parse_args(argv)
     if args.reps < 1:

@@ -7,7 +7,7 @@ It is exactly what the README's multi-terminal instructions do by hand: the
 server binds a free loopback port (``--port 0 --port-file``), the workers
 are pointed at it, the server's log and final aggregate appear on this
 terminal.  The exit code is the server's.  Every child is stopped when the
-server ends, on Ctrl-C, and on any error: nothing is left running.
+server ends, on Ctrl-C or SIGTERM, and on any error: nothing is left running.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,10 +77,17 @@ def stop(children: list[subprocess.Popen], grace: float = 5.0) -> None:
 
 def start_worker(port_file: Path, slot: int, worker_args: str) -> subprocess.Popen:
     """Start ``worker-<slot>``; it reads the server's port from ``port_file``."""
-    return subprocess.Popen(
+    return _spawn(
         [sys.executable, str(ROOT / "worker.py"), "--server", "127.0.0.1",
          "--port-file", str(port_file), "--worker-id", f"worker-{slot}",
          "--log-level", "WARNING", "--give-up-after", "10", *shlex.split(worker_args)])
+
+
+def _spawn(cmd: list) -> subprocess.Popen:
+    # A session of its own: Ctrl-C in the terminal reaches this process only,
+    # which then stops the children with SIGTERM, their clean-shutdown signal
+    # (a SIGINT in the middle of `import pandas` would print a traceback).
+    return subprocess.Popen(cmd, start_new_session=True)
 
 
 def supervise(server: subprocess.Popen, workers: dict, respawns: int, restart,
@@ -108,7 +116,13 @@ def supervise(server: subprocess.Popen, workers: dict, respawns: int, restart,
 def main(argv=None) -> int:
     """Run the job; return the server's exit code (130 on Ctrl-C)."""
     args = parse_args(argv)
-    csv = args.csv or demo_csv(args.rows)
+    # SIGTERM (kill, timeout, a CI cancel) must clean up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        csv = args.csv or demo_csv(args.rows)
+    except KeyboardInterrupt:
+        print("local_cluster: interrupted while generating the demo CSV", file=sys.stderr)
+        return 130
     children: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="local_cluster-") as tmp:
         port_file = Path(tmp) / "port"
@@ -120,7 +134,7 @@ def main(argv=None) -> int:
         server_cmd += ["--group-by", args.group_by] if args.group_by else []
         server_cmd += shlex.split(args.server_args)
         try:
-            server = subprocess.Popen(server_cmd)
+            server = _spawn(server_cmd)
             children.append(server)
             # The workers start now, not once the server listens: their own
             # start-up (mostly importing pandas) then overlaps the server's
@@ -133,7 +147,6 @@ def main(argv=None) -> int:
                              lambda i: start_worker(port_file, i, args.worker_args), children)
             return code
         except KeyboardInterrupt:
-            # The terminal sent SIGINT to every child too; give them a moment.
             return 130
         finally:
             stop(children)

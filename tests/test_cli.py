@@ -1,0 +1,91 @@
+"""What a user meets first: the command lines, their errors, and clean exits.
+
+Each test starts real processes, as a user in a terminal would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, ROOT, make_sales_csv, wait_for
+
+
+@pytest.mark.parametrize("program, args", [
+    ("server.py", ["--csv", "x.csv", "--port", "99999"]),
+    ("worker.py", ["--port", "0"]),
+])
+def test_bad_port_is_a_usage_error(program, args):
+    """An impossible port number is refused by the command line (exit 2, one
+    error line), not by a traceback from bind() or a minute of retrying."""
+    done = subprocess.run([PY, str(ROOT / program), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(f"got {args[-1]}")
+    assert "Traceback" not in done.stderr
+
+
+def test_port_in_use_is_one_line(procs, tmp_path):
+    """A second server on a busy port says which address is taken, in one line."""
+    csv = make_sales_csv(tmp_path / "s.csv", 100)
+    first = procs.server(csv, args=["--chunks", "1"])
+    done = subprocess.run([PY, str(ROOT / "server.py"), "--csv", str(csv), "--port",
+                           str(first.port), "--db", str(tmp_path / "other.sqlite")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"server.py: error: cannot listen on 127.0.0.1:{first.port}: "
+                                   "Address already in use")
+
+
+def test_worker_says_when_the_server_is_not_up_yet(tmp_path):
+    """A worker started before its server logs, at once, that it cannot reach
+    it and will keep retrying; it gives up with a clear error (exit 1)."""
+    done = subprocess.run([PY, str(ROOT / "worker.py"), "--port", "9", "--worker-id", "early",
+                           "--give-up-after", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert "cannot reach 127.0.0.1:9" in lines[0] and "retrying for up to 1 s" in lines[0]
+    assert "unreachable for 1 s" in lines[-1]
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc; Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_on_local_cluster_leaves_nothing_running(procs, tmp_path):
+    """`kill` on tools/local_cluster.py stops its server and workers too (before
+    the fix they were adopted by init and ran on)."""
+    csv = make_sales_csv(tmp_path / "s.csv", 2_000)
+    cluster = procs.popen([PY, str(ROOT / "tools" / "local_cluster.py"), "--csv", str(csv),
+                           "--chunks", "20", "--worker-args", "--delay 1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids = wait_for(lambda: (lambda k: k if len(k) == 3 else None)(children_of(cluster.pid)),
+                    30, "the server and two workers to start")
+    cluster.send_signal(signal.SIGTERM)
+    assert cluster.wait(timeout=30) == 128 + signal.SIGTERM
+    wait_for(lambda: not any(alive(pid) for pid in kids), 15, "the children to exit")
