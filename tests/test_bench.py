@@ -192,11 +192,18 @@ def test_compute_metrics_equals_the_pandas_computation(prices, qtys):
     n = min(len(prices), len(qtys))
     df = pd.DataFrame({"Price": pd.Series(prices[:n], dtype=object),
                        "Qty": pd.Series(qtys[:n], dtype=object)})
-    got = worker_mod.compute_metrics(df, "Price", "Qty")
     price = worker_mod.to_number(df["Price"])
     qty = worker_mod.to_number(df["Qty"])
     valid = price.notna() & qty.notna()
     ok = price[valid]
+    with np.errstate(all="ignore"):
+        overflow = not all(math.isfinite(x) for x in ((ok * qty[valid]).sum(), ok.mean())
+                           if not math.isnan(x))
+    if overflow:   # totals past 1.8e308 are a clear error, not an infinite result
+        with pytest.raises(ValueError, match="overflows"):
+            worker_mod.compute_metrics(df, "Price", "Qty")
+        return
+    got = worker_mod.compute_metrics(df, "Price", "Qty")
     assert got["rows_processed"] == n
     assert got["price_count"] == int(valid.sum())
     assert got["rejected_rows"] == n - int(valid.sum())
