@@ -1320,7 +1320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-attempts", type=_positive_int, default=4,
                    help="reported failures after which a chunk fails the job")
     g.add_argument("--linger", type=float, default=5.0,
-                   help="seconds to wait at the end for workers to hear NO_JOB")
+                   help="seconds to wait at the end for every worker that took part "
+                        "(also in an earlier run) to hear NO_JOB")
     c = p.add_argument_group("input")
     c.add_argument("--price-col", default=None, help="price column (default: detected)")
     c.add_argument("--qty-col", default=None, help="quantity column (default: detected)")

@@ -92,7 +92,7 @@ class Server:
             self.port_file.unlink()
         cmd = [PY, str(ROOT / "server.py"), "--csv", str(csv), "--host", "127.0.0.1",
                "--port", "0", "--port-file", str(self.port_file), "--db", self.db,
-               "--linger", "2", *map(str, args)]
+               "--linger", "0.5", *map(str, args)]
         self.log = open(self.log_path, "w")
         self.proc = procs.popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.port = None
