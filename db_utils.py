@@ -262,13 +262,19 @@ class _SqliteBackend:
     def transaction(self, body):
         with self._lock:
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
             try:
-                value = body(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    value = body(cur)
+                    cur.execute("COMMIT")
+                except BaseException:
+                    # After some errors (a full disk) SQLite has already rolled
+                    # back; a second ROLLBACK would fail and hide the cause.
+                    if self._db.in_transaction:
+                        cur.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write the results database {self.label}: {exc}") from exc
             return value
 
     def query(self, sql: str, params=()) -> list[dict]:

@@ -39,7 +39,8 @@ the server it was pointed at (see README, "Security").  In ``"csv"`` format
 type       direction        fields
 =========  ===============  =================================================
 HELLO      worker -> server worker_id
-WELCOME    server -> worker job_id, chunks (total count), lease_timeout (s)
+WELCOME    server -> worker job_id, chunks (total count), lease_timeout (s),
+                            max_frame (bytes the server accepts in a frame)
 GET_JOB    worker -> server (none)
 JOB        server -> worker chunk_id, attempt_id, job_id, rows (or None),
                             format ("frame": data is a pickled DataFrame;
@@ -243,19 +244,25 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 #   dict key, or `in` a set) overflows the C stack: a segfault;
 # * 40 levels of (t, t) built with memo GETs is a 300-byte tuple whose hash
 #   or repr visits 2**40 nodes, holding the GIL: the whole server freezes.
+# * a dict or set of 85,000 ints that all hash alike (i * (2**61 - 1)) takes
+#   quadratic time to build, again holding the GIL: a minute per frame.
 # So decode_safe first walks the opcodes with pickletools (no object is
 # built) and admits plain values, nesting up to MAX_DEPTH, memo slots in
-# order, and shared references to scalars only (what pickle.dumps emits
-# for a repeated string).  What is left is a tree no bigger than the frame.
+# order, shared references to scalars only (what pickle.dumps emits for a
+# repeated string), no sets, and at most MAX_DICT_ENTRIES dict entries in
+# all (no message has more than a few dozen).  What is left is a tree no
+# bigger than the frame, built in linear time.
 MAX_DEPTH = 16
+MAX_DICT_ENTRIES = 1024
 _SCALAR_OPS = frozenset({
     "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG",
     "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING",
     "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES",
     "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"})
-_EMPTY_OPS = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE", "EMPTY_SET"})
-_FROM_MARK_OPS = frozenset({"TUPLE", "LIST", "DICT", "FROZENSET"})
-_FILL_FROM_MARK_OPS = frozenset({"APPENDS", "SETITEMS", "ADDITEMS"})
+_EMPTY_OPS = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE"})
+_FROM_MARK_OPS = frozenset({"TUPLE", "LIST", "DICT"})
+_FILL_FROM_MARK_OPS = frozenset({"APPENDS", "SETITEMS"})
+_DICT_OPS = frozenset({"DICT", "SETITEM", "SETITEMS"})
 _POP_COUNT = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "APPEND": 1, "SETITEM": 2}
 _MEMO_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 _MEMO_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
@@ -267,12 +274,14 @@ def _check_shape(payload: bytes) -> None:
 
     Simulates the unpickler's stack with one int per object: its nesting
     depth (0 for a scalar).  Raises :class:`ProtocolError` for an opcode
-    that is not a plain value or container (every global, REDUCE, BUILD,
-    DUP, buffers...), nesting deeper than :data:`MAX_DEPTH`, a memo slot
-    out of order, or a memo reference to a container (a shared or cyclic
-    structure).  Cost: linear in ``len(payload)``.
+    that is not a plain value or a list, tuple or dict (every global,
+    REDUCE, BUILD, DUP, sets, buffers...), nesting deeper than
+    :data:`MAX_DEPTH`, more than :data:`MAX_DICT_ENTRIES` dict entries, a
+    memo slot out of order, or a memo reference to a container (a shared or
+    cyclic structure).  Cost: linear in ``len(payload)``.
     """
     stack, memo = [], []
+    entries = 0  # dict entries so far
     marks = []  # positions of the MARKs in `stack`, so no search is needed
 
     def pop(count):
@@ -300,6 +309,13 @@ def _check_shape(payload: bytes) -> None:
     try:
         for opcode, arg, _pos in pickletools.genops(payload):
             name = opcode.name
+            if name in _DICT_OPS:
+                # Counted before the items are popped: DICT/SETITEMS take
+                # everything down to their MARK, SETITEM one key and value.
+                floor = marks[-1] + 1 if marks and name != "SETITEM" else len(stack) - 2
+                entries += (len(stack) - floor) // 2
+                if entries > MAX_DICT_ENTRIES:
+                    raise ValueError(f"more than {MAX_DICT_ENTRIES} dict entries")
             if name in _SCALAR_OPS:
                 stack.append(0)
             elif name in _EMPTY_OPS:

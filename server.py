@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 import protocol
-from db_utils import DROPPED, EXPIRED, FAILED, ResultStore
+from db_utils import DROPPED, EXPIRED, FAILED, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, find_columns,
                     normalize_name, port_number, read_columns)
 
@@ -416,7 +416,13 @@ class StreamChunks:
         if "\n".encode(info.encoding).removeprefix(codecs.BOM_UTF8) != b"\n":
             raise InputError(f"{info.path}: --stream cannot split {info.encoding} text")
         self.path, self.compress = info.path, compress
-        size = info.size
+        # Chunks are read from this descriptor, opened once: a file replaced
+        # (renamed over) during the job is not seen, and one rewritten in
+        # place is noticed by payload() instead of mixing two contents.
+        self.fd = os.open(info.path, os.O_RDONLY)
+        stat = os.fstat(self.fd)
+        self.stamp = (stat.st_size, stat.st_mtime_ns)
+        size = stat.st_size
         with open(info.path, "rb") as f:
             start = f.read(4096)
         # pandas skips blank lines before the header (after a BOM, if any);
@@ -455,13 +461,18 @@ class StreamChunks:
         return 0, end - start
 
     def payload(self, chunk_id: int) -> bytes:
-        """Header + the chunk's bytes, read with ``os.pread`` (maybe zlib'd)."""
+        """Header + the chunk's bytes, read with ``os.pread`` (maybe zlib'd).
+
+        Raises :class:`InputError` if the file was modified since the
+        chunks were cut: its byte ranges no longer hold whole records of
+        one version of the file.
+        """
         start, end = self.ranges[chunk_id]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            data = self.header + os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
+        stat = os.fstat(self.fd)
+        if (stat.st_size, stat.st_mtime_ns) != self.stamp:
+            raise InputError(f"{self.path}: the file was modified during the job; "
+                             f"run again with --fresh")
+        data = self.header + os.pread(self.fd, end - start, start)
         return zlib.compress(data, 1) if self.compress else data
 
 
@@ -785,10 +796,20 @@ class JobServer(socketserver.ThreadingTCPServer):
         self.progress = Progress(len(chunks), len(book) - book.counts()[PENDING])
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        self.stop = threading.Event()     # set by a signal, or by fail_job()
+        self.fatal: str | None = None     # why the job cannot go on, if it cannot
         # Workers that took part in this job (in this run or an earlier one)
         # and have not heard NO_JOB yet: the server lingers for them at the end.
         self._untold = {worker for _, worker in book.attempt_owner.values()}
         super().__init__(address, Handler)
+
+    def fail_job(self, reason: str) -> None:
+        """Stop the job for a reason no worker can fix (the input or the
+        database broke); the first reason is the one reported."""
+        with self._conns_lock:
+            if self.fatal is None:
+                self.fatal = reason
+        self.stop.set()
 
     def hello(self, worker_id: str) -> None:
         """Note a worker that joined: it should hear NO_JOB before the server goes."""
@@ -888,6 +909,11 @@ class Handler(socketserver.BaseRequestHandler):
         except protocol.ProtocolError as exc:
             log.warning("dropping %s (%s): %s", self.peer, self.worker_id or "no HELLO", exc)
             self.try_send({"type": protocol.ERROR, "reason": str(exc)[:200]})
+        except (InputError, StoreError) as exc:
+            # Not this peer's doing: the input file or the results database
+            # broke under the job.  Retrying would fail the same way, forever.
+            log.error("stopping the job: %s", exc)
+            srv.fail_job(str(exc))
         except (OSError, ssl.SSLError) as exc:  # includes TimeoutError
             log.warning("dropping %s (%s): %s: %s", self.peer, self.worker_id or "no HELLO",
                         type(exc).__name__, exc)
@@ -925,12 +951,16 @@ class Handler(socketserver.BaseRequestHandler):
 
     def handle_hello(self, msg: dict) -> None:
         worker_id = msg.get("worker_id")
-        if not isinstance(worker_id, str) or not 0 < len(worker_id) <= 200:
-            raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 characters")
+        # Printable only: the id is printed in the final table and logged, and
+        # a newline or an escape sequence in it could forge those lines.
+        if not (isinstance(worker_id, str) and 0 < len(worker_id) <= 200
+                and worker_id.isprintable()):
+            raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 printable characters")
         self.worker_id = worker_id
         self.server.hello(worker_id)
         log.info("worker %s connected from %s", worker_id, self.peer)
         self.send({"type": protocol.WELCOME, "job_id": self.server.job_id,
+                   "max_frame": self.server.max_frame,
                    "chunks": len(self.server.book), "lease_timeout": self.server.book.lease_timeout})
 
     def handle_get_job(self, msg: dict) -> None:
@@ -1114,18 +1144,35 @@ class Progress:
                      self.rows, self.rows / elapsed, elapsed / self.done * left)
 
 
-def job_identity(info: CsvInfo, args: argparse.Namespace) -> tuple[str, str]:
+def file_fingerprint(path: str, samples: int = 64, block: int = 4096) -> dict:
+    """What identifies the file's content cheaply: ``{'size', 'mtime_ns', 'sample'}``.
+
+    ``sample`` is a BLAKE2b digest of ``samples`` blocks of ``block`` bytes
+    spread evenly over the file (256 KiB read, whatever its size).  A full
+    digest of a 600 MB file would cost a second on every start; size and
+    mtime alone miss a file rewritten in place with its mtime restored
+    (``cp -p``, ``rsync -a``), which the sample catches unless every change
+    falls between the sampled blocks.  Raises ``OSError``.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        for i in range(samples):
+            f.seek(stat.st_size * i // samples)
+            digest.update(f.read(block))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample": digest.hexdigest()}
+
+
+def job_identity(info: CsvInfo, args: argparse.Namespace, fingerprint: dict) -> tuple[str, str]:
     """Return ``(job_id, identity)`` for this input and chunking.
 
-    The identity is the file's real path, size and modification time (in
-    ns) plus every option that changes how it is chunked or parsed, as
-    JSON; ``job_id`` is the first 16 hex digits of its SHA-256.  Size and
-    mtime are cheap to read on every start, unlike a digest of a 600 MB
-    file; rewriting the file changes its mtime, so a new file is a new job.
+    The identity is the file's real path and :func:`file_fingerprint` plus
+    every option that changes how it is chunked or parsed, as JSON;
+    ``job_id`` is the first 16 hex digits of its SHA-256.  A rewritten file
+    is a new job, so its results never mix with the old file's.
     """
-    stat = os.stat(info.path)
     identity = json.dumps({
-        "path": os.path.realpath(info.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "path": os.path.realpath(info.path), **fingerprint,
         "mode": "stream" if args.stream else "frame", "chunks": args.chunks,
         "chunk_rows": args.chunk_rows, "sep": info.sep, "decimal": info.decimal,
         "encoding": info.encoding, "price_col": info.price_col, "qty_col": info.qty_col,
@@ -1166,14 +1213,19 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     info = inspect_csv(args.csv, args.sep, args.decimal, args.encoding,
                        args.price_col, args.qty_col, args.group_by)
+    fingerprint = file_fingerprint(info.path)
     inspected = time.perf_counter()
     chunks = (StreamChunks(info, args.chunks, args.compress) if args.stream
               else FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
+    # The identity must describe the bytes that were chunked: a file
+    # replaced while it was read would give a resumed job two contents.
+    if file_fingerprint(info.path) != fingerprint:
+        raise InputError(f"{info.path}: the file changed while it was read; run again")
     # "read": pandas loads the file (documented mode); "split": the --stream
     # scan that finds record boundaries.  "inspect" is the head check.
     loaded = {"inspect": inspected - started,
               "split" if args.stream else "read": time.perf_counter() - inspected}
-    job_id, identity = job_identity(info, args)
+    job_id, identity = job_identity(info, args, fingerprint)
     store = ResultStore(args.db)
     try:
         state = store.open_job(job_id, info.path, identity, len(chunks), fresh=args.fresh)
@@ -1208,7 +1260,7 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
     log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
              job_id, len(book), server.chunks.format, server.info.price_col,
              server.info.qty_col, host, port)
-    stop = threading.Event()
+    stop = server.stop
     signals = []
 
     def on_signal(signum, frame):
@@ -1227,7 +1279,10 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
             for lease in book.expire():
                 log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
                             lease.chunk_id, lease.worker_id, lease.attempt_id)
-                store.end_attempt(job_id, lease.attempt_id, EXPIRED)
+                try:
+                    store.end_attempt(job_id, lease.attempt_id, EXPIRED)
+                except StoreError as exc:
+                    server.fail_job(str(exc))
         waited = time.perf_counter()
         server.timings.add("wait", waited - started)
         if book.finished.is_set():
@@ -1244,6 +1299,10 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
         server.close_all()
         accept.join()
         server.server_close()   # joins the handler threads
+    if server.fatal is not None:
+        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {book.counts()[DONE]} "
+              f"of {len(book)} chunks are safely stored", file=sys.stderr)
+        return EXIT_FAILED
     if not book.finished.is_set():
         counts = book.counts()
         log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
@@ -1373,14 +1432,27 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signals = []
+
+    def interrupt(signum, frame):
+        # Before serve() installs its own handlers (while the CSV loads), a
+        # signal ends the program; pandas may report the interrupted read as
+        # a parse error, so the signal is remembered and checked below.
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         return run(args)
-    except InputError as exc:
-        print(f"server.py: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:  # e.g. the port is taken, the db folder is missing
-        print(f"server.py: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except KeyboardInterrupt:
+        pass
+    except (InputError, OSError) as exc:  # OSError: e.g. the db folder is missing
+        if not signals:
+            print(f"server.py: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    print("server.py: interrupted before the job started", file=sys.stderr)
+    return 128 + (signals[0] if signals else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def load_chunk(job: dict) -> pd.DataFrame:
     ``--encoding``), and pandas' parser errors on other bad data; the
     caller reports them as a failed attempt.
     """
-    raw = zlib.decompress(job["data"]) if job.get("compressed") else job["data"]
+    raw = _inflate(job["data"]) if job.get("compressed") else job["data"]
     if job["format"] == "frame":
         frame = pickle.loads(raw)
         if not isinstance(frame, pd.DataFrame):
@@ -263,6 +263,19 @@ def load_chunk(job: dict) -> pd.DataFrame:
         # head of the file, not every byte.  Say which option fixes it.
         raise ValueError(f"chunk is not valid {job['encoding']} text ({exc.reason}); "
                          f"restart the server with --encoding, e.g. --encoding cp1252") from None
+
+
+def _inflate(data: bytes, limit: int = protocol.WORKER_MAX_FRAME) -> bytes:
+    """zlib-decompress ``data``, refusing to grow past ``limit`` bytes.
+
+    2 MB of zeros compress to 2 KB: without the bound, a broken server's
+    small frame could inflate to more memory than the machine has.
+    """
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, limit)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"compressed chunk inflates past {limit} bytes")
+    return out
 
 
 # A column name no real header can hold (the server refuses NUL bytes).
@@ -421,6 +434,7 @@ class Worker:
         self.give_up_after, self.io_timeout = give_up_after, io_timeout
         self.faults = faults or Faults()
         self.sock: socket.socket | None = None
+        self.server_max_frame = protocol.SERVER_MAX_FRAME  # until WELCOME says otherwise
         self.stopping = threading.Event()
         self.chunks_done = 0
 
@@ -504,6 +518,9 @@ class Worker:
                     raise GiveUp(f"server refused HELLO: {exc}") from None
                 if welcome["type"] != protocol.WELCOME:
                     raise protocol.ProtocolError(f"expected WELCOME, got {welcome['type']}")
+                limit = welcome.get("max_frame")
+                if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                    self.server_max_frame = limit
                 log.info("%s: connected to %s:%d, job %s (%s chunks)", self.worker_id,
                          self.host, self.port, welcome.get("job_id"), welcome.get("chunks"))
                 return
@@ -547,7 +564,7 @@ class Worker:
     def request(self, message: dict) -> dict:
         """Send one message, return the reply; an ERROR reply raises ServerRefused."""
         protocol.send_frame(self.sock, protocol.encode(message))
-        reply = protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME)
+        reply = protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME, self.io_timeout)
         if reply["type"] == protocol.ERROR:
             raise protocol.ServerRefused(str(reply.get("reason")))
         return reply
@@ -582,7 +599,20 @@ class Worker:
         return {"type": protocol.RESULT, **ids, **metrics}
 
     def deliver(self, message: dict) -> None:
-        """Send a RESULT/FAILED and wait for its ACK (the commit receipt)."""
+        """Send a RESULT/FAILED and wait for its ACK (the commit receipt).
+
+        A RESULT larger than the server accepts (``max_frame`` in WELCOME;
+        say, --group-by on a column with a value per row) is sent as a
+        FAILED naming the cause: sending it would only be refused, again
+        and again, each time the chunk comes back.
+        """
+        if message["type"] == protocol.RESULT and \
+                len(protocol.encode(message)) > self.server_max_frame:
+            ids = {k: message[k] for k in ("job_id", "worker_id", "chunk_id", "attempt_id")}
+            message = {"type": protocol.FAILED, **ids, "error": (
+                f"the result has {len(message['groups'])} groups and does not fit in the "
+                f"server's {self.server_max_frame}-byte frames; --group-by a column with "
+                f"fewer values, or raise the server's --max-frame")}
         reply = self.request(message)
         if reply["type"] != protocol.ACK or reply.get("chunk_id") != message["chunk_id"]:
             raise protocol.ProtocolError(f"expected ACK for chunk {message['chunk_id']}, "
@@ -600,6 +630,14 @@ def _retry_after(reply: dict) -> float:
 
 
 # --- Command line --------------------------------------------------------------
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above zero."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
 
 def port_number(lowest: int):
     """An argparse type: a TCP port number from ``lowest`` to 65535."""
@@ -627,9 +665,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"shared secret for the handshake (prefer the {SECRET_ENV} "
                         "environment variable: arguments are visible in the process list)")
     p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server")
-    p.add_argument("--give-up-after", type=float, default=60.0,
+    p.add_argument("--give-up-after", type=positive_number, default=60.0,
                    help="seconds to keep reconnecting to an unreachable server")
-    p.add_argument("--io-timeout", type=float, default=60.0,
+    p.add_argument("--io-timeout", type=positive_number, default=60.0,
                    help="seconds one read or write may block")
     p.add_argument("--log-level", default="INFO", help="how much to log",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])

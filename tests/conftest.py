@@ -83,7 +83,7 @@ def parse_final(stdout: str) -> dict:
 class Server:
     """A ``server.py`` subprocess on a free loopback port."""
 
-    def __init__(self, procs, tmp_path: Path, csv, db=None, args=(), env=None):
+    def __init__(self, procs, tmp_path: Path, csv, db=None, args=(), env=None, **popen):
         self.tmp = tmp_path
         self.db = str(db or tmp_path / "results.sqlite")
         self.port_file = tmp_path / f"server-{len(procs.started)}.port"
@@ -94,7 +94,8 @@ class Server:
                "--port", "0", "--port-file", str(self.port_file), "--db", self.db,
                "--linger", "0.5", *map(str, args)]
         self.log = open(self.log_path, "w")
-        self.proc = procs.popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.proc = procs.popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                **popen)
         self.port = None
 
     def wait_port(self, timeout: float = 60) -> int:

@@ -19,10 +19,12 @@ from conftest import PY, ROOT, make_sales_csv, wait_for
 @pytest.mark.parametrize("program, args", [
     ("server.py", ["--csv", "x.csv", "--port", "99999"]),
     ("worker.py", ["--port", "0"]),
+    ("worker.py", ["--io-timeout", "-1"]),
 ])
-def test_bad_port_is_a_usage_error(program, args):
-    """An impossible port number is refused by the command line (exit 2, one
-    error line), not by a traceback from bind() or a minute of retrying."""
+def test_bad_number_is_a_usage_error(program, args):
+    """An impossible port number or timeout is refused by the command line
+    (exit 2, one error line), not by a traceback from bind() or settimeout(),
+    or a minute of retrying."""
     done = subprocess.run([PY, str(ROOT / program), *args], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2

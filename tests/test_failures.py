@@ -21,7 +21,9 @@ marked slow).
 
 from __future__ import annotations
 
+import os
 import pickle
+import resource
 import signal
 import socket
 import subprocess
@@ -34,7 +36,7 @@ import pytest
 import protocol
 import server as server_mod
 import worker as worker_mod
-from conftest import (PY, ROOT, db_rows, kill, make_sales_csv, pandas_oracle,
+from conftest import (PY, ROOT, Server, db_rows, kill, make_sales_csv, pandas_oracle,
                       parse_final, wait_for)
 
 PRICE, QTY = "Price", "Qty"
@@ -786,3 +788,61 @@ def test_chaos_runner(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=580)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed, 0 failed" in result.stdout
+
+
+# --- the input or the database breaks under a running job ------------------------------
+
+def test_file_rewritten_in_place_is_a_new_job(tmp_path):
+    """Rule: the job identity covers the content, not only size and mtime: a
+    file rewritten at the same size with its mtime restored (cp -p, rsync -a)
+    must not resume the old file's results."""
+    path = tmp_path / "s.csv"
+    path.write_bytes(b"Price,Quantity\n" + b"3.00,1\n" * 1000)
+    before = server_mod.file_fingerprint(str(path))
+    stat = path.stat()
+    path.write_bytes(b"Price,Quantity\n" + b"4.00,1\n" * 1000)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = server_mod.file_fingerprint(str(path))
+    assert (after["size"], after["mtime_ns"]) == (before["size"], before["mtime_ns"])
+    assert after != before
+
+
+@pytest.mark.timeout(60)
+def test_stream_file_modified_during_the_job_stops_it(procs, tmp_path):
+    """Rule: in --stream mode chunks are byte ranges of one version of the
+    file; a file modified in place during the job stops it with exit 1 and
+    the reason, instead of mixing two versions (the old answer for some
+    chunks, the new one for others)."""
+    csv = small_csv(tmp_path / "sales.csv", 2_000)
+    server = procs.server(csv, args=("--stream", "--chunks", 4))
+    early = ScriptedWorker(server.port, "early")
+    assert early.get_job()["type"] == protocol.JOB
+    data = csv.read_bytes()
+    csv.write_bytes(data.replace(b"3", b"4"))     # same size, other numbers
+    late = ScriptedWorker(server.port, "late")
+    with pytest.raises((EOFError, OSError, protocol.ProtocolError)):
+        late.get_job()                            # the server stops instead of answering
+    code, out = server.finish(30)
+    assert code == 1 and "total_rows" not in out
+    assert "modified during the job" in server.stderr().splitlines()[-1]
+
+
+@pytest.mark.timeout(60)
+def test_results_database_that_cannot_be_written_stops_the_job(procs, tmp_path):
+    """Rule: when the results database cannot be written (here: a file size
+    limit, as on a full disk), the job stops with exit 1 and the reason,
+    instead of taking each result, failing to store it, and retrying for
+    ever.  What was committed stays intact."""
+    csv = small_csv(tmp_path / "sales.csv", 3_000)
+    limit = 200_000   # bytes: room for the schema and a few results, then EFBIG
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    server = Server(procs, tmp_path, csv, args=("--chunk-rows", 1), preexec_fn=small_files)
+    server.wait_port()
+    procs.worker(server.port, "w0")
+    code, out = server.finish(45)
+    assert code == 1 and "total_rows" not in out
+    assert "cannot write the results database" in server.stderr().splitlines()[-1]
+    assert integrity(server.db) == "ok"

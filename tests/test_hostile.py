@@ -939,3 +939,40 @@ def test_worker_survives_a_wait_with_a_strange_delay(procs):
     code, log = run_worker_against(procs, fake, "patient")
     assert code == 0, log
     assert "Traceback" not in log
+
+
+def test_worker_id_with_control_characters_is_refused(procs, sales):
+    """Rule: a worker id is printed in the server's final table; one with a
+    newline or an escape sequence could forge that output, so HELLO refuses it."""
+    server = start(procs, sales)
+    peer = Peer(server.port).handshake()
+    peer.send({"type": protocol.HELLO, "worker_id": "w\n{'total_rows': 1}\x1b[2J"})
+    reply = peer.recv()
+    assert reply["type"] == protocol.ERROR and "printable" in reply["reason"]
+    assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1])
+
+
+def test_result_too_large_for_a_frame_fails_the_chunk_clearly(procs, tmp_path):
+    """Rule: a RESULT that cannot fit the server's frames (--group-by a column
+    with a value per row) is reported as a failed attempt naming the cause,
+    so the job ends with that message instead of a send-refuse-retry loop."""
+    csv = make_sales_csv(tmp_path / "s.csv", 300, seed=3)
+    server = procs.server(csv, args=["--chunks", 1, "--group-by", "Order ID",
+                                     "--max-frame", 4096, "--max-attempts", 2])
+    procs.worker(server.port, "w0")
+    code, out = server.finish(60)
+    assert code == 1 and "total_rows" not in out
+    assert "does not fit in the server's 4096-byte frames" in server.stderr().splitlines()[-1]
+
+
+def test_compressed_chunk_may_not_inflate_without_bound():
+    """Rule: the worker inflates a compressed chunk only up to its frame bound
+    (here a small one): a few KB of zlib cannot become gigabytes."""
+    import zlib
+
+    import worker
+    bomb = zlib.compress(b"\0" * 1_000_000)
+    with pytest.raises(ValueError, match="inflates past"):
+        worker._inflate(bomb, limit=100_000)
+    assert worker._inflate(zlib.compress(b"abc"), limit=100) == b"abc"

@@ -441,3 +441,21 @@ def test_handshake_unpickles_nothing(monkeypatch):
     a.close()
     b.close()
     assert calls == []
+
+
+def test_hash_collision_dict_is_refused_before_it_is_built():
+    """Rule: ints that all hash alike make a dict quadratic to build (a frozen
+    server); no message needs more than MAX_DICT_ENTRIES entries, so a
+    larger dict is refused from the opcodes, before anything is built."""
+    colliding = {i * (2**61 - 1): 0 for i in range(protocol.MAX_DICT_ENTRIES + 1)}
+    payload = pickle.dumps({"type": protocol.HELLO, "worker_id": colliding}, protocol=5)
+    with pytest.raises(protocol.ProtocolError, match="dict entries"):
+        protocol.decode_safe(payload)
+
+
+def test_sets_are_refused():
+    """Rule: no message holds a set, so sets (another way to hash attacker
+    values) are refused outright."""
+    payload = pickle.dumps({"type": protocol.HELLO, "worker_id": {1, 2}}, protocol=5)
+    with pytest.raises(protocol.ProtocolError, match="SET"):
+        protocol.decode_safe(payload)
