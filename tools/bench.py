@@ -443,17 +443,26 @@ def _run_one(mode: str, data: Input, args, mode_runs: ModeRuns) -> Run:
 
 # --- Sub-benchmarks -------------------------------------------------------------
 
-def chunk_overhead(args, log) -> dict:
-    """Goal 5: 10,000 tiny chunks with 4 workers; chunks committed per second."""
-    path, _ = generate_csv(args.overhead_chunks * 10, args.work_dir, seed=5)
+def _cluster_job(args, rows: int, seed: int, name: str, workers: int, chunks: int,
+                 extra=()) -> tuple[dict, Run, Path]:
+    """Generate ``rows`` rows, compute the single-process reference, and run
+    local_cluster on them; return (reference, the measured run, its db)."""
+    path, _ = generate_csv(rows, args.work_dir, seed=seed)
     data = describe_input(str(path))
     reference = parse_json_result(measure(mode_command(REFERENCE, data, args),
                                           args.work_dir, args.timeout).stdout)
-    db = args.work_dir / "chunk_overhead.sqlite"
+    db = args.work_dir / f"{name}.sqlite"
     _remove_db(db)
     run = measure([PY, str(ROOT / "tools" / "local_cluster.py"), "--csv", str(path),
-                   "--workers", str(args.overhead_workers), "--chunks", str(args.overhead_chunks),
-                   "--db", str(db), "--log-level", "INFO"], args.work_dir, args.timeout)
+                   "--workers", str(workers), "--chunks", str(chunks), "--db", str(db),
+                   "--log-level", "INFO", *extra], args.work_dir, args.timeout)
+    return reference, run, db
+
+
+def chunk_overhead(args, log) -> dict:
+    """Goal 5: 10,000 tiny chunks with 4 workers; chunks committed per second."""
+    reference, run, db = _cluster_job(args, args.overhead_chunks * 10, 5, "chunk_overhead",
+                                      args.overhead_workers, args.overhead_chunks)
     out = {"chunks": args.overhead_chunks, "workers": args.overhead_workers,
            "rows": reference["total_rows"], "wall_s": run.wall, "cpu_s": run.cpu,
            "server_cpu_s": run.role_cpu("server"), "workers_cpu_s": run.role_cpu("worker"),
@@ -478,18 +487,11 @@ def chunk_overhead(args, log) -> dict:
 
 def many_workers(args, log) -> dict:
     """Goal 6: ``--many`` workers at once; exact, and no "database is locked"."""
-    path, _ = generate_csv(args.many_rows, args.work_dir, seed=6)
-    data = describe_input(str(path))
-    reference = parse_json_result(measure(mode_command(REFERENCE, data, args),
-                                          args.work_dir, args.timeout).stdout)
-    db = args.work_dir / "many_workers.sqlite"
-    _remove_db(db)
     # Each worker sleeps --delay s per chunk (simulated work), so the chunks
     # outlast the start-up of the last worker and all of them take part.
-    run = measure([PY, str(ROOT / "tools" / "local_cluster.py"), "--csv", str(path),
-                   "--workers", str(args.many), "--chunks", str(args.many_chunks),
-                   "--db", str(db), "--log-level", "INFO",
-                   "--worker-args", f"--delay {args.many_delay}"], args.work_dir, args.timeout)
+    reference, run, db = _cluster_job(args, args.many_rows, 6, "many_workers", args.many,
+                                      args.many_chunks,
+                                      ("--worker-args", f"--delay {args.many_delay}"))
     logs = run.stdout + run.stderr
     out = {"workers": args.many, "chunks": args.many_chunks, "rows": reference["total_rows"],
            "wall_s": run.wall, "cpu_s": run.cpu, "exit_code": run.returncode,
