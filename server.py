@@ -54,7 +54,6 @@ import lzma
 import math
 import os
 import pickle
-import re
 import signal
 import socket
 import socketserver
@@ -66,7 +65,6 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 import protocol

@@ -197,7 +197,7 @@ def test_worker_and_server_killed_then_resume(procs, tmp_path, db_url, request):
 
     second = procs.server(csv, db_url, args)
     assert f"resuming, {len(done_before)} of {chunks} chunks already done" in second.stderr()
-    helper = procs.worker(second.port, "w1", ["--delay", "0.02"])
+    procs.worker(second.port, "w1", ["--delay", "0.02"])
     if is_postgres(db_url):
         wait_for(lambda: query_db(db_url, counted)[0][0] >= len(done_before) + 2, 60,
                  "2 more counted chunks", interval=0.1)
