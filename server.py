@@ -70,7 +70,7 @@ import pandas as pd
 import protocol
 from db_utils import DROPPED, EXPIRED, FAILED, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, find_columns,
-                    normalize_name, port_number, read_columns)
+                    normalize_name, port_number, positive_number, read_columns)
 
 log = logging.getLogger("server")
 
@@ -856,11 +856,6 @@ class JobServer(socketserver.ThreadingTCPServer):
             except OSError:
                 pass
 
-    def open_connections(self) -> int:
-        """How many connections are open now."""
-        with self._conns_lock:
-            return len(self._conns)
-
     def handle_error(self, request, client_address):
         log.exception("unexpected error with %s", client_address)
 
@@ -1029,11 +1024,10 @@ class Handler(socketserver.BaseRequestHandler):
             srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,
                              chunk_id=chunk_id, attempt_id=attempt_id), groups)
         srv.timings.add("db", time.perf_counter() - started)
+        srv.book.complete(chunk_id, attempt_id)
         if counted:
-            srv.book.complete(chunk_id, attempt_id)
             srv.progress.chunk_done(msg["rows_processed"], srv.book)
         else:
-            srv.book.complete(chunk_id, attempt_id)
             log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
                      chunk_id, self.worker_id, attempt_id)
         self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": counted})
@@ -1372,7 +1366,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how much to log; DEBUG shows every lease")
     p.add_argument("--port-file", default=None, help="write the bound port to this file")
     g = p.add_argument_group("scheduling")
-    g.add_argument("--lease-timeout", type=_positive_float, default=60.0,
+    g.add_argument("--lease-timeout", type=positive_number, default=60.0,
                    help="seconds a worker may hold a chunk before it is handed out again")
     g.add_argument("--max-attempts", type=_positive_int, default=4,
                    help="reported failures after which a chunk fails the job")
@@ -1399,9 +1393,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
     s.add_argument("--max-frame", type=_positive_int, default=protocol.SERVER_MAX_FRAME,
                    help="largest frame accepted from a peer, bytes")
-    s.add_argument("--io-timeout", type=_positive_float, default=10.0,
+    s.add_argument("--io-timeout", type=positive_number, default=10.0,
                    help="seconds a started frame or the handshake may take")
-    s.add_argument("--idle-timeout", type=_positive_float, default=600.0,
+    s.add_argument("--idle-timeout", type=positive_number, default=600.0,
                    help="seconds a connection may stay silent between frames")
     s.add_argument("--max-connections", type=_positive_int, default=256,
                    help="connections open at once")
@@ -1415,13 +1409,6 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
