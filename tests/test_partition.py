@@ -68,6 +68,7 @@ def network():
     reason = netns.unavailable()
     if reason:
         pytest.skip(reason)
+    netns.remove_stale()
     made = []
 
     def make(leaves: int) -> netns.VirtualNetwork:
@@ -161,7 +162,7 @@ def test_partition_shorter_than_a_lease_goes_unnoticed(network, procs, tmp_path,
 
 def test_partition_longer_than_io_timeout_worker_reconnects_after_heal(
         network, procs, tmp_path, sales_12k):
-    """A 5-second cut, longer than the worker's --io-timeout (2 s) and the
+    """A 4-second cut, longer than the worker's --io-timeout (2 s) and the
     lease (3 s): the worker gives up on the silent connection, cannot reach
     the server ("No route to host") and keeps retrying; after the heal it
     reconnects, re-sends the result it had not seen acknowledged, and
@@ -172,7 +173,7 @@ def test_partition_longer_than_io_timeout_worker_reconnects_after_heal(
     worker = job.worker(leaf, "w1", ["--io-timeout", "2", "--delay", "0.3"])
     wait_for(lambda: job.counted() >= 3, 60, "3 chunks to be counted")
     net.cut(leaf)
-    time.sleep(5.0)
+    time.sleep(4.0)
     healed = time.time()
     net.heal(leaf)
     assert_aggregate(job.finish(), csv_oracle(sales_12k))
@@ -244,14 +245,14 @@ def test_network_is_private_and_removed(network):
     namespace never gets the 10.200.0.x addresses, and a cut port is down."""
     net = network(1)
     leaf = net.leaves[0]
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    listed = subprocess.run([netns.IP, "netns", "list"], capture_output=True, text=True).stdout
     assert net.hub in listed and leaf.ns in listed
-    host = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    host = subprocess.run([netns.IP, "-o", "addr"], capture_output=True, text=True).stdout
     assert netns.SUBNET not in host
     net.cut(leaf)
-    port = subprocess.run(["ip", "-n", net.hub, "-o", "link", "show", leaf.port],
+    port = subprocess.run([netns.IP, "-n", net.hub, "-o", "link", "show", leaf.port],
                           capture_output=True, text=True).stdout
     assert "state DOWN" in port
     net.close()
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    listed = subprocess.run([netns.IP, "netns", "list"], capture_output=True, text=True).stdout
     assert net.hub not in listed and leaf.ns not in listed

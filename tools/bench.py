@@ -4,6 +4,7 @@
     python tools/bench.py --csv /tmp/bench/sales_5m.csv --reps 3
     python tools/bench.py --only pandas-usecols stream --reps 1 --json
     python tools/bench.py --chunk-overhead --many-workers --make-csv --no-modes
+    python tools/bench.py --watch-overhead --no-modes --reps 5
     PYTHONPATH=/tmp/duckdb-lib python tools/bench.py --save bench.json   # with DuckDB
 
 DuckDB is installed for the benchmark only, outside the project, e.g.
@@ -61,6 +62,12 @@ Sub-benchmarks (each prints its own numbers):
 * ``--many-workers``: 100 workers at once; the job must finish, exact,
   with no "database is locked" anywhere in the logs.
 * ``--make-csv``: wall time of ``tools/make_csv.py --rows N``.
+* ``--watch-overhead``: the same job (``--watch-rows`` rows, ``--chunks``
+  chunks, ``--workers`` workers) ``--reps`` times without and ``--reps``
+  times with a live ``tools/watch.py`` on the job's database, alternating;
+  the watcher runs on a pseudo-terminal of 120x40, so it renders the full
+  rich view every 0.5 s as it would for a student.  Medians, spread, and
+  the watcher's own CPU time.
 
 Big files belong outside the repository: the default ``--work-dir`` is a
 folder under the system's temporary directory.
@@ -531,6 +538,105 @@ def make_csv_timing(args, log) -> dict:
     return out
 
 
+class PtyWatcher:
+    """``tools/watch.py --db DB`` on a pseudo-terminal, its output read and dropped.
+
+    A pty, not a pipe: on a pipe the watcher prints plain text, and the
+    measurement must include the rich rendering a student's terminal gets.
+    """
+
+    def __init__(self, db: Path, columns: int = 120, lines: int = 40):
+        import fcntl
+        import pty
+        import struct
+        import termios
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        env["TERM"] = "xterm-256color"
+        self.proc = subprocess.Popen([PY, str(ROOT / "tools" / "watch.py"), "--db", str(db)],
+                                     stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env,
+                                     start_new_session=True)
+        os.close(slave)
+        self.bytes = 0
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 1 << 16)
+            except OSError:   # EIO: the watcher closed the terminal
+                return
+            if not data:
+                return
+            self.bytes += len(data)
+
+    def stop(self, timeout: float = 10) -> tuple[int, float]:
+        """SIGTERM the watcher; return (its exit code, its CPU seconds)."""
+        self.proc.send_signal(signal.SIGTERM)
+        timer = threading.Timer(timeout, _kill_group, (self.proc.pid,))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(self.proc.pid, 0)
+        finally:
+            timer.cancel()
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self._reader.join(timeout)
+        os.close(self.master)
+        return self.proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def watch_overhead(args, log) -> dict:
+    """Issue 14: the job's wall time with and without a live tools/watch.py."""
+    path, _ = generate_csv(args.watch_rows, args.work_dir, seed=7)
+    data = describe_input(str(path))
+    reference = parse_json_result(measure(mode_command(REFERENCE, data, args),
+                                          args.work_dir, args.timeout).stdout)
+    db = args.work_dir / "watch_overhead.sqlite"
+    walls = {"without": [], "with": []}
+    out = {"rows": args.watch_rows, "chunks": args.chunks, "workers": args.workers,
+           "reps": args.reps, "watcher_cpu_s": [], "watcher_bytes": [], "problems": []}
+    try:
+        for rep in range(args.reps):
+            for kind in ("without", "with") if rep % 2 == 0 else ("with", "without"):
+                _remove_db(db)
+                watcher = PtyWatcher(db) if kind == "with" else None
+                try:
+                    run = measure([PY, str(ROOT / "tools" / "local_cluster.py"), "--csv",
+                                   str(path), "--workers", str(args.workers), "--chunks",
+                                   str(args.chunks), "--db", str(db), "--log-level", "WARNING"],
+                                  args.work_dir, args.timeout)
+                finally:
+                    if watcher is not None:
+                        code, cpu = watcher.stop()
+                        out["watcher_cpu_s"].append(cpu)
+                        out["watcher_bytes"].append(watcher.bytes)
+                        if code != 0:
+                            out["problems"].append(f"the watcher exited with {code}")
+                walls[kind].append(run.wall)
+                try:
+                    out["problems"] += compare(parse_cluster_result(run.stdout), reference)
+                except ValueError as exc:
+                    out["problems"].append(f"{kind} watcher: {exc}: {run.stderr[-300:]}")
+                log(f"watch overhead: rep {rep + 1}/{args.reps} {kind:7} watcher "
+                    f"{run.wall:6.2f} s wall")
+    finally:
+        _remove_db(db)
+    for kind, values in walls.items():
+        out[f"{kind}_walls_s"] = values
+        out[f"{kind}_median_s"] = statistics.median(values)
+    out["ratio"] = out["with_median_s"] / out["without_median_s"]
+    log(f"watch overhead: {args.watch_rows:,} rows, {args.chunks} chunks, {args.workers} workers, "
+        f"{args.reps} reps: median {out['without_median_s']:.2f} s without a watcher "
+        f"(range {min(walls['without']):.2f}-{max(walls['without']):.2f}), "
+        f"{out['with_median_s']:.2f} s with one "
+        f"(range {min(walls['with']):.2f}-{max(walls['with']):.2f}), ratio {out['ratio']:.3f}; "
+        f"watcher CPU {statistics.median(out['watcher_cpu_s']):.2f} s per job; "
+        f"{'exact' if not out['problems'] else out['problems']}")
+    return out
+
+
 def _query(db: Path, sql: str) -> list:
     con = sqlite3.connect(db)
     try:
@@ -663,6 +769,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--make-csv", action="store_true",
                    help="goal 7: time tools/make_csv.py --rows --make-csv-rows")
     s.add_argument("--make-csv-rows", type=int, default=5_000_000, help="rows to generate")
+    s.add_argument("--watch-overhead", action="store_true",
+                   help="the job's wall time with and without a live tools/watch.py")
+    s.add_argument("--watch-rows", type=int, default=1_000_000,
+                   help="rows of the --watch-overhead job")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be at least 1")
@@ -708,6 +818,9 @@ def main(argv=None) -> int:
         failed |= bool(m["problems"] or m["database_locked"] or m["exit_code"])
     if args.make_csv:
         summary["make_csv"] = make_csv_timing(args, log)
+    if args.watch_overhead:
+        summary["watch_overhead"] = watch_overhead(args, log)
+        failed |= bool(summary["watch_overhead"]["problems"])
     summary["load_after"] = os.getloadavg()
     document = json.dumps(summary, indent=2, default=str)
     if args.save:

@@ -2,6 +2,7 @@
 
     python tools/chaos.py --runs 20 --rows 300000
     python tools/chaos.py --runs 3 --rows 30000 --chunks 30 --seed 7
+    sudo python tools/chaos.py --partitions --runs 10      # root: network namespaces
 
 Each run is one job on a generated sales CSV (made once in ``--data-dir``
 and reused), with a short lease.  While it runs, this script
@@ -12,6 +13,15 @@ and reused), with a short lease.  While it runs, this script
 * SIGKILLs the server once or twice, at random points of its progress,
   checks ``PRAGMA integrity_check`` on the results database, and restarts it
   with the same arguments on the same port, so the old workers reconnect.
+
+With ``--partitions`` (root only) every run gets a private network of its
+own (``tools/netns.py``): the server in a hub namespace, each worker in one
+of three leaf namespaces.  On top of the kills above, a random leaf's link
+is cut now and then (``--partition-rate`` per second) for 0.2 s up to
+``--max-cut`` seconds, so some cuts end within a lease and the worker never
+notices, and others outlast the worker's ``--io-timeout`` and its lease; a
+worker whose link is cut is sometimes SIGKILLed while cut, so it vanishes
+without a FIN.  At most two leaves are cut at once, and every cut heals.
 
 A run passes when the server ends with exit 0, its final aggregate equals a
 single-process pandas computation (row counts exactly, the rest to 1e-9
@@ -28,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 import random
 import shutil
 import signal
@@ -45,6 +56,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PRICE_COL, QTY_COL = "Unit Price", "Units Sold"   # the columns of make_csv's default layout
+LEAVES = 3                                          # worker namespaces with --partitions
+SECRET = "chaos-partitions"   # the server listens on a (private) non-loopback address
 
 
 class RunFailed(Exception):
@@ -65,6 +78,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stall-rate", type=float, default=0.1,
                    help="worker --stall-rate (stalls last twice the lease)")
     p.add_argument("--run-timeout", type=float, default=240.0, help="deadline of one run, s")
+    n = p.add_argument_group("network partitions (needs root and iproute2)")
+    n.add_argument("--partitions", action="store_true",
+                   help="run on network namespaces and cut workers' links at random")
+    n.add_argument("--partition-rate", type=float, default=1.0,
+                   help="average rate of link cuts, per second")
+    n.add_argument("--max-cut", type=float, default=6.0, help="longest cut, s")
+    n.add_argument("--vanish-rate", type=float, default=0.3,
+                   help="share of cuts during which the cut-off worker is SIGKILLed")
+    n.add_argument("--io-timeout", type=float, default=2.0,
+                   help="worker --io-timeout with --partitions, s")
     p.add_argument("--data-dir", default=None,
                    help="where the CSV is made and reused (default: the system temp folder)")
     return p.parse_args(argv)
@@ -186,6 +209,18 @@ class Run:
     server_kills: int = 0
     # (chunks done, last attempt id) at each server kill: checked at the end.
     snapshots: list = field(default_factory=list)
+    net: object = None            # a tools.netns.VirtualNetwork with --partitions
+    homes: dict = field(default_factory=dict)     # worker Popen -> its leaf
+    heal_at: dict = field(default_factory=dict)   # cut leaf -> monotonic time to heal it
+    cuts: int = 0
+    vanished: int = 0
+
+    def in_namespace(self, where, cmd: list) -> list:
+        """``cmd``, run in namespace ``where`` when the run has a network."""
+        return self.net.command(where, cmd) if self.net else cmd
+
+    def env(self) -> dict | None:
+        return dict(os.environ, SALES_SECRET=SECRET) if self.net else None
 
     def check_time(self, what: str) -> None:
         if time.monotonic() > self.deadline:
@@ -197,8 +232,9 @@ class Run:
         port_file = self.folder / f"server-{self.server_starts}.port"
         log = open(self.folder / f"server-{self.server_starts}.log", "w")
         out = open(self.folder / f"server-{self.server_starts}.out", "w")
-        self.server = subprocess.Popen([*self.server_cmd, "--port-file", str(port_file)],
-                                       stdout=out, stderr=log, cwd=ROOT)
+        cmd = [*self.server_cmd, "--port-file", str(port_file)]
+        self.server = subprocess.Popen(self.in_namespace(self.net and self.net.hub, cmd),
+                                       stdout=out, stderr=log, cwd=ROOT, env=self.env())
         log.close()
         out.close()
         while not port_file.exists():
@@ -220,24 +256,58 @@ class Run:
         self.snapshots.append((done, last))
         self.start_server()
 
-    def start_worker(self) -> None:
+    def start_worker(self) -> bool:
+        """Start one more worker (with a network: in a leaf that has none
+        running); return False if every leaf has one already."""
+        leaf = None
+        if self.net:
+            busy = {self.homes.get(w) for w in self.workers}
+            free = [leaf for leaf in self.net.leaves if leaf not in busy]
+            if not free:
+                return False
+            leaf = self.rng.choice(free)
         n = self.started_workers
         self.started_workers += 1
         log = open(self.folder / f"worker-{n}.log", "w")
-        self.workers.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "worker.py"), "--worker-id", f"chaos-{n}",
-             "--fault-seed", str(self.rng.randrange(1 << 30)), *self.worker_args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        cmd = [sys.executable, str(ROOT / "worker.py"), "--worker-id", f"chaos-{n}",
+               "--fault-seed", str(self.rng.randrange(1 << 30)), *self.worker_args]
+        worker = subprocess.Popen(self.in_namespace(leaf, cmd), stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=ROOT, env=self.env())
         log.close()
+        self.workers.append(worker)
+        self.homes[worker] = leaf
+        return True
+
+    def partition(self, rate: float, longest: float, vanish: float, tick: float) -> None:
+        """Heal the cuts that are due; maybe cut one more leaf (and kill its worker)."""
+        now = time.monotonic()
+        for leaf, when in list(self.heal_at.items()):
+            if when <= now:
+                self.net.heal(leaf)
+                del self.heal_at[leaf]
+        up = [leaf for leaf in self.net.leaves if leaf not in self.heal_at]
+        if len(up) > 1 and self.rng.random() < tick * rate:
+            leaf = self.rng.choice(up)
+            self.net.cut(leaf)
+            self.cuts += 1
+            self.heal_at[leaf] = now + self.rng.uniform(0.2, longest)
+            if self.rng.random() < vanish:
+                for worker in self.workers:
+                    if self.homes.get(worker) is leaf and worker.poll() is None:
+                        worker.kill()      # cut off, then gone: no FIN will ever come
+                        self.vanished += 1
 
     def stop_all(self) -> None:
-        """Kill and reap every child still running (nothing outlives a run)."""
+        """Kill and reap every child still running (nothing outlives a run),
+        then remove the run's network, if it has one."""
         for proc in [self.server, *self.workers]:
             if proc is not None and proc.poll() is None:
                 proc.kill()
         for proc in [self.server, *self.workers]:
             if proc is not None:
                 proc.wait()
+        if self.net:
+            self.net.close()
 
 
 def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, Path]:
@@ -247,14 +317,21 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
     db = folder / "results.sqlite"
     port = free_port()
     stream = rng.random() < 0.5
+    net = None
+    if args.partitions:
+        from tools.netns import VirtualNetwork
+        net = VirtualNetwork(LEAVES)
+    host = net.server_address if net else "127.0.0.1"
     server_cmd = [sys.executable, str(ROOT / "server.py"), "--csv", str(csv),
-                  "--host", "127.0.0.1", "--port", str(port), "--db", str(db),
+                  "--host", host, "--port", str(port), "--db", str(db),
                   "--chunks", str(args.chunks), "--lease-timeout", str(args.lease_timeout),
                   "--linger", "1"] + ["--stream"] * stream
-    worker_args = ["--server", "127.0.0.1", "--port", str(port), "--give-up-after", "60",
+    worker_args = ["--server", host, "--port", str(port), "--give-up-after", "60",
                    "--stall-rate", str(args.stall_rate),
                    "--stall-seconds", str(2 * args.lease_timeout), "--log-level", "WARNING"]
-    run = Run(folder, server_cmd, worker_args, rng, time.monotonic() + args.run_timeout)
+    if net:
+        worker_args += ["--io-timeout", str(args.io_timeout)]
+    run = Run(folder, server_cmd, worker_args, rng, time.monotonic() + args.run_timeout, net=net)
     # Kill the server when this many chunks are done (1 or 2 times a run).
     kill_at = sorted(rng.randint(1, max(1, int(args.chunks * 0.9)))
                      for _ in range(rng.choice((1, 2))))
@@ -262,7 +339,7 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
     mode = "stream" if stream else "frame"
     try:
         run.start_server()
-        code = drive(run, db, kill_at, args.worker_kills_per_second)
+        code = drive(run, db, kill_at, args)
         if code != 0:
             raise RunFailed(f"server exited with {code}")
         final = parse_final((folder / f"server-{run.server_starts}.out").read_text())
@@ -270,20 +347,23 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
         outcomes = check_database(db, args.chunks)
         check_no_redo(db, run.snapshots)
         passed, detail = True, (f"dispatches {sum(outcomes.values())}, duplicates "
-                                f"{outcomes.get('duplicate', 0)}")
+                                f"{outcomes.get('duplicate', 0)}"
+                                + (f", expired {outcomes.get('expired', 0)}" if net else ""))
     except (RunFailed, OSError, sqlite3.Error) as exc:
         passed, detail = False, f"FAILED: {exc} (logs: {folder})"
     finally:
         run.stop_all()
+    cuts = f"link cuts {run.cuts} (vanished {run.vanished}), " if net else ""
     summary = (f"run {number + 1}: {'PASS' if passed else 'FAIL'} {mode:6} "
                f"{time.monotonic() - started:6.1f} s, server kills {run.server_kills}, "
-               f"worker kills {run.worker_kills}, workers started {run.started_workers}, "
+               f"worker kills {run.worker_kills}, {cuts}workers started {run.started_workers}, "
                f"{detail}")
     return passed, summary, folder
 
 
-def drive(run: Run, db: Path, kill_at: list, kill_rate: float) -> int:
-    """Keep workers alive, kill things at random; return the server's final exit code."""
+def drive(run: Run, db: Path, kill_at: list, args) -> int:
+    """Keep workers alive, kill things (and cut links) at random; return the
+    server's final exit code."""
     tick = 0.1
     target = run.rng.choice((2, 3))
     while run.server.poll() is None:
@@ -291,9 +371,11 @@ def drive(run: Run, db: Path, kill_at: list, kill_rate: float) -> int:
         run.workers = [w for w in run.workers if w.poll() is None]
         if run.rng.random() < tick / 5:           # now and then, change the crowd size
             target = run.rng.choice((2, 3))
-        while len(run.workers) < target:
-            run.start_worker()
-        if run.workers and run.rng.random() < tick * kill_rate:
+        while len(run.workers) < target and run.start_worker():
+            pass
+        if run.net:
+            run.partition(args.partition_rate, args.max_cut, args.vanish_rate, tick)
+        if run.workers and run.rng.random() < tick * args.worker_kills_per_second:
             victim = run.rng.choice(run.workers)
             victim.kill()
             run.worker_kills += 1
@@ -322,14 +404,23 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     """Run the chaos runs; return 0 if all passed, 1 otherwise (130 on Ctrl-C)."""
     args = parse_args(argv)
+    if args.partitions:
+        from tools import netns
+        reason = netns.unavailable()
+        if reason:
+            print(f"chaos.py: error: --partitions: {reason}", file=sys.stderr)
+            return 2
+        netns.remove_stale()
     signal.signal(signal.SIGTERM, _interrupt)
     data_dir = Path(args.data_dir or tempfile.gettempdir())
     data_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     csv = sales_csv(data_dir, args.rows)
     expected = pandas_answer(csv)
+    network = (f"; partitions: {args.partition_rate}/s up to {args.max_cut} s, worker "
+               f"--io-timeout {args.io_timeout} s" if args.partitions else "")
     print(f"chaos: {args.runs} runs on {csv} ({args.rows} rows, {args.chunks} chunks, "
-          f"lease {args.lease_timeout} s); pandas says {expected}", flush=True)
+          f"lease {args.lease_timeout} s{network}); pandas says {expected}", flush=True)
     passed = failed = 0
     try:
         for number in range(args.runs):

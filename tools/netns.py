@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 
@@ -49,13 +50,24 @@ LEAF_HOST = 10                # leaf i (from 1) is SUBNET.(10 + i)
 _counter = itertools.count(1)
 
 
+def _find_ip() -> str | None:
+    # /usr/sbin is not on every user's PATH, and `ip` lives there on Debian.
+    return shutil.which("ip") or next(
+        (p for p in ("/usr/sbin/ip", "/sbin/ip", "/bin/ip") if os.access(p, os.X_OK)), None)
+
+
+IP = _find_ip()
+
+
 class NetnsError(Exception):
     """An ``ip`` command failed; the message has its stderr."""
 
 
 def ip(*args: str) -> None:
     """Run ``ip ARGS``; raise :class:`NetnsError` with its stderr if it fails."""
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if IP is None:
+        raise NetnsError("the ip command (iproute2) is not installed")
+    done = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
         raise NetnsError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
 
@@ -68,7 +80,7 @@ def unavailable() -> str | None:
     """
     if os.geteuid() != 0:
         return "network namespaces need root (CAP_NET_ADMIN)"
-    if shutil.which("ip") is None:
+    if IP is None:
         return "the ip command (iproute2) is not installed"
     name = f"sales-probe-{os.getpid()}"
     try:
@@ -80,6 +92,29 @@ def unavailable() -> str | None:
     except (NetnsError, OSError, subprocess.SubprocessError):
         pass
     return None
+
+
+def remove_stale() -> list[str]:
+    """Remove namespaces this module made in processes that no longer run
+    (say a test run that was SIGKILLed before its teardown); return their names.
+
+    Only names of the form ``sales-<pid>-<n>-...`` whose pid is gone are
+    touched: anything else, and the namespaces of live processes, stay.
+    """
+    if IP is None:
+        return []
+    listed = subprocess.run([IP, "netns", "list"], capture_output=True, text=True, timeout=30)
+    removed = []
+    for line in listed.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = re.fullmatch(r"sales-(\d+)-\d+-(hub|w\d+)", name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            try:
+                ip("netns", "del", name)
+                removed.append(name)
+            except NetnsError:
+                pass
+    return removed
 
 
 class Leaf:
@@ -143,7 +178,7 @@ class VirtualNetwork:
     def command(self, where, argv: list) -> list:
         """``argv`` prefixed so that it runs in namespace ``where`` (a name or a Leaf)."""
         ns = where.ns if isinstance(where, Leaf) else where
-        return ["ip", "netns", "exec", ns, *map(str, argv)]
+        return [IP, "netns", "exec", ns, *map(str, argv)]
 
     def run(self, where, argv: list, **popen) -> subprocess.Popen:
         """Start ``argv`` in namespace ``where``; returns the Popen (its pid is argv's)."""
