@@ -256,3 +256,19 @@ def test_network_is_private_and_removed(network):
     net.close()
     listed = subprocess.run([netns.IP, "netns", "list"], capture_output=True, text=True).stdout
     assert net.hub not in listed and leaf.ns not in listed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_chaos_with_partitions(tmp_path):
+    """Rule: tools/chaos.py --partitions (random link cuts, workers that
+    vanish while cut, on top of the kills) gives the exact answer every run."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    done = subprocess.run(
+        [PY, str(ROOT / "tools" / "chaos.py"), "--partitions", "--runs", "3", "--rows", "30000",
+         "--chunks", "30", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=580)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed, 0 failed" in done.stdout

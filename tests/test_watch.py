@@ -404,3 +404,17 @@ def test_interval_must_keep_the_view_fresh(interval, capsys):
         watch.parse_args(["--interval", interval])
     assert stop.value.code == 2
     assert "--interval" in capsys.readouterr().err
+
+
+def test_live_view_on_a_terminal_draws_and_stops_cleanly(tmp_path):
+    """Rule: on a terminal (a pseudo-terminal here) the live view draws the
+    rich view, with colours, refreshes, and exits 0 on SIGTERM."""
+    from tools.bench import PtyWatcher
+    db = small_db(tmp_path / "r.sqlite")
+    watcher = PtyWatcher(Path(db))
+    try:
+        # A frame of this job is 800-900 bytes: past 1,500 it was drawn again.
+        wait_for(lambda: watcher.bytes > 1500, 30, "the live view to draw a few frames")
+    finally:
+        code, cpu = watcher.stop()
+    assert code == 0

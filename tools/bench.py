@@ -62,8 +62,8 @@ Sub-benchmarks (each prints its own numbers):
 * ``--many-workers``: 100 workers at once; the job must finish, exact,
   with no "database is locked" anywhere in the logs.
 * ``--make-csv``: wall time of ``tools/make_csv.py --rows N``.
-* ``--watch-overhead``: the same job (``--watch-rows`` rows, ``--chunks``
-  chunks, ``--workers`` workers) ``--reps`` times without and ``--reps``
+* ``--watch-overhead``: the same job (``--watch-rows`` rows,
+  ``--watch-chunks`` chunks, ``--workers`` workers) ``--reps`` times without and ``--reps``
   times with a live ``tools/watch.py`` on the job's database, alternating;
   the watcher runs on a pseudo-terminal of 120x40, so it renders the full
   rich view every 0.5 s as it would for a student.  Medians, spread, and
@@ -595,7 +595,7 @@ def watch_overhead(args, log) -> dict:
                                           args.work_dir, args.timeout).stdout)
     db = args.work_dir / "watch_overhead.sqlite"
     walls = {"without": [], "with": []}
-    out = {"rows": args.watch_rows, "chunks": args.chunks, "workers": args.workers,
+    out = {"rows": args.watch_rows, "chunks": args.watch_chunks, "workers": args.workers,
            "reps": args.reps, "watcher_cpu_s": [], "watcher_bytes": [], "problems": []}
     try:
         for rep in range(args.reps):
@@ -605,7 +605,8 @@ def watch_overhead(args, log) -> dict:
                 try:
                     run = measure([PY, str(ROOT / "tools" / "local_cluster.py"), "--csv",
                                    str(path), "--workers", str(args.workers), "--chunks",
-                                   str(args.chunks), "--db", str(db), "--log-level", "WARNING"],
+                                   str(args.watch_chunks), "--db", str(db),
+                                   "--log-level", "WARNING"],
                                   args.work_dir, args.timeout)
                 finally:
                     if watcher is not None:
@@ -627,7 +628,8 @@ def watch_overhead(args, log) -> dict:
         out[f"{kind}_walls_s"] = values
         out[f"{kind}_median_s"] = statistics.median(values)
     out["ratio"] = out["with_median_s"] / out["without_median_s"]
-    log(f"watch overhead: {args.watch_rows:,} rows, {args.chunks} chunks, {args.workers} workers, "
+    log(f"watch overhead: {args.watch_rows:,} rows, {args.watch_chunks} chunks, "
+        f"{args.workers} workers, "
         f"{args.reps} reps: median {out['without_median_s']:.2f} s without a watcher "
         f"(range {min(walls['without']):.2f}-{max(walls['without']):.2f}), "
         f"{out['with_median_s']:.2f} s with one "
@@ -771,8 +773,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--make-csv-rows", type=int, default=5_000_000, help="rows to generate")
     s.add_argument("--watch-overhead", action="store_true",
                    help="the job's wall time with and without a live tools/watch.py")
-    s.add_argument("--watch-rows", type=int, default=1_000_000,
+    s.add_argument("--watch-rows", type=int, default=2_000_000,
                    help="rows of the --watch-overhead job")
+    s.add_argument("--watch-chunks", type=int, default=2000,
+                   help="chunks of the --watch-overhead job (many: the watcher reads and "
+                        "draws one row and one cell per chunk)")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be at least 1")
