@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sqlite3
 import subprocess
 import time
 
@@ -114,7 +115,7 @@ class Job:
         """Chunks with a counted result so far (0 before the tables exist)."""
         try:
             return db_rows(self.db, "SELECT COUNT(*) FROM chunk_results")[0][0]
-        except Exception:
+        except sqlite3.Error:
             return 0
 
     def finish(self, timeout: float = 90) -> dict:
@@ -147,7 +148,7 @@ def test_partition_shorter_than_a_lease_goes_unnoticed(network, procs, tmp_path,
     net = network(1)
     leaf = net.leaves[0]
     job = Job(procs, tmp_path, net, sales_12k, ["--lease-timeout", "10"])
-    worker = job.worker(leaf, "w1", ["--io-timeout", "8", "--delay", "0.3"])
+    worker = job.worker(leaf, "w1", ["--io-timeout", "8", "--delay", "0.2"])
     wait_for(lambda: job.counted() >= 3, 60, "3 chunks to be counted")
     net.cut(leaf)
     time.sleep(1.0)   # the partition itself: its length is the experiment
@@ -170,7 +171,7 @@ def test_partition_longer_than_io_timeout_worker_reconnects_after_heal(
     net = network(1)
     leaf = net.leaves[0]
     job = Job(procs, tmp_path, net, sales_12k, ["--lease-timeout", "3"])
-    worker = job.worker(leaf, "w1", ["--io-timeout", "2", "--delay", "0.3"])
+    worker = job.worker(leaf, "w1", ["--io-timeout", "2", "--delay", "0.2"])
     wait_for(lambda: job.counted() >= 3, 60, "3 chunks to be counted")
     net.cut(leaf)
     time.sleep(4.0)
@@ -191,19 +192,19 @@ def test_worker_vanishing_without_fin_while_holding_a_chunk(network, procs, tmp_
     """A worker holds a chunk; its link is cut and the process SIGKILLed
     while cut, so no FIN or RST ever reaches the server and the link never
     comes back.  The server cannot tell this from a slow worker: only the
-    lease (3 s) ends the attempt ('expired', not 'dropped'), another worker
+    lease (2 s) ends the attempt ('expired', not 'dropped'), another worker
     takes the chunk, and the server still finishes despite the half-open
     connection."""
     net = network(2)
     victim_leaf, helper_leaf = net.leaves
-    job = Job(procs, tmp_path, net, sales_12k, ["--lease-timeout", "3"])
+    job = Job(procs, tmp_path, net, sales_12k, ["--lease-timeout", "2"])
     victim = job.worker(victim_leaf, "victim", ["--io-timeout", "2", "--delay", "30"])
 
     def victim_lease():
         try:
             rows = db_rows(job.db, "SELECT attempt_id, chunk_id FROM attempts "
                                    "WHERE worker_id = 'victim' AND outcome = 'leased'")
-        except Exception:
+        except sqlite3.Error:
             return None
         return rows[0] if rows else None
     attempt_id, chunk_id = wait_for(victim_lease, 60, "the victim to hold a chunk")

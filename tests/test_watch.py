@@ -245,17 +245,17 @@ def test_mid_job_snapshots_equal_the_database(procs, tmp_path, sales_100k):
     direct SQL queries in that same transaction; and ``--once`` run while
     the job goes on shows counts between those read just before and just
     after it (the job only adds attempts and counted chunks)."""
-    server = procs.server(sales_100k, args=["--chunks", "40", "--lease-timeout", "2"])
+    server = procs.server(sales_100k, args=["--chunks", "30", "--lease-timeout", "1.5"])
     procs.worker(server.port, "w1", ["--delay", "0.1"])
     procs.worker(server.port, "w2", ["--delay", "0.1", "--stall-rate", "0.2",
-                                     "--stall-seconds", "3", "--fault-seed", "1"])
+                                     "--stall-seconds", "2", "--fault-seed", "1"])
     wait_for(lambda: db_rows(server.db, "SELECT COUNT(*) FROM chunk_results")[0][0] >= 3,
              60, "the first chunks")
     uri = Path(server.db).resolve().as_uri() + "?mode=ro"
     con = sqlite3.connect(uri, uri=True, isolation_level=None)
     seen_leased = 0
     try:
-        for _ in range(4):
+        for _ in range(3):
             con.execute("BEGIN")
             try:
                 def query(sql, params=()):
@@ -278,7 +278,7 @@ def test_mid_job_snapshots_equal_the_database(procs, tmp_path, sales_100k):
             shown = parse_once(once.stdout)
             for key in ("counted", "attempts", "rows", "re_leased"):
                 assert before[key] <= shown[key] <= after[key], (key, before, shown, after)
-            assert shown["counted"] + shown["leased"] + shown["pending"] + shown["failed"] == 40
+            assert shown["counted"] + shown["leased"] + shown["pending"] + shown["failed"] == 30
     finally:
         con.close()
     assert seen_leased > 0, "the snapshots were not taken mid-job"
