@@ -509,7 +509,7 @@ def job_message(rows=((2.5, 2), (4.0, 3)), **changes) -> dict:
 
     import pandas as pd
     frame = pd.DataFrame(list(rows), columns=["Price", "Qty"])
-    fields = dict(JOB_FIELDS, data=pickle.dumps(frame), **changes)
+    fields = {**JOB_FIELDS, "data": pickle.dumps(frame), **changes}
     return {k: v for k, v in fields.items() if v is not ...}
 
 
@@ -560,7 +560,7 @@ class Procs:
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
         self.started: list[subprocess.Popen] = []
-        self.clients: list[Client] = []
+        self.clients: list = []   # Client objects and raw sockets: anything with close()
 
     def popen(self, cmd, **kw) -> subprocess.Popen:
         kw.setdefault("cwd", ROOT)

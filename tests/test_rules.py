@@ -169,8 +169,8 @@ def test_book_finished_only_when_no_chunk_is_pending_or_leased():
     book.complete(b.chunk_id, b.attempt_id)
     assert book.finished.is_set()
 
-    resumed = server_mod.ChunkBook(2, 10.0, 3, done={0, 1}, known_attempts={4: (0, "w"), 5: (1, "w")},
-                                   next_attempt_id=6)
+    resumed = server_mod.ChunkBook(2, 10.0, 3, done={0, 1},
+                                   known_attempts={4: (0, "w"), 5: (1, "w")}, next_attempt_id=6)
     assert resumed.finished.is_set() and resumed.lease("a", conn=1) is None
     half = server_mod.ChunkBook(2, 10.0, 3, done={0}, known_attempts={4: (0, "w")}, next_attempt_id=5)
     lease = half.lease("a", conn=1)
