@@ -598,8 +598,9 @@ def test_worker_keeps_asking_after_wait():
         protocol.send_message(conn, protocol.NO_JOB)
 
     fake = FakeServer(script)
-    assert WorkerThread(fake.port, "patient").wait(30) == 0
+    worker = WorkerThread(fake.port, "patient")
     fake.check()
+    assert worker.wait(30) == 0
     assert [m["type"] for m in fake.received] == [protocol.HELLO, protocol.GET_JOB,
                                                   protocol.GET_JOB]
 
@@ -615,14 +616,15 @@ def test_worker_resends_an_unacknowledged_result_after_reconnecting():
             fake.recv(conn)
             conn.close()                                   # the ACK is lost
             return
-        fake.recv(conn)                                    # must be the same RESULT
+        assert fake.recv(conn)["type"] == protocol.RESULT  # before any GET_JOB
         protocol.send_message(conn, protocol.ACK, chunk_id=0, counted=True)
         assert fake.recv(conn)["type"] == protocol.GET_JOB
         protocol.send_message(conn, protocol.NO_JOB)
 
     fake = FakeServer(script, connections=2)
-    assert WorkerThread(fake.port, "resender").wait(30) == 0
+    worker = WorkerThread(fake.port, "resender")
     fake.check()
+    assert worker.wait(30) == 0
     first, again = [m for m in fake.received if m["type"] == protocol.RESULT]
     assert again == first and first["attempt_id"] == 7 and first["total_sales"] == 17.0
 
@@ -643,8 +645,9 @@ def test_worker_refuses_an_ack_for_another_chunk():
             protocol.send_message(conn, protocol.NO_JOB)
 
     fake = FakeServer(script)
-    assert WorkerThread(fake.port, "careful").wait(30) == 1
+    worker = WorkerThread(fake.port, "careful")
     fake.check()
+    assert worker.wait(30) == 1
     assert [m["type"] for m in fake.received][-1] == protocol.RESULT
 
 

@@ -552,7 +552,7 @@ def run_tests(folder: Path, tests, timeout: float) -> tuple[str, str]:
             pass
     lines = out.strip().splitlines()
     # pytest's summary (-ra) names the failed test: "FAILED tests/x.py::test - why".
-    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line for line in lines if line.startswith(("FAILED tests", "ERROR tests"))]
     return ({0: "passed", 1: "failed"}.get(proc.returncode, "error"),
             "\n".join(failed if proc.returncode == 1 and failed else lines[-15:]))
 
