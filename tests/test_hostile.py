@@ -35,7 +35,7 @@ import pytest
 
 import protocol
 from conftest import (Client, FakeServer, RunsCode, WorkerThread, assert_aggregate, db_rows,
-                      job_message, make_sales_csv, oracle, parse_final, wait_for)
+                      framed, job_message, make_sales_csv, oracle, parse_final, wait_for)
 
 ROWS, CHUNKS = 3000, 6
 PRICE, QTY = "Unit Price", "Units Sold"
@@ -50,10 +50,6 @@ def sales(tmp_path_factory):
 
 
 # --- the attacker's side -------------------------------------------------------
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!I", len(payload)) + payload
-
 
 def warnings_naming(server, peer: str) -> list[str]:
     """The server's WARNING log lines that name ``peer`` (host:port)."""

@@ -19,7 +19,6 @@ the sender in a thread), so it is fast and needs no server.  What it checks:
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import pickletools
 import random
@@ -33,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import protocol
-from conftest import RunsCode
+from conftest import RunsCode, framed
 from protocol import (ConnectionClosed, FrameTooLarge, ProtocolError, TruncatedFrame,
                       AuthenticationError)
 
@@ -72,10 +71,6 @@ def pair(timeout: float = 10.0):
     a, b = socket.socketpair()
     b.settimeout(timeout)
     return a, b
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!I", len(payload)) + payload
 
 
 def same(a, b) -> bool:
