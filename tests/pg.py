@@ -33,7 +33,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -66,13 +65,6 @@ def find_bindir() -> Path:
                           "/usr/lib/postgresql/*/bin); on Debian: apt-get install postgresql")
     newest = max(found, key=lambda p: [int(n) for n in re.findall(r"\d+", p)])
     return Path(newest).parent
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -110,6 +102,7 @@ class PostgresServer:
                   "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
                   "--no-locale", "-N")
         pwfile.unlink()
+        from conftest import free_port   # here: conftest imports this module
         for _ in range(3):  # another process may take the port between pick and bind
             self.port = free_port()
             # fsync=off: these tests kill clients, never this server, and it

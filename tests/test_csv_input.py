@@ -13,8 +13,8 @@ What this file checks (issue 5):
   encodings, compressed input, the early errors (exit 2, one line on stderr
   naming the file, before listening: no port file, no database rows), and
   ``server.record_boundaries`` against record starts known by construction.
-* Random CSVs (hypothesis + faker) against an oracle written here: Python's
-  ``csv`` module and a small number cleaner of our own, never pandas'
+* Random CSVs (hypothesis + faker) against ``conftest.oracle``: Python's
+  ``csv`` module and a small number cleaner of its own, never pandas'
   parsing or ``worker.to_number``.
 * One regression test per fault fixed while writing this file, each with the
   smallest input that showed the fault.
@@ -22,7 +22,8 @@ What this file checks (issue 5):
 Format of a ``NAME.expected.json``:
 
 * a result: ``total_rows``, ``total_sales``, ``min_price``, ``max_price``,
-  ``avg_price`` and maybe ``rejected_rows`` (exact to 1e-6, null = None);
+  ``avg_price`` and maybe ``rejected_rows`` (counts exactly, the rest to
+  1e-9 relative, null = None);
 * or an early error: ``error`` (what must happen, in words) and, in our own
   cases, ``message``: substrings the one-line error must contain;
 * optional ``args`` (extra server options, e.g. ``["--encoding", "latin-1"]``),
@@ -55,12 +56,12 @@ from hypothesis import strategies as st
 
 import server
 import worker
-from conftest import SHARED_CASES, Server, parse_final, wait_for
+from conftest import (SHARED_CASES, Server, assert_aggregate, clean_number, oracle, parse_final,
+                      wait_for)
 from db_utils import ResultStore
 
 OWN_CASES = Path(__file__).resolve().parent / "cases"
 STATS = ("total_rows", "rejected_rows", "total_sales", "min_price", "max_price", "avg_price")
-TOLERANCE = 1e-6
 
 # Process runs.  "rows1"/"rows2": documented mode with one or two rows per
 # chunk; "stream": byte ranges, at most one record per chunk.
@@ -115,16 +116,11 @@ def is_error_case(expected: dict) -> bool:
 
 
 def assert_stats(actual: dict, expected: dict, label: str) -> None:
-    """The result keys present in ``expected`` match: counts exactly, floats to 1e-6."""
-    for key in STATS:
-        if key not in expected:
-            continue
-        want, got = expected[key], actual[key]
-        if want is None or key.endswith("rows"):
-            assert got == want, f"{label}: {key} is {got!r}, expected {want!r}"
-        else:
-            assert got == pytest.approx(want, rel=TOLERANCE, abs=TOLERANCE), \
-                f"{label}: {key} is {got!r}, expected {want!r}"
+    """The result keys present in ``expected`` match (see conftest.assert_aggregate)."""
+    try:
+        assert_aggregate(actual, {key: expected[key] for key in STATS if key in expected})
+    except AssertionError as exc:
+        raise AssertionError(f"{label}: {exc}") from None
 
 
 # --- Running the real processes --------------------------------------------------
@@ -371,9 +367,9 @@ def test_column_options_on_the_server(tmp_path):
     """--price-col/--qty-col pick columns that no alias matches, or settle two candidates."""
     data = b"Cost,Amount,Price,Unit Price\n2.00,3,9.00,1.00\n4.00,1,9.00,1.00\n"
     assert totals(tmp_path, data, ["--price-col", "Cost", "--qty-col", "Amount"])[
-        "total_sales"] == pytest.approx(10.0)
+        "total_sales"] == pytest.approx(10.0, rel=1e-9)
     assert totals(tmp_path, data, ["--price-col", "Unit Price", "--qty-col", "Amount"])[
-        "total_sales"] == pytest.approx(4.0)
+        "total_sales"] == pytest.approx(4.0, rel=1e-9)
 
 
 # --- 4. Number cleaning ----------------------------------------------------------
@@ -393,14 +389,14 @@ def test_to_number_cells(cell, decimal, value):
     if value is None:
         assert math.isnan(got)
     else:
-        assert got == pytest.approx(value)
+        assert got == pytest.approx(value, rel=1e-9)
 
 
 def test_text_prices_are_never_multiplied_as_strings():
     """A text column ('2.50' next to 'TBD') gives 7.50 for 2.50 x 3, not '2.502.502.50'."""
     frame = pd.DataFrame({"Price": ["2.50", "TBD", "4.00"], "Quantity": [3, 1, 2]})
     metrics = worker.compute_metrics(frame)
-    assert metrics["total_sales"] == pytest.approx(15.5)
+    assert metrics["total_sales"] == pytest.approx(15.5, rel=1e-9)
     assert (metrics["rows_processed"], metrics["rejected_rows"], metrics["price_count"]) == (3, 1, 2)
 
 
@@ -423,8 +419,10 @@ def test_separator_and_decimal_options(tmp_path):
     path = write(tmp_path, "x.csv", b"Price\tQuantity\n2.50\t4\n")
     assert server.inspect_csv(str(path), sep="\\t").sep == "\t"
     semi = b"Price;Quantity\n1.500;2\n"
-    assert totals(tmp_path, semi, ["--decimal", "."])["total_sales"] == pytest.approx(3.0)
-    assert totals(tmp_path, semi, ["--decimal", ","])["total_sales"] == pytest.approx(3000.0)
+    assert totals(tmp_path, semi, ["--decimal", "."])["total_sales"] == \
+        pytest.approx(3.0, rel=1e-9)
+    assert totals(tmp_path, semi, ["--decimal", ","])["total_sales"] == \
+        pytest.approx(3000.0, rel=1e-9)
     with pytest.raises(server.InputError, match="--sep must be one character"):
         server.inspect_csv(str(path), sep=";;")
 
@@ -439,7 +437,7 @@ def test_explicit_utf8_with_bom(tmp_path, options):
     info = server.inspect_csv(str(write(tmp_path, "x.csv", data)), encoding="utf-8")
     assert info.price_col == "Price"
     result = totals(tmp_path, data, ["--encoding", "utf-8", "--chunks", "2", *options])
-    assert result["total_sales"] == pytest.approx(7.0)
+    assert result["total_sales"] == pytest.approx(7.0, rel=1e-9)
 
 
 @pytest.mark.parametrize("options", [[], ["--stream"]])
@@ -448,12 +446,13 @@ def test_other_encodings_with_the_option(tmp_path, options):
     --stream says it cannot split it)."""
     text = "Désignation,Price,Quantity\n“Crème”,2.50,2\nThé,1.75,4\n"
     assert totals(tmp_path, text.encode("cp1252"), ["--encoding", "cp1252", *options])[
-        "total_sales"] == pytest.approx(12.0)
+        "total_sales"] == pytest.approx(12.0, rel=1e-9)
     utf16 = ["--encoding", "utf-16", *options]
     if options:
         assert "cannot split" in input_error(tmp_path, text.encode("utf-16"), utf16)
     else:
-        assert totals(tmp_path, text.encode("utf-16"), utf16)["total_sales"] == pytest.approx(12.0)
+        assert totals(tmp_path, text.encode("utf-16"), utf16)["total_sales"] == \
+            pytest.approx(12.0, rel=1e-9)
     assert "--encoding utf-16" in input_error(tmp_path, text.encode("utf-16"), options)
 
 
@@ -463,7 +462,8 @@ def test_bz2_and_xz_input(tmp_path, suffix, opener):
     path = tmp_path / f"sales{suffix}"
     with opener(path, "wb") as f:
         f.write(b"Price,Quantity\n2.00,3\n4.00,1\n")
-    assert run_in_process(path, ["--chunk-rows", "1"])["total_sales"] == pytest.approx(10.0)
+    assert run_in_process(path, ["--chunk-rows", "1"])["total_sales"] == \
+        pytest.approx(10.0, rel=1e-9)
     with pytest.raises(server.InputError, match="--stream needs an uncompressed file"):
         run_in_process(path, ["--stream"])
 
@@ -603,52 +603,6 @@ DECOYS = ["Unit Cost", "Total Price", "Price Change", "Quantity Returned", "Qty 
 JUNK = ["TBD", "", "  ", "N/A", "n/a", "-", "?", "call us", "1,2,3", "12..5", "inf", "NaN",
         "None", "#N/A", "1e999"]
 FAKE = Faker("en_US")
-ORACLE_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def oracle_number(cell: str, decimal: str) -> float | None:
-    """Our own cleaner: the cell's value, or None when it is not a finite number.
-
-    Drops currency signs and codes, spaces and apostrophes; removes
-    thousands marks only when they group the integer part by three; then
-    the text must be a plain decimal number.
-    """
-    text = cell
-    for noise in ("USD", "EUR", "GBP", "$", "€", "£", " ", "\u00a0", "'"):
-        text = text.replace(noise, "")
-    thousands = "," if decimal == "." else "."
-    whole, mark, fraction = text.partition(decimal)
-    if thousands in whole:
-        groups = whole.lstrip("+-").split(thousands)
-        if not (1 <= len(groups[0]) <= 3 and all(g.isdigit() for g in groups)
-                and all(len(g) == 3 for g in groups[1:])):
-            return None
-        whole = whole.replace(thousands, "")
-    text = whole + ("." + fraction if mark else "")
-    if not ORACLE_NUMBER.fullmatch(text):
-        return None
-    value = float(text)
-    return value if math.isfinite(value) else None
-
-
-def oracle(path: Path, sep: str, decimal: str, price_at: int, qty_at: int) -> dict:
-    """The expected aggregate, read with the csv module and :func:`oracle_number`."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        records = [r for r in csv.reader(f, delimiter=sep) if r][1:]   # [] is a blank line
-    prices, sales = [], 0.0
-    for record in records:
-        cells = record + [""] * (max(price_at, qty_at) + 1 - len(record))
-        price = oracle_number(cells[price_at], decimal)
-        qty = oracle_number(cells[qty_at], decimal)
-        if price is not None and qty is not None:
-            prices.append(price)
-            sales += price * qty
-    return {"total_rows": len(records), "rejected_rows": len(records) - len(prices),
-            "total_sales": sales, "min_price": min(prices, default=None),
-            "max_price": max(prices, default=None),
-            "avg_price": sum(prices) / len(prices) if prices else None}
-
-
 def spell(words: list[str], rng: random.Random) -> str:
     """One way people write a header: any case, any joiner, stray spaces."""
     joiner = rng.choice([" ", "_", "", "-", "."])
@@ -722,10 +676,10 @@ def test_oracle_cleaner_agrees_with_the_rendering():
     rng = random.Random(5)
     for decimal in (".", ","):
         for cents in [1, 99, 100, 123456, 99999999, -250] + [rng.randrange(1, 10**8) for _ in range(200)]:
-            assert oracle_number(render_number(cents, decimal, rng), decimal) == \
-                pytest.approx(cents / 100)
+            assert clean_number(render_number(cents, decimal, rng), decimal) == \
+                pytest.approx(cents / 100, rel=1e-9)
         for junk in JUNK:
-            assert oracle_number(junk, decimal) is None
+            assert clean_number(junk, decimal) is None
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -742,7 +696,7 @@ def test_random_csv_in_process(seed, rows, stream, parts):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "random.csv"
         path.write_bytes(data)
-        expected = oracle(path, sep, decimal, price_at, qty_at)
+        expected = oracle(path, price_at, qty_at, sep=sep, decimal=decimal)
         assert_stats(run_in_process(path, options), expected, f"seed {seed} {options}")
 
 
@@ -757,7 +711,7 @@ def test_random_csv_through_processes(procs, tmp_path, seed, rows, chunk_rows):
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
     path = folder / "random.csv"
     path.write_bytes(data)
-    expected = oracle(path, sep, decimal, price_at, qty_at)
+    expected = oracle(path, price_at, qty_at, sep=sep, decimal=decimal)
     outcomes = run_modes(procs, folder, path, {"rows": ["--chunk-rows", str(chunk_rows)],
                                                "stream": ["--stream", "--chunks", "1000"]})
     check_outcomes(outcomes, path, expected)
@@ -771,7 +725,7 @@ def test_regression_stream_refuses_cr_only_line_ends(tmp_path):
     reads the file."""
     data = b"Price,Quantity\r2.50,4\r"
     assert "CR alone" in input_error(tmp_path, data, ["--stream"])
-    assert totals(tmp_path, data)["total_sales"] == pytest.approx(10.0)
+    assert totals(tmp_path, data)["total_sales"] == pytest.approx(10.0, rel=1e-9)
 
 
 def test_regression_stream_large_chunks_gives_one_record_per_chunk(tmp_path):
@@ -782,7 +736,7 @@ def test_regression_stream_large_chunks_gives_one_record_per_chunk(tmp_path):
     chunks = server.StreamChunks(server.inspect_csv(str(path)), 1000, False)
     assert len(chunks) == 3
     assert totals(tmp_path, path.read_bytes(), ["--stream", "--chunks", "1000"])[
-        "total_sales"] == pytest.approx(44.0)
+        "total_sales"] == pytest.approx(44.0, rel=1e-9)
 
 
 @pytest.mark.parametrize("data, sales", [
@@ -795,7 +749,7 @@ def test_regression_decimal_mark_guess(tmp_path, data, sales):
     were all ambiguous ('2,125', '1.234') fell back to '.', off by 1000; and a trailing
     separator shifted the sample (pandas took the first field for an index), so the
     guess read the wrong cells.  Ambiguous cells now follow the separator's custom."""
-    assert totals(tmp_path, data)["total_sales"] == pytest.approx(sales)
+    assert totals(tmp_path, data)["total_sales"] == pytest.approx(sales, rel=1e-9)
 
 
 def test_regression_repeated_price_name(tmp_path):
@@ -804,7 +758,7 @@ def test_regression_repeated_price_name(tmp_path):
     data = b"Price,Quantity,Price\n2.00,3,9.99\n"
     assert "several price columns" in input_error(tmp_path, data)
     assert totals(tmp_path, data, ["--price-col", "Price.1"])["total_sales"] == \
-        pytest.approx(29.97)
+        pytest.approx(29.97, rel=1e-9)
 
 
 def test_regression_bom_only_file_is_empty(tmp_path):
@@ -825,7 +779,7 @@ def test_regression_head_ending_inside_a_quoted_value(tmp_path):
     record = b'"' + b"x" * 3000 + b'\nmore",2.50,3\n'
     data = b"Description,Price,Quantity\n" + record * 150
     result = totals(tmp_path, data, ["--chunks", "4"])
-    assert (result["total_rows"], result["total_sales"]) == (150, pytest.approx(1125.0))
+    assert (result["total_rows"], result["total_sales"]) == (150, pytest.approx(1125.0, rel=1e-9))
 
 
 def test_regression_truncated_gzip_is_a_clear_error(tmp_path):
@@ -843,7 +797,7 @@ def test_regression_unquoted_thousands_separator(tmp_path):
     message = input_error(tmp_path, b"Price,Quantity\n1,234.50,2\n")
     assert "more fields" in message and "1,234.50,2" in message
     assert totals(tmp_path, b"Price,Quantity\n2.50,4,\n1.00,3,\n")["total_sales"] == \
-        pytest.approx(13.0)
+        pytest.approx(13.0, rel=1e-9)
 
 
 @pytest.mark.parametrize("options", [["--chunk-rows", "1"], ["--stream", "--chunks", "100"]])
@@ -853,14 +807,14 @@ def test_regression_blank_lines_before_the_header(tmp_path, options):
     line for the header, so every chunk read its first record as column names and failed."""
     data = b"\xef\xbb\xbf\r\n\r\nPrice;Qty\r\n1,5;2\r\n4;1\r\n"
     result = totals(tmp_path, data, options)
-    assert (result["total_rows"], result["total_sales"]) == (2, pytest.approx(7.0))
+    assert (result["total_rows"], result["total_sales"]) == (2, pytest.approx(7.0, rel=1e-9))
 
 
 def test_regression_sep_typed_as_backslash_t(tmp_path):
     """Fault: --sep '\\t' (two characters from a shell) became a regex separator and the
     load failed with a message about the python engine.  Now it means a tab."""
     data = b"Price\tQuantity\n1.50\t2\n"
-    assert totals(tmp_path, data, ["--sep", "\\t"])["total_sales"] == pytest.approx(3.0)
+    assert totals(tmp_path, data, ["--sep", "\\t"])["total_sales"] == pytest.approx(3.0, rel=1e-9)
 
 
 def test_regression_surplus_fields_are_an_error_in_both_readers():

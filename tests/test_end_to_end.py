@@ -1,80 +1,60 @@
 """The main job end to end: real server and worker processes on a generated CSV.
 
 Also the two rules that make retries safe (idempotent upsert, first result
-wins), driven by a hand-written protocol client, and the recovery of a
-chunk whose worker is SIGKILLed while holding it.
+wins), driven by a hand-held protocol client (``procs.client``), and the
+recovery of a chunk whose worker is SIGKILLed while holding it.  Every
+expected answer comes from ``conftest.oracle`` (the csv module, no pandas).
 """
 
 from __future__ import annotations
 
-import io
-import socket
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
 import protocol
-from conftest import (assert_aggregate, db_rows, kill, make_sales_csv, pandas_oracle,
+from conftest import (Gate, assert_aggregate, db_rows, kill, make_sales_csv, oracle,
                       parse_final, run_job, wait_for)
-from worker import compute_metrics
 
 PRICE, QTY = "Unit Price", "Units Sold"
 
 
 @pytest.mark.timeout(120)
-def test_job_matches_single_process_pandas(procs, sales_100k):
+def test_job_matches_the_single_process_oracle(procs, sales_100k):
     """Three workers on 100,000 rows give the single-process answer (1e-9
     relative); with no failures every chunk is dispatched exactly once, and
-    the work is shared by at least two workers."""
-    final, server = run_job(procs, sales_100k, workers=3, server_args=["--chunks", "40"],
-                            worker_args=["--delay", "0.05"])
-    assert_aggregate(final, pandas_oracle(sales_100k, PRICE, QTY))
-    assert server.worker_codes == [0, 0, 0]  # each heard NO_JOB
+    every worker takes part and exits 0 after hearing NO_JOB.
+
+    A gate holds one chunk until all three workers are connected, so a
+    worker slow to start (importing pandas on a busy machine) still finds
+    the job open; --linger 30 is a bound, not a wait: the server leaves as
+    soon as every worker has heard NO_JOB."""
+    server = procs.server(sales_100k, args=["--chunks", "40", "--linger", "30"])
+    names = ["w0", "w1", "w2"]
+    gate = Gate(procs, server)
+    workers = [procs.worker(server.port, name, ["--delay", "0.05"]) for name in names]
+    gate.open_when_connected(names)
+    code, out = server.finish(90)
+    assert code == 0, server.stderr()
+    assert_aggregate(parse_final(out), oracle(sales_100k, PRICE, QTY))
+    assert [w.wait(timeout=30) for w in workers] == [0, 0, 0]   # each heard NO_JOB
     attempts = db_rows(server.db, "SELECT chunk_id, outcome FROM attempts")
     assert sorted(c for c, _ in attempts) == list(range(40))
     assert {o for _, o in attempts} == {"counted"}
-    workers = db_rows(server.db, "SELECT DISTINCT worker_id FROM chunk_results")
-    assert len(workers) >= 2
-    assert "w0" in server.stdout and "chunks" in server.stdout  # the per-worker table
+    table = [line.split() for line in out.splitlines()[2:] if line.split()[:1] in
+             (["gate"], ["w0"], ["w1"], ["w2"])]
+    assert sum(int(chunks) for _, chunks, _ in table) == 40      # the per-worker table
+    assert sum(int(rows) for _, _, rows in table) == 100_000
 
 
 @pytest.mark.timeout(60)
 def test_alternative_column_names(procs, tmp_path):
     """The design's alternative names (here UnitPrice and Qty) are found and
-    give the pandas answer."""
+    give the oracle's answer."""
     csv = make_sales_csv(tmp_path / "alt.csv", 5_000, seed=3, columns="UnitPrice,Qty")
     final, _ = run_job(procs, csv, workers=1, server_args=["--chunks", "7"])
-    assert_aggregate(final, pandas_oracle(csv, "UnitPrice", "Qty"))
-
-
-class Client:
-    """A minimal hand-driven worker, to send exactly the messages a test needs."""
-
-    def __init__(self, port: int, worker_id: str):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        protocol.client_handshake(self.sock, b"")
-        self.worker_id = worker_id
-        self.welcome = self.ask({"type": protocol.HELLO, "worker_id": worker_id})
-
-    def ask(self, message: dict) -> dict:
-        protocol.send_message(self.sock, message.pop("type"), **message)
-        return protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME)
-
-    def take(self) -> dict:
-        job = self.ask({"type": protocol.GET_JOB})
-        assert job["type"] == protocol.JOB, job
-        return job
-
-    def result(self, job: dict) -> dict:
-        frame = pd.read_pickle(io.BytesIO(job["data"]))
-        metrics = compute_metrics(frame, job["price_col"], job["qty_col"])
-        return {"type": protocol.RESULT, "job_id": job["job_id"], "worker_id": self.worker_id,
-                "chunk_id": job["chunk_id"], "attempt_id": job["attempt_id"], **metrics}
-
-    def close(self):
-        self.sock.close()
+    assert_aggregate(final, oracle(csv, "UnitPrice", "Qty"))
 
 
 @pytest.mark.timeout(60)
@@ -83,16 +63,15 @@ def test_same_result_twice_counts_once(procs, tmp_path):
     twice but counted once; the final aggregate is unchanged."""
     csv = make_sales_csv(tmp_path / "s.csv", 3_000, seed=5)
     server = procs.server(csv, args=["--chunks", "3"])
-    client = Client(server.port, "hand")
-    job = client.take()
-    result = client.result(job)
-    first, second = client.ask(dict(result)), client.ask(dict(result))
+    client = procs.client(server.port, "hand")
+    result = client.result_for(client.take())
+    first, second = client.ask(result), client.ask(result)
     assert (first["counted"], second["counted"]) == (True, False)
     client.close()
     procs.worker(server.port, "w0")
     code, out = server.finish(60)
     assert code == 0, server.stderr()
-    assert_aggregate(parse_final(out), pandas_oracle(csv, PRICE, QTY))
+    assert_aggregate(parse_final(out), oracle(csv, PRICE, QTY))
     assert db_rows(server.db, "SELECT COUNT(*) FROM worker_results") == [(3,)]
 
 
@@ -103,23 +82,23 @@ def test_same_chunk_from_two_workers_counts_once(procs, tmp_path):
     first changes the final aggregate."""
     csv = make_sales_csv(tmp_path / "s.csv", 2_000, seed=6)
     server = procs.server(csv, args=["--chunks", "1", "--lease-timeout", "0.5"])
-    slow, fast = Client(server.port, "slow"), Client(server.port, "fast")
+    slow, fast = procs.client(server.port, "slow"), procs.client(server.port, "fast")
     job_a = slow.take()
     # After the lease expires the same chunk must come back to the queue.
     def released_chunk():
-        reply = fast.ask({"type": protocol.GET_JOB})
+        reply = fast.get_job()
         return reply if reply["type"] == protocol.JOB else None  # WAIT until it expires
 
     job_b = wait_for(released_chunk, 10, "the expired chunk to be re-leased", interval=0.1)
     assert job_b["chunk_id"] == job_a["chunk_id"]
     assert job_b["attempt_id"] != job_a["attempt_id"]
-    assert fast.ask(fast.result(job_b))["counted"] is True
-    assert slow.ask(slow.result(job_a))["counted"] is False
+    assert fast.send_result(job_b)["counted"] is True
+    assert slow.send_result(job_a)["counted"] is False
     slow.close()
     fast.close()
     code, out = server.finish(60)
     assert code == 0, server.stderr()
-    assert_aggregate(parse_final(out), pandas_oracle(csv, PRICE, QTY))
+    assert_aggregate(parse_final(out), oracle(csv, PRICE, QTY))
     rows = db_rows(server.db, "SELECT COUNT(*) FROM worker_results WHERE chunk_id = ?",
                    (job_a["chunk_id"],))
     assert rows == [(2,)]
@@ -139,7 +118,7 @@ def test_killed_worker_chunk_is_requeued(procs, tmp_path):
     procs.worker(server.port, "w0")
     code, out = server.finish(60)
     assert code == 0, server.stderr()
-    assert_aggregate(parse_final(out), pandas_oracle(csv, PRICE, QTY))
+    assert_aggregate(parse_final(out), oracle(csv, PRICE, QTY))
     outcomes = db_rows(server.db, "SELECT outcome FROM attempts WHERE worker_id = 'stuck'")
     assert outcomes == [("dropped",)]
 

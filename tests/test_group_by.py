@@ -1,14 +1,16 @@
-"""``--group-by COLUMN``: per-group aggregates, checked against pandas ``groupby``.
+"""``--group-by COLUMN``: per-group aggregates, checked against an independent oracle.
 
 What is checked, on a generated sales CSV with a few rows edited in:
 
 * in the documented mode and in ``--stream`` mode, the merged per-group
-  aggregates in ``group_results`` equal a one-process pandas ``groupby`` of
-  the file, for a group that appears in one chunk only, for empty cells
-  (one "(missing)" group) and for groups holding rejected rows;
+  aggregates in ``group_results`` equal ``conftest.oracle_groups`` (the
+  csv module, no pandas) on the whole file, for a group that appears in one
+  chunk only, for empty cells (one "(missing)" group) and for groups
+  holding rejected rows;
 * the printed table has one line per group, largest total sales first;
-* exactly once: a worker that stalls past its lease and reports anyway
-  sends a duplicate result, and no group is counted twice;
+* exactly once: a worker that holds a chunk past its lease and reports
+  once the chunk is counted by another sends a duplicate result, and no
+  group is counted twice;
 * a numeric-looking group column keeps its values as written ("7" and
   "007" stay apart, a gap never turns 7 into "7.0"), in both modes.
 """
@@ -18,7 +20,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from conftest import db_rows, make_sales_csv, parse_final, wait_for
+import protocol
+from conftest import assert_aggregate, db_rows, make_sales_csv, oracle_groups, parse_final, wait_for
 from db_utils import ResultStore
 
 PRICE, QTY = "Unit Price", "Units Sold"
@@ -45,42 +48,17 @@ def sales_csv(tmp_path_factory):
     return path
 
 
-def pandas_groups(path, column: str) -> dict:
-    """The expected per-group aggregates: ``{value or None: stats}``.
-
-    Independent of worker.py: every cell is read as text, an empty group
-    cell is the None group, and a row is valid when pandas can read both
-    its price and its quantity as numbers.
-    """
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    price = pd.to_numeric(df[PRICE], errors="coerce")
-    qty = pd.to_numeric(df[QTY], errors="coerce")
-    valid = price.notna() & qty.notna()
-    out = {}
-    for value, rows in df.groupby(column).groups.items():
-        ok = valid[rows]
-        p, q = price[rows][ok], qty[rows][ok]
-        out[value or None] = {
-            "total_rows": len(rows), "rejected_rows": int((~ok).sum()),
-            "total_sales": float((p * q).sum()),
-            "min_price": float(p.min()) if len(p) else None,
-            "max_price": float(p.max()) if len(p) else None,
-            "avg_price": float(p.mean()) if len(p) else None,
-        }
-    return out
+def expected_groups(path, column: str) -> dict:
+    """The expected per-group aggregates: ``{value or None: stats}``."""
+    return oracle_groups(path, PRICE, QTY, column)
 
 
 def assert_groups_match(actual: list[dict], expected: dict) -> None:
-    """``actual`` (rows of ``group_aggregate``) equals ``expected``: counts exactly."""
+    """``actual`` (rows of ``group_aggregate``) equals ``expected``, group by group."""
     got = {row["group_value"]: row for row in actual}
     assert set(got) == set(expected)
     for value, want in expected.items():
-        for key, number in want.items():
-            have = got[value][key]
-            if key.endswith("rows") or number is None:
-                assert have == number, f"group {value!r} {key}: {have!r} != {number!r}"
-            else:
-                assert have == pytest.approx(number, rel=1e-9), f"group {value!r} {key}"
+        assert_aggregate(got[value], want)
 
 
 def printed_groups(stdout: str, column: str) -> list[tuple[str, float]]:
@@ -129,14 +107,14 @@ def run_group_job(procs, csv, column, mode_args=(), workers=2):
     ([], "Region"),
     (["--stream"], "Item Type"),
 ], ids=["documented-Region", "stream-Item Type"])
-def test_groups_match_pandas(procs, sales_csv, mode_args, column):
-    """Rule: the merged group aggregates equal pandas groupby on the whole
+def test_groups_match_the_oracle(procs, sales_csv, mode_args, column):
+    """Rule: the merged group aggregates equal the oracle's groups of the whole
     file (a group seen in one chunk only, the "(missing)" group of empty
     cells, rejected rows counted in their group), group rows add up to the
     global aggregate, and the printed table lists every group once, largest
     total sales first."""
     server, job_id, out = run_group_job(procs, sales_csv, column, mode_args)
-    expected = pandas_groups(sales_csv, column)
+    expected = expected_groups(sales_csv, column)
     assert expected[None]["total_rows"] == 1                          # the empty cell
     assert expected[ONLY_IN_LAST_CHUNK[column]]["rejected_rows"] == 1  # the row with no quantity
     assert sum(g["rejected_rows"] for g in expected.values()) == 2
@@ -163,26 +141,30 @@ def test_groups_match_pandas(procs, sales_csv, mode_args, column):
 
 @pytest.mark.timeout(90)
 def test_late_duplicate_does_not_double_a_group(procs, sales_csv):
-    """Rule: a chunk reported twice (its first worker stalled past the lease,
+    """Rule: a chunk reported twice (its first worker held it past the lease,
     the chunk was re-leased and counted, then the first worker reported
     anyway) adds its groups once: group_results holds one set of rows per
-    chunk and the merged groups still equal pandas.
+    chunk and the merged groups still equal the oracle.
 
-    The slow worker stalls 5 s on its first chunk (lease: 1 s); the steady
-    worker, started once that lease is in the database, has all the other
-    chunks done and the expired one re-done within about 2 s, long before
-    the slow worker wakes.  --linger 10 keeps the server up for its late
-    RESULT."""
+    The late worker is the test itself: it takes a chunk and sends its
+    RESULT only once the steady worker has counted that chunk, so the order
+    is fixed whatever the speed of the machine.  --linger 30 is a bound:
+    the server leaves as soon as both have heard NO_JOB."""
     server = procs.server(sales_csv, args=["--group-by", "Region", "--chunks", CHUNKS,
-                                           "--lease-timeout", "1", "--linger", "10"])
-    slow = procs.worker(server.port, "slow", ["--stall-rate", "1", "--stall-seconds", "5"])
-    leased = wait_for(lambda: db_rows(server.db, "SELECT chunk_id FROM attempts "
-                                        "WHERE worker_id = 'slow'"), 30, "the slow lease")
-    chunk = leased[0][0]
+                                           "--lease-timeout", "1", "--linger", "30"])
+    slow = procs.client(server.port, "slow")
+    late = slow.take()
+    chunk = late["chunk_id"]
     steady = procs.worker(server.port, "steady")
+    wait_for(lambda: db_rows(server.db, "SELECT worker_id FROM chunk_results WHERE chunk_id = ?",
+                             (chunk,)) == [("steady",)], 60,
+             "the steady worker to count the chunk whose lease expired")
+    assert slow.send_result(late) == {"type": protocol.ACK, "chunk_id": chunk, "counted": False}
+    assert slow.get_job()["type"] == protocol.NO_JOB
+    slow.close()
     code, out = server.finish(60)
     assert code == 0, server.stderr()
-    assert slow.wait(timeout=30) == 0 and steady.wait(timeout=30) == 0
+    assert steady.wait(timeout=30) == 0
     outcomes = db_rows(server.db, "SELECT worker_id, outcome FROM attempts WHERE chunk_id = ? "
                                   "ORDER BY attempt_id", (chunk,))
     assert outcomes == [("slow", "duplicate"), ("steady", "counted")]
@@ -199,7 +181,7 @@ def test_late_duplicate_does_not_double_a_group(procs, sales_csv):
     store = ResultStore(server.db)
     try:
         assert_groups_match(store.group_aggregate(job_id_of(server.db)),
-                            pandas_groups(sales_csv, "Region"))
+                            expected_groups(sales_csv, "Region"))
     finally:
         store.close()
     assert parse_final(out)["total_rows"] == ROWS + 3

@@ -4,12 +4,13 @@ The rule every test checks: no peer can run code on the server, crash it,
 exhaust it or change the results.  Whatever a peer does wrong ends in ONE
 WARNING line naming its address and a closed connection; the server carries
 on, and a real job run afterwards by two workers matches an independent
-pandas computation, with no row from the attacker in ``worker_results`` or
+oracle (csv module, no pandas), with no row from the attacker in ``worker_results`` or
 ``chunk_results``.  (The workers are worker.py processes where the process
 matters: secrets, TLS, many connections; elsewhere they are the same
 ``worker.Worker`` in threads, to keep the file fast.)
 
-The attacker is this test process, speaking raw bytes through :class:`Peer`.
+The attacker is this test process, speaking raw bytes through a
+``conftest.Client`` opened with ``procs.client`` (closed when the test ends).
 To make "two real workers finish the job" deterministic on a small file,
 a well-behaved stand-in (``holder``) leases one chunk before the workers
 start and lets go of it only once both are connected: until then the
@@ -33,8 +34,8 @@ import time
 import pytest
 
 import protocol
-from conftest import (assert_aggregate, db_rows, make_sales_csv, pandas_oracle, parse_final,
-                      wait_for)
+from conftest import (Client, FakeServer, RunsCode, WorkerThread, assert_aggregate, db_rows,
+                      framed, job_message, make_sales_csv, oracle, parse_final, wait_for)
 
 ROWS, CHUNKS = 3000, 6
 PRICE, QTY = "Unit Price", "Units Sold"
@@ -45,61 +46,10 @@ REAL_WORKERS = ("w0", "w1")
 def sales(tmp_path_factory):
     """(path, expected final aggregate) of a small generated sales CSV."""
     path = make_sales_csv(tmp_path_factory.mktemp("hostile") / "sales.csv", ROWS, seed=7)
-    return path, pandas_oracle(path, PRICE, QTY)
+    return path, oracle(path, PRICE, QTY)
 
 
 # --- the attacker's side -------------------------------------------------------
-
-class Peer:
-    """One hand-driven connection to the server (an attacker or the holder).
-
-    ``name`` is the ``host:port`` the server sees and logs.
-    """
-
-    def __init__(self, port: int, timeout: float = 10, tls: ssl.SSLContext | None = None):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.name = "%s:%s" % self.sock.getsockname()[:2]
-        if tls is not None:
-            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
-
-    def handshake(self, secret: bytes = b"") -> "Peer":
-        protocol.client_handshake(self.sock, secret)
-        return self
-
-    def hello(self, worker_id: str = "attacker") -> dict:
-        """Say HELLO as ``worker_id``; return the WELCOME."""
-        self.send({"type": protocol.HELLO, "worker_id": worker_id})
-        welcome = self.recv()
-        assert welcome["type"] == protocol.WELCOME, welcome
-        return welcome
-
-    def send(self, message: dict) -> None:
-        protocol.send_frame(self.sock, protocol.encode(message))
-
-    def recv(self) -> dict:
-        return protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME)
-
-    def raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def closed_by_server(self, timeout: float = 15) -> bool:
-        """Read until the server closes the connection; True once it has."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except ConnectionResetError:
-            pass
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!I", len(payload)) + payload
-
 
 def warnings_naming(server, peer: str) -> list[str]:
     """The server's WARNING log lines that name ``peer`` (host:port)."""
@@ -108,7 +58,7 @@ def warnings_naming(server, peer: str) -> list[str]:
             if " WARNING " in line and named.search(line)]
 
 
-def assert_dropped_once(server, peer: Peer) -> str:
+def assert_dropped_once(server, peer: Client) -> str:
     """The server closed ``peer``'s connection and logged exactly one WARNING for it."""
     assert peer.closed_by_server()
     lines = wait_for(lambda: warnings_naming(server, peer.name), 15,
@@ -118,18 +68,18 @@ def assert_dropped_once(server, peer: Peer) -> str:
     return lines[0]
 
 
-def hold_a_chunk(server, secret: bytes = b"", tls: ssl.SSLContext | None = None) -> Peer:
+def hold_a_chunk(procs, server, secret: bytes = b"",
+                 tls: ssl.SSLContext | None = None) -> Client:
     """A well-behaved client that leases one chunk and keeps it until closed."""
-    holder = Peer(server.port, tls=tls).handshake(secret)
+    holder = procs.client(server.port, tls=tls).handshake(secret)
     holder.hello("holder")
-    holder.send({"type": protocol.GET_JOB})
-    assert holder.recv()["type"] == protocol.JOB
+    holder.take()
     return holder
 
 
 def run_real_job(procs, server, expected: dict, processes: bool = False, env=None,
                  worker_args=(), secret: bytes = b"", tls: ssl.SSLContext | None = None,
-                 tls_ca: str | None = None, holder: Peer | None = None) -> None:
+                 tls_ca: str | None = None, holder: Client | None = None) -> None:
     """Two real workers finish the job: exact result, rows from them only.
 
     The workers are worker.py processes with ``processes``, else
@@ -138,7 +88,7 @@ def run_real_job(procs, server, expected: dict, processes: bool = False, env=Non
     (a fresh one unless given) leases a chunk before the workers start and
     closes once both are connected, so both take part whatever the speed.
     """
-    holder = holder or hold_a_chunk(server, secret, tls)
+    holder = holder or hold_a_chunk(procs, server, secret, tls)
     if processes:
         workers = [procs.worker(server.port, name, worker_args, env) for name in REAL_WORKERS]
     else:
@@ -158,28 +108,6 @@ def run_real_job(procs, server, expected: dict, processes: bool = False, env=Non
     assert "Traceback" not in server.stderr()
 
 
-class WorkerThread(threading.Thread):
-    """worker.Worker's main loop in a thread; ``wait`` mirrors Popen.wait."""
-
-    def __init__(self, port: int, name: str, secret: bytes = b"", tls_ca: str | None = None):
-        import worker  # here, not at the top: pandas is imported only when needed
-        super().__init__(daemon=True, name=name)
-        self.worker = worker.Worker("127.0.0.1", port, name, secret, tls_ca, give_up_after=20,
-                                    io_timeout=30)
-        self.code = None
-        self.start()
-
-    def run(self):
-        try:
-            self.code = self.worker.run()
-        finally:
-            self.worker.disconnect()
-
-    def wait(self, timeout: float) -> int | None:
-        self.join(timeout)
-        return self.code
-
-
 def start(procs, sales, *args, env=None, db=None):
     """A server on the small CSV.  --io-timeout is 5 s unless ``args`` say
     otherwise: short enough for a test, long enough for the real workers'
@@ -194,7 +122,7 @@ def test_random_bytes_before_the_handshake(procs, sales):
     """Rule: 4 KiB of random bytes instead of the handshake answer: one warning,
     connection closed, the job is still exact."""
     server = start(procs, sales)
-    peer = Peer(server.port)
+    peer = procs.client(server.port)
     peer.raw(random.Random(1).randbytes(4096))
     assert_dropped_once(server, peer)
     run_real_job(procs, server, sales[1])
@@ -204,8 +132,8 @@ def test_random_bytes_after_hello(procs, sales):
     """Rule: random bytes where a message should be (after a correct handshake
     and HELLO): one warning, closed, exact job."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
-    peer.hello()
+    peer = procs.client(server.port).handshake()
+    peer.hello("attacker")
     peer.raw(random.Random(2).randbytes(4096))
     assert_dropped_once(server, peer)
     run_real_job(procs, server, sales[1])
@@ -215,7 +143,7 @@ def test_length_header_of_all_ones(procs, sales):
     """Rule: a 0xFFFFFFFF length is refused from the header alone (the server
     neither waits for 4 GiB nor allocates them): ERROR reply, one warning."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.raw(b"\xff\xff\xff\xff")
     reply = peer.recv()
     assert reply["type"] == protocol.ERROR and "exceeds" in reply["reason"]
@@ -226,8 +154,8 @@ def test_length_header_of_all_ones(procs, sales):
 def test_zero_length_frame(procs, sales):
     """Rule: a zero length header is refused: ERROR reply, one warning."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
-    peer.hello()
+    peer = procs.client(server.port).handshake()
+    peer.hello("attacker")
     peer.raw(b"\x00\x00\x00\x00")
     assert peer.recv()["type"] == protocol.ERROR
     assert "zero-length" in assert_dropped_once(server, peer)
@@ -238,8 +166,8 @@ def test_truncated_frame_then_close(procs, sales):
     """Rule: half a frame then a close is a broken peer, not a goodbye: one
     warning naming it, and the lease it held goes back to the queue."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
-    peer.hello()
+    peer = procs.client(server.port).handshake()
+    peer.hello("attacker")
     peer.send({"type": protocol.GET_JOB})
     assert peer.recv()["type"] == protocol.JOB  # the attacker holds a lease now
     peer.raw(framed(protocol.encode({"type": protocol.GET_JOB}))[:7])
@@ -250,22 +178,12 @@ def test_truncated_frame_then_close(procs, sales):
     run_real_job(procs, server, sales[1])
 
 
-class RunsCode:
-    """Unpickling this runs a shell command (through os.system)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_os_system_pickle_is_refused(procs, sales, tmp_path):
     """Rule: a HELLO whose pickle calls os.system("touch ...") is refused without
     running anything: the file does not exist afterwards, one warning."""
     marker = tmp_path / "pwned"
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.raw(framed(pickle.dumps({"type": protocol.HELLO, "worker_id": RunsCode(marker)},
                                  protocol=5)))
     assert peer.recv()["type"] == protocol.ERROR
@@ -294,26 +212,18 @@ BAD_RESULTS = {
 }
 
 
-def honest_result(job: dict, worker_id: str) -> dict:
-    """The RESULT a real worker would send for ``job`` (computed by worker.py)."""
-    import worker  # here, not at the top: only these tests need pandas in-process
-    metrics = worker.compute_metrics(worker.load_chunk(job), job["price_col"], job["qty_col"])
-    return {"type": protocol.RESULT, "job_id": job["job_id"], "worker_id": worker_id,
-            "chunk_id": job["chunk_id"], "attempt_id": job["attempt_id"], **metrics}
-
-
 @pytest.mark.parametrize("case", sorted(BAD_RESULTS))
 def test_invalid_result_is_refused_and_never_stored(procs, sales, case):
     """Rule: a well-formed RESULT for a real lease with one invalid field gets
     an ERROR reply and a closed connection; no row of it is stored, and the
     chunk is computed again by a real worker."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.hello("attacker")
     peer.send({"type": protocol.GET_JOB})
     job = peer.recv()
     assert job["type"] == protocol.JOB
-    result = honest_result(job, "attacker")
+    result = peer.result_for(job)
     change, reason = BAD_RESULTS[case]
     change(result)
     peer.send(result)
@@ -328,11 +238,11 @@ def test_honest_result_is_counted(procs, sales):
     """Rule (the control for the cases above): the same hand-driven peer sending
     the unchanged RESULT gets ACK counted=True and its row is stored."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.hello("honest")
     peer.send({"type": protocol.GET_JOB})
     job = peer.recv()
-    result = honest_result(job, "honest")
+    result = peer.result_for(job)
     peer.send(result)
     assert peer.recv() == {"type": protocol.ACK, "chunk_id": job["chunk_id"], "counted": True}
     stored = db_rows(server.db, "SELECT worker_id, chunk_id, rows_processed, total_sales "
@@ -347,10 +257,10 @@ def test_huge_row_count_in_stream_mode(procs, sales):
     a count beyond SQLite's 64-bit INTEGER (which raised OverflowError in the
     insert: an "unexpected error" traceback) is refused like any bad field."""
     server = start(procs, sales, "--stream")
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.hello("attacker")
     peer.send({"type": protocol.GET_JOB})
-    result = honest_result(peer.recv(), "attacker")
+    result = peer.result_for(peer.recv())
     result.update(rows_processed=2 ** 70, price_count=2 ** 70 - result["rejected_rows"])
     peer.send(result)
     assert peer.recv()["type"] == protocol.ERROR
@@ -363,7 +273,7 @@ def test_failed_with_a_strange_error_field_is_recorded_safely(procs, sales):
     whose str() raised ValueError) is acknowledged and recorded with a short
     placeholder; the chunk is retried by a real worker."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.hello("attacker")
     peer.send({"type": protocol.GET_JOB})
     job = peer.recv()
@@ -383,14 +293,14 @@ def test_slow_peer_is_dropped_after_io_timeout(procs, sales):
     """Rule: a peer that sends part of a frame and goes silent is dropped once
     --io-timeout (2 s) has passed since the frame started (one warning)."""
     server = start(procs, sales, "--io-timeout", 2)
-    peer = Peer(server.port, timeout=30).handshake()
-    peer.hello()
+    peer = procs.client(server.port, timeout=30).handshake()
+    peer.hello("attacker")
     peer.raw(framed(protocol.encode({"type": protocol.GET_JOB}))[:6])
     assert "TimeoutError" in assert_dropped_once(server, peer)
     run_real_job(procs, server, sales[1])
 
 
-def drip(peer: Peer, data: bytes, interval: float = 0.25) -> int:
+def drip(peer: Client, data: bytes, interval: float = 0.25) -> int:
     """Send ``data`` one byte per ``interval`` seconds (always within the
     server's per-recv timeout); return how many bytes went out before the
     server hung up, or ``len(data)`` if it never did."""
@@ -410,7 +320,7 @@ def test_dripping_handshake_is_dropped_after_io_timeout(procs, sales):
     dropped after --io-timeout (2 s), with one warning.  It used to be
     read to the end."""
     server = start(procs, sales, "--io-timeout", 2)
-    peer = Peer(server.port)
+    peer = procs.client(server.port)
     answer = framed(bytes(32))
     assert drip(peer, answer) < len(answer)
     assert "handshake not finished in time" in assert_dropped_once(server, peer)
@@ -424,18 +334,20 @@ def test_dripping_tls_handshake_is_dropped_after_io_timeout(procs, sales, tls_fi
     bytes, then one byte every 0.25 s, is dropped after --io-timeout (2 s)."""
     server = start(procs, sales, "--io-timeout", 2, "--tls-cert", tls_files["cert"],
                    "--tls-key", tls_files["key"])
-    peer = Peer(server.port)
+    peer = procs.client(server.port)
     record = b"\x16\x03\x01\x02\x00" + bytes(512)
     assert drip(peer, record) < 40
     assert "timed out" in assert_dropped_once(server, peer)
 
 
-def open_idle_peers(port: int, count: int) -> tuple[list[socket.socket], list[str]]:
+def open_idle_peers(procs, port: int, count: int) -> tuple[list[socket.socket], list[str]]:
     """``count`` connections that each send half a length header, then
-    nothing; returns the sockets and their host:port names."""
+    nothing; returns the sockets (closed at the end of the test at the
+    latest) and their host:port names."""
     socks = []
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        procs.clients.append(sock)
         try:
             sock.sendall(b"\x00\x00")
         except OSError:
@@ -469,7 +381,7 @@ def test_200_idle_connections_leave_room_for_workers(procs, sales):
     worker.py processes finish the job exact while they hang; each idle
     peer gets one warning when it finally closes."""
     server = start(procs, sales, "--io-timeout", 60)
-    idle, names = open_idle_peers(server.port, 200)
+    idle, names = open_idle_peers(procs, server.port, 200)
     closer = threading.Thread(target=close_when_counted, args=(server, idle), daemon=True)
     closer.start()
     run_real_job(procs, server, sales[1], processes=True)
@@ -484,8 +396,8 @@ def test_idle_connections_beyond_the_limit_are_refused_then_timed_out(procs, sal
     dropped after --io-timeout (2 s), so workers refused meanwhile get in on
     a retry and finish the job exact; one warning per idle peer."""
     server = start(procs, sales, "--max-connections", 20, "--io-timeout", 2)
-    holder = hold_a_chunk(server)  # connected first, so it keeps its slot
-    idle, names = open_idle_peers(server.port, 200)
+    holder = hold_a_chunk(procs, server)  # connected first, so it keeps its slot
+    idle, names = open_idle_peers(procs, server.port, 200)
     wait_for(lambda: "connections already open" in server.stderr(), 15,
              "the server to refuse connections beyond the limit")
     run_real_job(procs, server, sales[1], processes=True, holder=holder)
@@ -561,7 +473,7 @@ def test_fuzzed_frames_over_many_connections(procs, sales):
     server stays up, logs at most one warning per connection and no
     traceback, and a real job afterwards is exact with no fuzz rows."""
     server = start(procs, sales)
-    welcome = Peer(server.port).handshake().hello("probe")
+    welcome = procs.client(server.port).handshake().hello("probe")
     templates = [protocol.encode(m) for m in (
         {"type": protocol.HELLO, "worker_id": "fuzz"},
         {"type": protocol.GET_JOB},
@@ -621,7 +533,7 @@ def test_pickle_bombs_made_of_builtins(procs, sales, case):
     overflow the C stack or hash forever is refused before it is unpickled:
     ERROR reply, one warning, the server alive and the job exact."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.raw(framed(PICKLE_BOMBS[case]()))
     assert peer.recv()["type"] == protocol.ERROR
     assert "refused pickle" in assert_dropped_once(server, peer)
@@ -638,11 +550,6 @@ def env_with_secret(secret: str | None) -> dict:
     return env
 
 
-def worker_log(procs, name: str) -> str:
-    """The output of the worker.py process(es) started as ``name``."""
-    return "".join(path.read_text() for path in sorted(procs.tmp.glob(f"{name}-*.log")))
-
-
 def test_wrong_or_missing_secret_is_refused_before_unpickling(procs, sales, tmp_path):
     """Rule: with a secret set (SALES_SECRET), a peer that answers the challenge
     with a pickle, a worker with the wrong secret and a worker with none are
@@ -650,7 +557,7 @@ def test_wrong_or_missing_secret_is_refused_before_unpickling(procs, sales, tmp_
     never runs), each worker exits 1 saying why, the server warns and lives."""
     marker = tmp_path / "pwned"
     server = start(procs, sales, env=env_with_secret("right secret"))
-    peer = Peer(server.port)
+    peer = procs.client(server.port)
     peer.raw(framed(pickle.dumps(RunsCode(marker), protocol=5)))
     assert "failed the challenge" in assert_dropped_once(server, peer)
     wrong = procs.worker(server.port, "wrong", env=env_with_secret("wrong secret"))
@@ -658,7 +565,7 @@ def test_wrong_or_missing_secret_is_refused_before_unpickling(procs, sales, tmp_
     assert wrong.wait(timeout=30) == 1
     assert missing.wait(timeout=30) == 1
     for name in ("wrong", "missing"):
-        assert "authentication refused by peer (wrong secret?)" in worker_log(procs, name)
+        assert "authentication refused by peer (wrong secret?)" in procs.worker_log(name)
     assert server.stderr().count("failed the challenge") == 3
     assert server.proc.poll() is None
     assert not marker.exists()
@@ -711,19 +618,19 @@ def test_plain_tcp_and_wrong_ca_are_refused_by_a_tls_server(procs, sales, tls_fi
     with a certificate error (no reconnect loop); the server lives on and a
     TLS job afterwards is exact."""
     server = start_tls(procs, sales, tls_files)
-    peer = Peer(server.port)
+    peer = procs.client(server.port)
     peer.raw(framed(protocol.encode({"type": protocol.HELLO, "worker_id": "plain"})))
     assert "SSL" in assert_dropped_once(server, peer)
     distrustful = procs.worker(server.port, "distrustful",
                                ["--tls-ca", tls_files["other_ca"]])
     assert distrustful.wait(timeout=30) == 1
-    assert "certificate verify failed" in worker_log(procs, "distrustful")
+    assert "certificate verify failed" in procs.worker_log("distrustful")
     # Exactly once: the worker gave up at the first certificate error
     # (it used to retry for --give-up-after seconds, then blame the network).
     wait_for(lambda: server.stderr().count(" WARNING ") >= 2, 15,
              "the server to log the refused TLS handshake")
     assert server.stderr().lower().count("unknown ca") == 1
-    assert "unreachable" not in worker_log(procs, "distrustful")
+    assert "unreachable" not in procs.worker_log("distrustful")
     assert server.proc.poll() is None
     run_real_job(procs, server, sales[1], tls=ssl.create_default_context(cafile=tls_files["ca"]),
                  tls_ca=tls_files["ca"])
@@ -731,54 +638,11 @@ def test_plain_tcp_and_wrong_ca_are_refused_by_a_tls_server(procs, sales, tls_fi
 
 # --- the worker protects itself --------------------------------------------------
 
-class FakeServer(threading.Thread):
-    """A broken or hostile server for one worker connection.
-
-    It does the real handshake (no secret), answers HELLO with WELCOME,
-    then runs ``script(conn)`` and waits for the worker to hang up.  It
-    accepts a single connection: a worker that reconnected in a loop would
-    hang in the next handshake and fail the test by its timeout.
-    """
-
-    def __init__(self, script):
-        super().__init__(daemon=True)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(30)
-        self.port = self.listener.getsockname()[1]
-        self.script = script
-        self.received: list[dict] = []
-        self.error = None
-        self.start()
-
-    def recv(self, conn) -> dict:
-        message = protocol.recv_message(conn, 1 << 20)
-        self.received.append(message)
-        return message
-
-    def run(self):
-        try:
-            conn, _ = self.listener.accept()
-            with conn:
-                conn.settimeout(30)
-                protocol.server_handshake(conn, b"")
-                assert self.recv(conn)["type"] == protocol.HELLO
-                protocol.send_message(conn, protocol.WELCOME, job_id="fake", chunks=1,
-                                      lease_timeout=60)
-                assert self.recv(conn)["type"] == protocol.GET_JOB
-                self.script(self, conn)
-                while conn.recv(65536):  # until the worker hangs up
-                    pass
-        except Exception as exc:  # reported by the test
-            self.error = exc
-        finally:
-            self.listener.close()
-
-
 def test_second_get_job_while_holding_a_chunk_is_refused(procs, sales):
     """Rule: a worker holds one chunk at a time.  A peer that asks again before
     reporting (to hoard chunks) is dropped, and its chunk goes back at once."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.hello("hoarder")
     peer.send({"type": protocol.GET_JOB})
     assert peer.recv()["type"] == protocol.JOB
@@ -795,9 +659,9 @@ def test_failure_report_for_another_workers_attempt_is_refused(procs, sales):
     """Rule: an attempt belongs to the worker it was leased to; another peer
     cannot report it failed (and so cannot fail a chunk it never had)."""
     server = start(procs, sales, "--max-attempts", 1)
-    holder = hold_a_chunk(server)
+    holder = hold_a_chunk(procs, server)
     owned = db_rows(server.db, "SELECT attempt_id, chunk_id FROM attempts")[0]
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.hello("mallory")
     peer.send({"type": protocol.FAILED, "job_id": holder_job_id(server), "worker_id": "mallory",
                "chunk_id": owned[1], "attempt_id": owned[0], "error": "made up"})
@@ -813,10 +677,10 @@ def test_a_result_refused_every_time_fails_the_job_instead_of_looping(procs, sal
     --max-attempts with the reason, instead of a lease-refuse-retry loop."""
     server = start(procs, sales, "--chunks", 1, "--max-attempts", 2)
     for attempt in range(2):
-        peer = Peer(server.port).handshake()
+        peer = procs.client(server.port).handshake()
         peer.hello("stubborn")
         peer.send({"type": protocol.GET_JOB})
-        result = honest_result(peer.recv(), "stubborn")
+        result = peer.result_for(peer.recv())
         result["total_sales"] = math.inf
         peer.send(result)
         assert peer.recv()["type"] == protocol.ERROR
@@ -837,11 +701,11 @@ def test_stream_row_count_cannot_exceed_the_chunk_bytes(procs, sales):
     claiming more rows than its chunk has bytes is refused (2 * 2**62 would
     otherwise overflow the final SUM)."""
     server = start(procs, sales, "--stream")
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.hello("attacker")
     peer.send({"type": protocol.GET_JOB})
     job = peer.recv()
-    result = honest_result(job, "attacker")
+    result = peer.result_for(job)
     result.update(rows_processed=2 ** 62, price_count=2 ** 62 - result["rejected_rows"])
     peer.send(result)
     reply = peer.recv()
@@ -850,29 +714,22 @@ def test_stream_row_count_cannot_exceed_the_chunk_bytes(procs, sales):
     run_real_job(procs, server, sales[1])
 
 
-def job_fields(**changes) -> dict:
-    """A JOB message as the real server sends it, with ``changes``."""
-    fields = {"job_id": "fake", "chunk_id": 0, "attempt_id": 1, "rows": None,
-              "format": "frame", "data": b"this is not a pickled DataFrame",
-              "compressed": False, "price_col": PRICE, "qty_col": QTY, "group_col": None,
-              "sep": ",", "decimal": ".", "encoding": "utf-8"}
-    fields.update(changes)
-    return {k: v for k, v in fields.items() if v is not ...}
-
-
 def run_worker_against(procs, fake: FakeServer, name: str) -> tuple[int, str]:
     """Run worker.py against ``fake``; return (exit code, its log)."""
     code = procs.worker(fake.port, name).wait(timeout=60)
-    fake.join(30)
-    assert fake.error is None, repr(fake.error)
-    return code, worker_log(procs, name)
+    fake.check()
+    return code, procs.worker_log(name)
 
 
 def test_worker_refuses_a_job_frame_over_its_bound(procs):
     """Rule: a JOB length header beyond the worker's WORKER_MAX_FRAME (1 GiB)
     makes it exit 1 saying the server broke the protocol, at once and
     without allocating or reconnecting."""
-    fake = FakeServer(lambda self, conn: conn.sendall(b"\xff\xff\xff\xff"))
+    def script(fake, conn, n):
+        assert fake.recv(conn)["type"] == protocol.GET_JOB
+        conn.sendall(b"\xff\xff\xff\xff")
+
+    fake = FakeServer(script)
     code, log = run_worker_against(procs, fake, "victim")
     assert code == 1
     assert "broke the protocol" in log and "exceeds the limit" in log
@@ -881,8 +738,11 @@ def test_worker_refuses_a_job_frame_over_its_bound(procs):
 def test_worker_refuses_a_job_without_chunk_id(procs):
     """Rule: a JOB without chunk_id cannot even be reported as failed: the
     worker exits 1 with a clear message instead of looping."""
-    fake = FakeServer(lambda self, conn: protocol.send_message(
-        conn, protocol.JOB, **job_fields(chunk_id=...)))
+    def script(fake, conn, n):
+        assert fake.recv(conn)["type"] == protocol.GET_JOB
+        protocol.send_message(conn, protocol.JOB, **job_message(chunk_id=...))
+
+    fake = FakeServer(script)
     code, log = run_worker_against(procs, fake, "victim")
     assert code == 1
     assert "malformed JOB" in log
@@ -892,12 +752,14 @@ def test_worker_reports_bad_job_data_as_failed(procs):
     """Rule: a JOB with valid ids but data that is not a DataFrame is a failed
     attempt, reported as FAILED (error as data); the worker carries on and
     exits 0 when told NO_JOB."""
-    def script(self, conn):
-        protocol.send_message(conn, protocol.JOB, **job_fields())
-        failed = self.recv(conn)
+    def script(fake, conn, n):
+        assert fake.recv(conn)["type"] == protocol.GET_JOB
+        protocol.send_message(conn, protocol.JOB,
+                              **job_message(data=b"this is not a pickled DataFrame"))
+        failed = fake.recv(conn)
         protocol.send_message(conn, protocol.ACK, chunk_id=failed.get("chunk_id"),
                               counted=False)
-        assert self.recv(conn)["type"] == protocol.GET_JOB
+        assert fake.recv(conn)["type"] == protocol.GET_JOB
         protocol.send_message(conn, protocol.NO_JOB)
 
     fake = FakeServer(script)
@@ -911,28 +773,38 @@ def test_worker_reports_bad_job_data_as_failed(procs):
 
 # --- listening on a network without a secret -------------------------------------
 
-def test_unauthenticated_server_on_a_network_address_warns(procs, sales, tmp_path):
-    """Rule: without a secret, binding to a non-loopback address logs that
+@pytest.mark.parametrize("host, secret, warned", [
+    ("0.0.0.0", None, True), ("192.0.2.7", None, True), ("0.0.0.0", "s3cret", False),
+    ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False)])
+def test_unauthenticated_server_on_a_network_address_warns(monkeypatch, caplog, tmp_path,
+                                                           host, secret, warned):
+    """Rule: without a secret, a server given a non-loopback address logs that
     unauthenticated pickle is unsafe on a network; with SALES_SECRET set it
-    does not, and neither does the default loopback address."""
-    exposed = start(procs, sales, "--host", "0.0.0.0", env=env_with_secret(None),
-                    db=tmp_path / "a.sqlite")
-    assert "unauthenticated pickle is unsafe on a network" in exposed.stderr()
-    guarded = start(procs, sales, "--host", "0.0.0.0", env=env_with_secret("s3cret"),
-                    db=tmp_path / "b.sqlite")
-    local = start(procs, sales, env=env_with_secret(None), db=tmp_path / "c.sqlite")
-    assert "unsafe" not in guarded.stderr() + local.stderr()
+    does not, and neither does a loopback address.  The warning comes before
+    the input is read, so a missing input stops each run before it listens:
+    no test binds a network address."""
+    import server
+    monkeypatch.delenv("SALES_SECRET", raising=False)
+    if secret is not None:
+        monkeypatch.setenv("SALES_SECRET", secret)
+    args = server.parse_args(["--csv", str(tmp_path / "missing.csv"), "--host", host,
+                              "--db", str(tmp_path / "r.sqlite")])
+    with pytest.raises(server.InputError, match="no such file"):
+        server.run(args)
+    assert ("unauthenticated pickle is unsafe on a network" in caplog.text) is warned
+    assert not (tmp_path / "r.sqlite").exists()
 
 
 def test_worker_survives_a_wait_with_a_strange_delay(procs):
     """Rule: a WAIT whose retry_after is not a number (here a string) is read
     as the default delay; the worker neither crashes nor spins, and exits 0
     when told NO_JOB."""
-    def script(self, conn):
+    def script(fake, conn, n):
+        assert fake.recv(conn)["type"] == protocol.GET_JOB
         protocol.send_message(conn, protocol.WAIT, retry_after="soon")
-        assert self.recv(conn)["type"] == protocol.GET_JOB
+        assert fake.recv(conn)["type"] == protocol.GET_JOB
         protocol.send_message(conn, protocol.WAIT, retry_after=-1e300)
-        assert self.recv(conn)["type"] == protocol.GET_JOB
+        assert fake.recv(conn)["type"] == protocol.GET_JOB
         protocol.send_message(conn, protocol.NO_JOB)
 
     fake = FakeServer(script)
@@ -945,7 +817,7 @@ def test_worker_id_with_control_characters_is_refused(procs, sales):
     """Rule: a worker id is printed in the server's final table; one with a
     newline or an escape sequence could forge that output, so HELLO refuses it."""
     server = start(procs, sales)
-    peer = Peer(server.port).handshake()
+    peer = procs.client(server.port).handshake()
     peer.send({"type": protocol.HELLO, "worker_id": "w\n{'total_rows': 1}\x1b[2J"})
     reply = peer.recv()
     assert reply["type"] == protocol.ERROR and "printable" in reply["reason"]

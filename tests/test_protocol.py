@@ -19,7 +19,6 @@ the sender in a thread), so it is fast and needs no server.  What it checks:
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import pickletools
 import random
@@ -33,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import protocol
+from conftest import RunsCode, framed
 from protocol import (ConnectionClosed, FrameTooLarge, ProtocolError, TruncatedFrame,
                       AuthenticationError)
 
@@ -71,10 +71,6 @@ def pair(timeout: float = 10.0):
     a, b = socket.socketpair()
     b.settimeout(timeout)
     return a, b
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!I", len(payload)) + payload
 
 
 def same(a, b) -> bool:
@@ -244,6 +240,45 @@ def test_started_frame_must_finish_before_its_deadline():
     b.close()
 
 
+class Dripper(threading.Thread):
+    """Writes ``data`` into ``sock`` one byte every ``interval`` seconds (the
+    attack's pace, not a wait), until done, refused, or :meth:`stop`."""
+
+    def __init__(self, sock, data: bytes, interval: float):
+        super().__init__(daemon=True)
+        self.sock, self.data, self.interval = sock, data, interval
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self):
+        for i in range(len(self.data)):
+            if self.stopped.wait(self.interval):
+                return
+            try:
+                self.sock.sendall(self.data[i:i + 1])
+            except OSError:
+                return
+
+    def stop(self):
+        self.stopped.set()
+        self.join(10)
+
+
+def test_dripping_frame_is_cut_at_its_deadline():
+    """Rule: frame_timeout bounds the whole frame, not each recv: a peer that
+    sends one byte every 20 ms (each recv returns quickly) of a 400-byte
+    frame, 8 s in all, is cut off once frame_timeout (0.3 s) has passed."""
+    a, b = pair(timeout=10)
+    dripper = Dripper(a, framed(b"x" * 400), 0.02)
+    try:
+        with pytest.raises(TimeoutError):
+            protocol.recv_frame(b, 4096, frame_timeout=0.3)
+    finally:
+        dripper.stop()
+        a.close()
+        b.close()
+
+
 # --- garbage in ----------------------------------------------------------------
 
 def _is_protocol_error(exc) -> bool:
@@ -300,16 +335,6 @@ def test_mutated_valid_pickles_raise_only_protocol_errors(base, data):
     assert _is_protocol_error(exc), repr(exc)
 
 
-class RunsCode:
-    """A pickle whose loading would run a shell command."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_decode_safe_never_runs_code(tmp_path):
     """Rule: a pickle that calls os.system on load is refused and the command
     never runs (pickle.loads would run it: checked on the same bytes)."""
@@ -346,15 +371,17 @@ def test_huge_memo_index_is_refused_before_allocation():
 def test_deep_nesting_is_refused():
     """Rule: a tuple nested 300,000 deep as a dict key segfaulted the process
     while hashing; nesting beyond MAX_DEPTH is refused, MAX_DEPTH passes."""
-    deep_key = _ops(b"}" + b")" + b"\x85" * 300_000 + b"N" + b"s")
-    with pytest.raises(ProtocolError, match="nested"):
-        protocol.decode_safe(deep_key)
+    # The bound first: with no depth check the bomb below would crash this
+    # process, so a broken bound must fail here, on a harmless message.
     value = "x"
     for _ in range(protocol.MAX_DEPTH - 1):  # the message dict is one level
         value = [value]
     assert protocol.decode_safe(protocol.encode({"type": protocol.ACK, "v": value}))["v"] == value
     with pytest.raises(ProtocolError, match="nested"):
         protocol.decode_safe(protocol.encode({"type": protocol.ACK, "v": [value]}))
+    deep_key = _ops(b"}" + b")" + b"\x85" * 300_000 + b"N" + b"s")
+    with pytest.raises(ProtocolError, match="nested"):
+        protocol.decode_safe(deep_key)
 
 
 def test_shared_reference_bomb_is_refused():
@@ -421,6 +448,22 @@ def test_handshake_with_a_wrong_secret_fails_on_both_sides(server_secret, client
     server_exc, client_exc = _handshake(server_secret, client_secret)
     assert isinstance(server_exc, AuthenticationError), repr(server_exc)
     assert isinstance(client_exc, AuthenticationError), repr(client_exc)
+
+
+def test_handshake_deadline_bounds_a_dripping_peer():
+    """Rule: the handshake's timeout bounds the whole exchange: a peer that
+    drips its answer one byte every 0.1 s (each recv is quick; 36 bytes take
+    3.6 s) raises TimeoutError once the timeout (0.5 s) has passed."""
+    a, b = pair(timeout=10)
+    a.settimeout(10)
+    dripper = Dripper(b, framed(bytes(32)), 0.1)
+    try:
+        with pytest.raises(TimeoutError):
+            protocol.server_handshake(a, b"s3cret", timeout=0.5)
+    finally:
+        dripper.stop()
+        a.close()
+        b.close()
 
 
 def test_handshake_unpickles_nothing(monkeypatch):

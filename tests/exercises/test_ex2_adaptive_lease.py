@@ -8,22 +8,15 @@ above the configured lease_timeout.
 
 import pytest
 
+from conftest import FakeClock
 from server import ChunkBook
 
 pytestmark = pytest.mark.exercise
 
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_lease_follows_observed_chunk_times():
     """After chunks that took 2 s each, a new lease lasts 6 s, not 60 s."""
-    clock = Clock()
+    clock = FakeClock()
     book = ChunkBook(10, lease_timeout=60.0, max_attempts=4, clock=clock)
     for _ in range(5):
         lease = book.lease("w", conn=1)

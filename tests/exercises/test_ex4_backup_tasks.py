@@ -8,7 +8,7 @@ still wins.
 
 import pytest
 
-from conftest import (assert_aggregate, db_rows, make_sales_csv, pandas_oracle, parse_final,
+from conftest import (assert_aggregate, db_rows, make_sales_csv, oracle, parse_final,
                       wait_for)
 
 pytestmark = pytest.mark.exercise
@@ -26,4 +26,4 @@ def test_job_does_not_wait_for_a_hung_worker(procs, tmp_path):
     procs.worker(server.port, "healthy")
     code, out = server.finish(50)
     assert code == 0
-    assert_aggregate(parse_final(out), pandas_oracle(csv, "Unit Price", "Units Sold"))
+    assert_aggregate(parse_final(out), oracle(csv, "Unit Price", "Units Sold"))
