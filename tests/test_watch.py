@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (PY, ROOT, assert_aggregate, db_rows, make_sales_csv, pandas_oracle,
+from conftest import (PY, ROOT, assert_aggregate, db_rows, make_sales_csv, oracle,
                       parse_final, run_job, wait_for)
 from db_utils import ResultStore
 from pg import query_db
@@ -228,7 +228,7 @@ def test_once_counts_equal_the_database_after_a_faulty_job(procs, tmp_path, sale
     code, out = server.finish()
     assert code == 0, server.stderr()
     assert [w.wait(timeout=30) for w in workers] == [0, 0]
-    assert_aggregate(parse_final(out), pandas_oracle(sales_100k, "Unit Price", "Units Sold"))
+    assert_aggregate(parse_final(out), oracle(sales_100k, "Unit Price", "Units Sold"))
     once = subprocess.run([*WATCH, "--db", db_url, "--once"], capture_output=True, text=True,
                           timeout=60)
     assert once.returncode == 0, once.stderr
@@ -284,7 +284,7 @@ def test_mid_job_snapshots_equal_the_database(procs, tmp_path, sales_100k):
     assert seen_leased > 0, "the snapshots were not taken mid-job"
     code, out = server.finish()
     assert code == 0, server.stderr()
-    assert_aggregate(parse_final(out), pandas_oracle(sales_100k, "Unit Price", "Units Sold"))
+    assert_aggregate(parse_final(out), oracle(sales_100k, "Unit Price", "Units Sold"))
 
 
 @pytest.mark.timeout(120)
@@ -305,7 +305,7 @@ def test_a_live_watcher_does_not_change_the_job(procs, tmp_path):
     watcher.send_signal(signal.SIGTERM)
     assert watcher.wait(timeout=10) == 0
     out.close()
-    assert_aggregate(final, pandas_oracle(csv, "Unit Price", "Units Sold"))
+    assert_aggregate(final, oracle(csv, "Unit Price", "Units Sold"))
     assert sorted(c for (c,) in db_rows(str(db), "SELECT chunk_id FROM attempts "
                                                  "WHERE outcome = 'counted'")) == list(range(30))
     assert db_rows(str(db), "PRAGMA integrity_check") == [("ok",)]

@@ -98,6 +98,8 @@ CHECKED = "Results are checked before they are stored"
 POISON = "A poison chunk ends the job"
 RESUME = "A restart resumes; a different file never mixes in"
 BOUNDS = "Delays and limits are bounded"
+PARTITION = "A partition (silence: no FIN, no RST) is ended by the lease"
+PARTS = "tests/test_partition.py::"
 
 
 def M(name, file, old, new, rule, *tests):
@@ -107,6 +109,10 @@ def M(name, file, old, new, rule, *tests):
 
 
 MUTANTS = [
+    M("worker-waits-forever-on-a-silent-link", "worker.py",
+      "socket.create_connection((self.host, self.port), timeout=self.io_timeout)",
+      "socket.create_connection((self.host, self.port), timeout=None)",
+      PARTITION, PARTS + "test_partition_longer_than_io_timeout_worker_reconnects_after_heal"),
     # --- the survivors of the first audit (issue 15), then what it found caught -----------
     M("ack-before-commit", "server.py",
       ("        started = time.perf_counter()\n        counted = srv.store.record_result(",
