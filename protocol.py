@@ -117,8 +117,10 @@ HEADER = struct.Struct("!I")
 # 1 MiB leaves room and still keeps a hostile peer's frames cheap.
 SERVER_MAX_FRAME = 1 << 20
 # JOB frames carry a whole chunk; 1 GiB bounds a broken server's length
-# header while fitting any sensible chunk of a multi-GB file.
-WORKER_MAX_FRAME = 1 << 30
+# header while fitting any sensible chunk of a multi-GB file.  The server
+# sizes its chunks to fit it.  (Tests lower it for both sides through
+# SALES_TEST_WORKER_MAX_FRAME, to try "too large" chunks of a few KiB.)
+WORKER_MAX_FRAME = int(os.environ.get("SALES_TEST_WORKER_MAX_FRAME") or 1 << 30)
 
 NONCE_SIZE = 32          # bytes of os.urandom per side and connection
 MAC_SIZE = 32            # HMAC-SHA256
