@@ -341,7 +341,7 @@ class _Retrier:
         with self._lock:
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
-                log.warning("results database %s failed (%s); retrying for up to %g s",
+                log.warning("results database %s unavailable (%s); retrying for up to %g s",
                             self.label, _one_line(exc), self.retry_for)
 
     def _recovered(self) -> None:
@@ -504,7 +504,11 @@ class _PostgresBackend:
 
     POOL_SIZE = 8           # connections at most; a ninth thread waits for one
     CONNECT_TIMEOUT = 10    # s to open one connection
-    WAIT_TIMEOUT = 30       # s a thread may wait for a free connection
+    # s a call waits for a connection before that counts as a failure (and is
+    # retried, see _Retrier): a live pool hands one out in microseconds, and
+    # calls hold one for about a millisecond, so a second means the database
+    # is not answering, and the retry logs it.
+    CONNECTION_WAIT = 1.0
     APPLICATION_NAME = "sales-results-store"   # shows in pg_stat_activity
 
     def __init__(self, url: str, retry_for: float = 60.0):
@@ -520,8 +524,10 @@ class _PostgresBackend:
         self._retry = _Retrier(self.label, retry_for, self._transient)
         self._pool_timeout = psycopg_pool.PoolTimeout   # (an OperationalError too)
         self._operational = psycopg.OperationalError
-        # The pool logs every borrowed connection at INFO: far too chatty.
-        logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+        # The pool logs every borrowed connection at INFO, and every failed
+        # reconnection during an outage as a WARNING of several lines; the
+        # retry's own WARNING and INFO say what matters, once.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         settings = {"connect_timeout": self.CONNECT_TIMEOUT,
                     "application_name": self.APPLICATION_NAME}
         try:
@@ -539,7 +545,7 @@ class _PostgresBackend:
             raise StoreError(f"cannot open the results database {self.label}: "
                              f"{_one_line(exc)}") from None
         self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=self.POOL_SIZE, timeout=self.WAIT_TIMEOUT,
+            url, min_size=1, max_size=self.POOL_SIZE, timeout=self.CONNECTION_WAIT,
             kwargs=dict(settings, autocommit=True),
             # Test a connection when it is borrowed: after a database restart
             # the pool holds dead ones, and this replaces them quietly.
@@ -554,9 +560,7 @@ class _PostgresBackend:
             or exc.sqlstate in _PG_TRANSIENT)
 
     def _borrow(self, seconds_left: float):
-        # Waiting for a connection is bounded by what is left of the retry
-        # window too, so a call never outlasts --db-retry-for by a pool timeout.
-        return self._pool.connection(timeout=min(self.WAIT_TIMEOUT, seconds_left))
+        return self._pool.connection(timeout=min(self.CONNECTION_WAIT, seconds_left))
 
     def transaction(self, body):
         def attempt(seconds_left):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -218,6 +219,39 @@ def test_worker_and_server_killed_then_resume(procs, tmp_path, db_url, request):
     assert "leased" not in outcomes
 
 
+@pytest.mark.timeout(240)
+def test_database_restart_mid_job_is_ridden_out(procs, tmp_path, restartable_postgres):
+    """PostgreSQL is killed mid-job (``pg_ctl -m immediate``) and started again 3 s later:
+    the server logs one WARNING that it retries and one INFO when the database is back,
+    and the job finishes by itself, exit 0, with pandas' answer and every chunk counted
+    exactly once.  A commit whose outcome was unknown was simply run again: every write
+    of the store is idempotent."""
+    pg = restartable_postgres
+    db = pg.url(pg.create_database("restart"))
+    chunks = 60
+    csv = make_sales_csv(tmp_path / "sales.csv", 12_000, seed=5)
+    server = procs.server(csv, db, ["--chunks", chunks])
+    for i in range(2):
+        procs.worker(server.port, f"w{i}", ["--delay", "0.1"])
+    counted = "SELECT COUNT(*) FROM chunk_results"
+    wait_for(lambda: query_db(db, counted)[0][0] >= 5, 90, "5 counted chunks", interval=0.05)
+    pg.kill()
+    assert server.proc.poll() is None
+    time.sleep(3)   # the outage itself: the database stays down this long
+    pg.start_again()
+    code, out = server.finish(180)
+    assert code == 0, server.stderr()
+
+    assert_aggregate(parse_final(out), pandas_oracle(csv, PRICE, QTY))
+    assert sorted(c for (c,) in query_db(db, "SELECT chunk_id FROM chunk_results")) == \
+        list(range(chunks))
+    outcomes = dict(query_db(db, "SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome"))
+    assert outcomes["counted"] == chunks and "leased" not in outcomes
+    log = server.stderr()
+    assert log.count("retrying for up to 60 s") == 1 and "is back after" in log, log
+    assert "Traceback" not in log
+
+
 # --- the same answer on both backends -------------------------------------------------
 
 def _chunks_with_edge_cases(tmp_path) -> list[pd.DataFrame]:
@@ -302,16 +336,14 @@ def test_connection_broken_mid_transaction_is_retried(pg_url, postgres_server):
 
 
 @pytest.mark.timeout(90)
-def test_unreachable_database_raises_and_the_resent_result_lands(pg_url, postgres_server,
-                                                                 monkeypatch):
-    """While the database refuses connections, record_result raises StoreError (the server
-    then drops the worker without an ACK, so the worker keeps the RESULT), the message masks
-    the password, and nothing is half-written; once the database is back, the re-sent RESULT
-    commits and counts once."""
-    monkeypatch.setattr(db_utils._PostgresBackend, "WAIT_TIMEOUT", 1.0)
+def test_unreachable_database_raises_and_the_resent_result_lands(pg_url, postgres_server):
+    """While the database refuses connections for longer than --db-retry-for (here 1 s),
+    record_result raises StoreError (the server then stops the job without an ACK, so the
+    worker keeps the RESULT), the message masks the password, and nothing is half-written;
+    once the database is back, the re-sent RESULT commits and counts once."""
     dbname = pg_url.rsplit("/", 1)[1]
     result = a_result(0, "w1", 1, 75.0)
-    with closing(ResultStore(pg_url)) as store:
+    with closing(ResultStore(pg_url, retry_for=1.0)) as store:
         store.open_job(JOB, "sales.csv", "identity", chunks=1)
         store.record_lease(JOB, 1, 0, "w1", 1.0)
         postgres_server.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
