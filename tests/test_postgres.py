@@ -12,14 +12,20 @@ backend, from the ``db_url`` fixture in tests/pg.py):
 * the final and per-group aggregates of the same results are equal on
   SQLite and PostgreSQL (1e-9 relative, ints exact, same group order);
 * PostgreSQL only: a broken connection is retried, a database that cannot
-  be reached raises (so the RESULT is not ACKed) and the re-sent RESULT
-  lands later; the password never reaches a log or an error message.
+  be reached for longer than the retry window raises (so the RESULT is not
+  ACKed) and the re-sent RESULT lands later; a database killed mid-job and
+  started again 3 s later is ridden out, exact; the password never reaches a
+  log or an error message;
+* every write may run twice with one effect (what a retry after a COMMIT of
+  unknown outcome does); a busy SQLite file is retried, then given up;
+* a database of another program is refused before anything in it changes.
 
 The PostgreSQL server is a throwaway one that the tests start (tests/pg.py).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import threading
 import time
@@ -364,6 +370,137 @@ def test_unreachable_database_raises_and_the_resent_result_lands(pg_url, postgre
         assert wait_for(resend, 60, "the database to accept the RESULT again") is True
         assert store.record_result(JOB, result, one_group(result)) is False
         assert query_db(pg_url, "SELECT COUNT(*) FROM group_results") == [(1,)]
+
+
+class TwiceCommitted:
+    """A backend that runs every transaction twice, committing both times: what
+    the store does when a COMMIT landed but its connection broke before the
+    reply (outcome unknown), and the retry runs it again."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def transaction(self, body):
+        self._backend.transaction(body)
+        return self._backend.transaction(body)
+
+    def query(self, sql, params=()):
+        return self._backend.query(sql, params)
+
+    def close(self):
+        self._backend.close()
+
+
+def test_every_write_is_idempotent_so_an_unknown_commit_can_run_again(db_url):
+    """Rule: every transaction of the store may run twice with one effect: opening
+    a job, recording a lease, ending an attempt, and a RESULT, which is still the
+    one that counts (counted=True, its groups stored once), while a second
+    worker's RESULT for the same chunk is still a duplicate."""
+    first, other = a_result(0, "w1", 1, 100.0), a_result(0, "w2", 2, 999.0)
+    with closing(ResultStore(db_url)) as store:
+        store._backend = TwiceCommitted(store._backend)
+        store.open_job(JOB, "sales.csv", "identity", chunks=2)
+        store.record_lease(JOB, 1, 0, "w1", 1.0)
+        store.record_lease(JOB, 2, 0, "w2", 2.0)
+        store.record_lease(JOB, 3, 1, "w2", 3.0)
+        assert store.record_result(JOB, first, one_group(first)) is True
+        assert store.record_result(JOB, other, one_group(other)) is False
+        store.end_attempt(JOB, 3, db_utils.DROPPED)
+        store.open_job(JOB, "sales.csv", "identity", chunks=2)   # a resume, twice
+
+        assert store.final_aggregate(JOB)["total_sales"] == 100.0
+        assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
+            {1: COUNTED, 2: DUPLICATE, 3: db_utils.DROPPED}
+    assert query_db(db_url, "SELECT COUNT(*), SUM(total_sales) FROM group_results") == \
+        [(1, 100.0)]
+    assert query_db(db_url, "SELECT COUNT(*) FROM jobs") == [(1,)]
+
+
+def test_busy_sqlite_file_is_retried_then_given_up(tmp_path, caplog):
+    """Rule: a SQLite file that another process holds locked is retried with
+    backoff (one WARNING, one INFO when it is free again) and the write lands;
+    locked for longer than retry_for, the call raises StoreError saying so.
+    (busy_timeout is set to 0 here so that the retry, not SQLite's own wait,
+    is what is tested.)"""
+    path = str(tmp_path / "r.sqlite")
+    with closing(ResultStore(path, retry_for=30)) as store:
+        store.open_job(JOB, "sales.csv", "identity", chunks=1)
+        store._backend._db.execute("PRAGMA busy_timeout=0")
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN EXCLUSIVE")
+        released = threading.Timer(0.5, other.execute, ("COMMIT",))   # the other process's work
+        released.start()
+        with caplog.at_level("INFO", logger="db_utils"):
+            store.record_lease(JOB, 1, 0, "w1", 1.0)
+        released.join()
+        other.close()
+        messages = [r.getMessage() for r in caplog.records if r.name == "db_utils"]
+        assert len(messages) == 2, messages
+        assert "database is locked" in messages[0] and "retrying for up to 30 s" in messages[0]
+        assert "is back after" in messages[1]
+        assert [a["attempt_id"] for a in store.attempts(JOB)] == [1]
+
+    with closing(ResultStore(path, retry_for=0.3)) as store:
+        store._backend._db.execute("PRAGMA busy_timeout=0")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreError, match="unavailable for 0.3 s: database is locked"):
+                store.record_lease(JOB, 2, 0, "w1", 1.0)
+        finally:
+            other.execute("COMMIT")
+            other.close()
+
+
+def test_another_programs_sqlite_file_is_refused_unchanged(procs, tmp_path):
+    """Rule: --db naming a SQLite file of another program (tables of its own, no
+    ``jobs`` table; or a ``jobs`` table with other columns) is refused with one
+    line and exit 2, and the file is left byte for byte as it was: not switched to
+    WAL, no table added, no -wal or -shm file beside it."""
+    csv = make_sales_csv(tmp_path / "sales.csv", 100)
+    for name, ddl in (("crm", "CREATE TABLE customers (id INTEGER, name TEXT)"),
+                      ("jobs", "CREATE TABLE jobs (id INTEGER, command TEXT)")):
+        db = tmp_path / f"{name}.sqlite"
+        con = sqlite3.connect(db)
+        con.execute(ddl)
+        con.commit()
+        con.close()
+        before = db.read_bytes()
+        done = subprocess.run([PY, str(ROOT / "server.py"), "--csv", str(csv), "--port", "0",
+                               "--db", str(db)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is not a results database of this program" in lines[0]
+        assert "nothing was changed" in lines[0]
+        assert db.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.glob(f"{name}.sqlite*")) == [f"{name}.sqlite"]
+
+
+def test_postgres_table_of_another_program_with_our_name_is_refused(pg_url):
+    """Rule: a PostgreSQL database may hold other programs' tables (it is often
+    shared), but one named like ours with other columns is refused before any
+    table is created."""
+    with psycopg_connect(pg_url) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER)")
+    with closing(ResultStore(pg_url)) as store:   # other tables are fine
+        store.open_job(JOB, "sales.csv", "identity", chunks=1)
+    other = pg_url.rsplit("/", 1)[0] + "/postgres"
+    name = "t_other_jobs"
+    with psycopg_connect(other) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = pg_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg_connect(url) as conn:
+        conn.execute("CREATE TABLE jobs (id INTEGER, command TEXT)")
+    with pytest.raises(StoreError, match="its table 'jobs' has other columns; nothing was changed"):
+        ResultStore(url)
+    assert query_db(url, "SELECT table_name FROM information_schema.tables "
+                         "WHERE table_schema = 'public'") == [("jobs",)]
+
+
+def psycopg_connect(url: str):
+    import psycopg
+    return psycopg.connect(url, autocommit=True)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
