@@ -82,6 +82,9 @@ def test_worker_says_when_the_server_is_not_up_yet(tmp_path):
     lines = done.stderr.splitlines()
     assert "cannot reach 127.0.0.1:9" in lines[0] and "retrying for up to 1 s" in lines[0]
     assert "unreachable for 1 s" in lines[-1]
+    # A job with no rows, or one already complete, ends before its workers come:
+    # the message must not leave the user guessing.
+    assert "if its job is finished, the server has exited" in lines[-1]
 
 
 def children_of(pid: int) -> list[int]:
