@@ -32,8 +32,10 @@ Rules the code keeps (README, "How it stays correct", says why):
 * A worker asking for work while chunks are leased but not done is told to
   WAIT, never "no more work": the job can finish with a single worker left.
 * A chunk whose attempts *reported* failure ``--max-attempts`` times is
-  FAILED and the job exits 1 naming it; lost attempts (crash, expiry) are
-  simply retried, since they say more about the worker than about the chunk.
+  FAILED and the job exits 1 naming it.  Lost attempts (crash, expiry, a
+  JOB the server could not build) say more about the worker than about the
+  chunk: they are retried, up to a bound of their own, ``--max-lost``.
+* No JOB is built over the workers' frame limit (see :func:`job_data_room`).
 * The job is identified by the input file and the chunking, so a restart
   with the same arguments resumes and a different file never mixes in.
 """
