@@ -291,8 +291,9 @@ def check_is_ours(label: str, found: dict[str, set], shared: bool) -> None:
     ours = _our_tables()
     for table, columns in found.items():
         if table in ours and columns != ours[table]:
-            raise StoreError(f"{label} is not a results database of this program: its table "
-                             f"{table!r} has other columns; nothing was changed, pass another --db")
+            raise StoreError(f"{label} is not a results database of this version: its table "
+                             f"{table!r} has other columns (another program's, or an older "
+                             f"layout); nothing was changed, pass another --db")
     if found and not shared and "jobs" not in found:
         shown = ", ".join(sorted(found)[:5]) + (", ..." if len(found) > 5 else "")
         raise StoreError(f"{label} is not a results database of this program (it holds the "

@@ -470,7 +470,7 @@ def test_another_programs_sqlite_file_is_refused_unchanged(procs, tmp_path):
                                "--db", str(db)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and "is not a results database of this program" in lines[0]
+        assert len(lines) == 1 and "is not a results database of this" in lines[0]
         assert "nothing was changed" in lines[0]
         assert db.read_bytes() == before
         assert sorted(p.name for p in tmp_path.glob(f"{name}.sqlite*")) == [f"{name}.sqlite"]
@@ -492,7 +492,7 @@ def test_postgres_table_of_another_program_with_our_name_is_refused(pg_url):
     url = pg_url.rsplit("/", 1)[0] + "/" + name
     with psycopg_connect(url) as conn:
         conn.execute("CREATE TABLE jobs (id INTEGER, command TEXT)")
-    with pytest.raises(StoreError, match="its table 'jobs' has other columns; nothing was changed"):
+    with pytest.raises(StoreError, match=r"its table 'jobs' has other columns .*nothing was changed"):
         ResultStore(url)
     assert query_db(url, "SELECT table_name FROM information_schema.tables "
                          "WHERE table_schema = 'public'") == [("jobs",)]
