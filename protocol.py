@@ -407,11 +407,12 @@ def recv_message(sock: socket.socket, max_size: int,
 #     server -> worker   #WELCOME# HMAC(k, "server" Ns Nw)       (9 + 32 bytes)
 #                     or #FAILURE#                              (9 bytes)
 #
-# Each MAC names the role that computes it and covers both nonces, so no MAC
-# is of any use anywhere but in the one place and connection it was made for.
-# Without the role, a fake server could send a worker's own challenge to
-# another worker and hand its answer back as "proof" (a reflection); without
-# both nonces, an answer made for one connection would pass on another.
+# Each MAC names the role that computes it and covers both nonces, so a MAC
+# is of use only at its own step of its own connection.  Without the role, a
+# fake server could send a worker's own challenge to another worker and hand
+# its answer back as "proof" (a reflection); without both nonces, an answer
+# recorded on one connection would pass on another (a replay).  What no
+# handshake stops is a live relay of all three frames: README, "Security".
 
 def _mac(secret: bytes, role: bytes, server_nonce: bytes, worker_nonce: bytes) -> bytes:
     """HMAC-SHA256 of ``role`` + both nonces (fixed lengths, so unambiguous)."""
