@@ -258,6 +258,28 @@ def test_database_restart_mid_job_is_ridden_out(procs, tmp_path, restartable_pos
     assert "Traceback" not in log
 
 
+@pytest.mark.timeout(120)
+def test_database_gone_for_good_stops_the_job_after_the_retry_window(procs, tmp_path,
+                                                                      restartable_postgres):
+    """A database that does not come back stops the job once --db-retry-for (here 2 s)
+    is over: exit 1, one line that says so and how many chunks are safely stored,
+    no traceback, no aggregate."""
+    pg = restartable_postgres
+    db = pg.url(pg.create_database("gone"))
+    csv = make_sales_csv(tmp_path / "sales.csv", 6_000, seed=6)
+    server = procs.server(csv, db, ["--chunks", 30, "--db-retry-for", 2])
+    procs.worker(server.port, "w0", ["--delay", "0.1"])
+    wait_for(lambda: query_db(db, "SELECT COUNT(*) FROM chunk_results")[0][0] >= 3, 90,
+             "3 counted chunks", interval=0.05)
+    pg.kill()
+    code, out = server.finish(60)
+    assert code == 1 and "total_rows" not in out
+    last = server.stderr().splitlines()[-1]
+    assert last.startswith("server.py: error: job ") and "unavailable for 2 s" in last, last
+    assert "chunks are safely stored" in last and pg.password not in server.stderr()
+    assert "Traceback" not in server.stderr()
+
+
 # --- the same answer on both backends -------------------------------------------------
 
 def _chunks_with_edge_cases(tmp_path) -> list[pd.DataFrame]:
