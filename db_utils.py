@@ -47,17 +47,28 @@ second one wait until the first commits and then take the ``DO NOTHING``
 branch (rowcount 0), so exactly one is counted and its groups are stored
 once.  Two RESULTs of the same worker and chunk meet on the
 ``worker_results`` key, where ``DO UPDATE`` takes a row lock, so they run
-one after the other.  A connection that breaks before COMMIT was sent is
-retried once on a fresh connection (nothing had been committed, so running
-the transaction again is safe); a break during COMMIT, or a database that
-stays unreachable, raises :class:`StoreError`.  Either way the server sends
-its ACK only after the call returns, so an unacknowledged RESULT is re-sent
-by the worker: a lost connection can delay a result, never drop one.
+one after the other.
+
+Errors that can clear: a results database that restarts, or a SQLite file
+that another process holds locked, makes a call fail with an error that
+says nothing about the data.  Every call is retried then, with capped
+exponential backoff, for up to ``retry_for`` seconds (``--db-retry-for``),
+and only then raises :class:`StoreError`.  Running a transaction again is
+safe even when the connection broke during COMMIT, so that its outcome is
+unknown: every write here is idempotent (the upsert, the first-wins insert,
+an attempt row inserted only if missing, updates guarded by the outcome they
+replace), so a second run of a transaction that did commit changes nothing.
+Errors that cannot clear by waiting (a full disk, a read-only file, bad
+SQL) raise at once.  Either way the server sends its ACK only after the
+call returns, so an unacknowledged RESULT is re-sent by the worker: a lost
+connection can delay a result, never drop one.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -205,13 +216,25 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class StoreError(OSError):
-    """The results database cannot be opened or reached.
+    """The results database cannot be opened, reached or written.
 
     An ``OSError``, because to the caller it is one: server.py reports it
-    as a one-line error (exit 2) at start-up and drops the worker's
-    connection without an ACK during a job.  The message never holds a
-    password.
+    as a one-line error (exit 2) at start-up and stops the job (exit 1)
+    during one.  The message never holds a password.
     """
+
+
+class AggregateOverflow(ArithmeticError):
+    """A total of the final or per-group aggregate passes the float range.
+
+    Each chunk's totals were finite (workers and server check that), but
+    their sum is not: SQLite's SUM then gives inf (or NaN, read back as
+    NULL), PostgreSQL's raises "value out of range".  The message is one
+    line for the user.
+    """
+
+
+OVERFLOW = "overflows a float (prices or quantities near 1e308?)"   # as worker.py says it
 
 
 def is_postgres_url(target: str) -> bool:
@@ -237,51 +260,182 @@ def mask_password(url: str) -> str:
     return f"{scheme}://{netloc}{slash}{tail}"
 
 
+def _table_columns(sqlite_db) -> dict[str, set]:
+    """``{table: {column names}}`` of the tables in a SQLite connection."""
+    names = [row[0] for row in sqlite_db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    return {name: {row[1] for row in sqlite_db.execute(f"PRAGMA table_info(\"{name}\")")}
+            for name in names}
+
+
+def _our_tables() -> dict[str, set]:
+    """``{table: {column names}}`` that :data:`SCHEMA` creates."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        return _table_columns(db)
+    finally:
+        db.close()
+
+
+def check_is_ours(label: str, found: dict[str, set], shared: bool) -> None:
+    """Refuse a database that belongs to another program, before changing it.
+
+    ``found`` is ``{table: {columns}}`` of the tables already there.  A table
+    with one of our names must have our columns (one of an older or newer
+    layout would break the SQL below).  ``shared``: the database may hold
+    other programs' tables as well (a PostgreSQL database); a SQLite file
+    with tables must be ours, marked by our ``jobs`` table.  Raises
+    :class:`StoreError` saying that nothing was changed.
+    """
+    ours = _our_tables()
+    for table, columns in found.items():
+        if table in ours and columns != ours[table]:
+            raise StoreError(f"{label} is not a results database of this version: its table "
+                             f"{table!r} has other columns (another program's, or an older "
+                             f"layout); nothing was changed, pass another --db")
+    if found and not shared and "jobs" not in found:
+        shown = ", ".join(sorted(found)[:5]) + (", ..." if len(found) > 5 else "")
+        raise StoreError(f"{label} is not a results database of this program (it holds the "
+                         f"tables {shown}); nothing was changed, pass another --db")
+
+
+class _Retrier:
+    """Runs database calls again while they fail with errors that can clear.
+
+    ``transient(exc)`` tells those errors (a lost connection, a database
+    restarting, a busy SQLite file) from the rest, which are raised at once.
+    Delays double from 0.1 s up to 5 s; a call gives up ``retry_for``
+    seconds after it started and raises :class:`StoreError`.  One WARNING
+    when an outage is first seen and one INFO when a call succeeds again,
+    however many threads wait through it.
+    """
+
+    def __init__(self, label: str, retry_for: float, transient):
+        self.label, self.retry_for, self.transient = label, retry_for, transient
+        self._lock = threading.Lock()
+        self._outage_since = None   # time.monotonic() of the first error, during an outage
+
+    def run(self, call):
+        """Return ``call(seconds_left)``, retrying as above; ``seconds_left``
+        is what remains of the call's ``retry_for`` (for connection waits)."""
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.1
+        while True:
+            try:
+                value = call(max(deadline - time.monotonic(), 0.1))
+            except Exception as exc:
+                if not self.transient(exc):
+                    raise
+                self._outage(exc)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreError(f"results database {self.label} unavailable for "
+                                     f"{self.retry_for:g} s: {_one_line(exc)}") from None
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, 5.0)
+            else:
+                self._recovered()
+                return value
+
+    def _outage(self, exc: Exception) -> None:
+        with self._lock:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("results database %s unavailable (%s); retrying for up to %g s",
+                            self.label, _one_line(exc), self.retry_for)
+
+    def _recovered(self) -> None:
+        if self._outage_since is None:   # the usual case, read without the lock
+            return
+        with self._lock:
+            if self._outage_since is not None:
+                log.info("results database %s is back after %.1f s", self.label,
+                         time.monotonic() - self._outage_since)
+                self._outage_since = None
+
+
+# SQLite's primary result codes for "another connection holds a lock": the
+# errors that waiting can clear (https://www.sqlite.org/rescode.html).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+def _sqlite_transient(exc: Exception) -> bool:
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)   # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class _SqliteBackend:
     """SQLite: one connection shared by all threads, serialised by one lock.
 
     See "Concurrency" in the module docstring.  ``BEGIN IMMEDIATE`` takes
     the write lock at the start of a transaction, so a transaction never
-    fails half-way because another process wrote the file meanwhile.
+    fails half-way because another process wrote the file meanwhile.  A
+    file that is busy (another process holds its lock) is retried; a full
+    disk or a read-only file raises :class:`StoreError` at once.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, retry_for: float = 60.0):
         self.label = path
         self._lock = threading.Lock()
+        self._retry = _Retrier(path, retry_for, _sqlite_transient)
         try:
             # check_same_thread=False is safe only because of _lock.
             # isolation_level=None: transaction() writes BEGIN/COMMIT itself.
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the results database {path}: {exc}") from None
+        try:
+            # Read first, write after: another program's file is refused
+            # before it is switched to WAL or gets a single table.
+            check_is_ours(path, _table_columns(self._db), shared=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
+            self._db.close()
             raise StoreError(f"cannot open the results database {path}: {exc}") from None
+        except StoreError:
+            self._db.close()
+            raise
 
     def transaction(self, body):
-        with self._lock:
+        def attempt(_seconds_left):
             cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.execute("BEGIN IMMEDIATE")
-                try:
-                    value = body(cur)
-                    cur.execute("COMMIT")
-                except BaseException:
-                    # After some errors (a full disk) SQLite has already rolled
-                    # back; a second ROLLBACK would fail and hide the cause.
-                    if self._db.in_transaction:
-                        cur.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot write the results database {self.label}: {exc}") from exc
+                value = body(cur)
+                cur.execute("COMMIT")
+            except BaseException:
+                # After some errors (a full disk) SQLite has already rolled
+                # back; a second ROLLBACK would fail and hide the cause.
+                if self._db.in_transaction:
+                    cur.execute("ROLLBACK")
+                raise
             return value
 
-    def query(self, sql: str, params=()) -> list[dict]:
         with self._lock:
+            try:
+                return self._retry.run(attempt)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write the results database {self.label}: {exc}") from exc
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        def attempt(_seconds_left):
             cur = self._db.execute(sql, params)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
+
+        with self._lock:
+            try:
+                return self._retry.run(attempt)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the results database {self.label}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -322,9 +476,20 @@ class _PostgresCursor:
     def executemany(self, sql: str, rows):
         return self._cursor.executemany(_postgres_sql(sql), rows)
 
+    def fetchone(self):
+        return self._cursor.fetchone()
+
     @property
     def rowcount(self) -> int:
         return self._cursor.rowcount
+
+
+# SQLSTATEs of errors that a restart or a busy server explains and waiting
+# can clear (PostgreSQL manual, appendix A): class 08, connection exception;
+# 57P01-57P03, admin shutdown, crash shutdown, cannot connect now (starting
+# up or shutting down); 53300, too many connections.  A lost connection that
+# the server never explained has no SQLSTATE at all.
+_PG_TRANSIENT = ("57P01", "57P02", "57P03", "53300")
 
 
 class _PostgresBackend:
@@ -333,17 +498,21 @@ class _PostgresBackend:
     Handler threads each borrow a connection for one call, so writes of
     different chunks run in parallel; the database, not a Python lock,
     keeps them consistent (see the module docstring).  Pool connections are
-    in autocommit mode, and every write is an explicit
-    ``conn.transaction()`` block: its end is the COMMIT, which tells a break
-    before COMMIT (safe to retry) from one during it (outcome unknown).
+    in autocommit mode, and every write is an explicit ``conn.transaction()``
+    block.  Connection-level errors are retried (see :class:`_Retrier`);
+    any other database error raises :class:`StoreError` at once.
     """
 
     POOL_SIZE = 8           # connections at most; a ninth thread waits for one
     CONNECT_TIMEOUT = 10    # s to open one connection
-    WAIT_TIMEOUT = 30       # s a thread may wait for a free connection
+    # s a call waits for a connection before that counts as a failure (and is
+    # retried, see _Retrier): a live pool hands one out in microseconds, and
+    # calls hold one for about a millisecond, so a second means the database
+    # is not answering, and the retry logs it.
+    CONNECTION_WAIT = 1.0
     APPLICATION_NAME = "sales-results-store"   # shows in pg_stat_activity
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, retry_for: float = 60.0):
         self.label = mask_password(url)
         try:
             import psycopg
@@ -351,53 +520,72 @@ class _PostgresBackend:
         except ImportError:
             raise StoreError(f"{self.label} is a PostgreSQL URL, but psycopg is not installed "
                              "(pip install -r requirements.txt)") from None
-        self._errors = psycopg.OperationalError   # lost or refused connections
+        self._error = psycopg.Error
+        self._overflow = psycopg.errors.NumericValueOutOfRange
+        self._retry = _Retrier(self.label, retry_for, self._transient)
         self._pool_timeout = psycopg_pool.PoolTimeout   # (an OperationalError too)
-        # The pool logs every borrowed connection at INFO: far too chatty.
-        logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+        self._operational = psycopg.OperationalError
+        # The pool logs every borrowed connection at INFO, and every failed
+        # reconnection during an outage as a WARNING of several lines; the
+        # retry's own WARNING and INFO say what matters, once.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         settings = {"connect_timeout": self.CONNECT_TIMEOUT,
                     "application_name": self.APPLICATION_NAME}
         try:
             # One plain connection first: a wrong host or password is reported
             # now, in one line, rather than as a pool timeout later.
             with psycopg.connect(url, autocommit=True, **settings) as conn:
+                found = collections.defaultdict(set)
+                for table, column in conn.execute(
+                        "SELECT table_name, column_name FROM information_schema.columns "
+                        "WHERE table_schema = current_schema()"):
+                    found[table].add(column)
+                check_is_ours(self.label, dict(found), shared=True)
                 conn.execute(postgres_schema())
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the results database {self.label}: "
                              f"{_one_line(exc)}") from None
         self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=self.POOL_SIZE, timeout=self.WAIT_TIMEOUT,
+            url, min_size=1, max_size=self.POOL_SIZE, timeout=self.CONNECTION_WAIT,
             kwargs=dict(settings, autocommit=True),
             # Test a connection when it is borrowed: after a database restart
             # the pool holds dead ones, and this replaces them quietly.
             check=psycopg_pool.ConnectionPool.check_connection,
             name="results", open=True)
 
+    def _transient(self, exc: Exception) -> bool:
+        if isinstance(exc, self._pool_timeout):
+            return True
+        return isinstance(exc, self._operational) and (
+            exc.sqlstate is None or exc.sqlstate.startswith("08")
+            or exc.sqlstate in _PG_TRANSIENT)
+
+    def _borrow(self, seconds_left: float):
+        return self._pool.connection(timeout=min(self.CONNECTION_WAIT, seconds_left))
+
     def transaction(self, body):
-        for attempt in (1, 2):
-            committing = False
-            try:
-                with self._pool.connection() as conn:
-                    with conn.transaction():
-                        value = body(_PostgresCursor(conn.cursor()))
-                        committing = True   # leaving this block sends COMMIT
-                return value
-            except self._errors as exc:
-                # No retry after a pool timeout either: that already waited.
-                if committing or attempt == 2 or isinstance(exc, self._pool_timeout):
-                    during = " during COMMIT (its outcome is unknown)" if committing else ""
-                    raise StoreError(f"results database {self.label} failed{during}: "
-                                     f"{_one_line(exc)}") from None
-                log.warning("results database %s failed (%s); running the transaction "
-                            "again on a new connection", self.label, _one_line(exc))
+        def attempt(seconds_left):
+            with self._borrow(seconds_left) as conn:
+                with conn.transaction():   # leaving the block sends COMMIT
+                    return body(_PostgresCursor(conn.cursor()))
+
+        try:
+            return self._retry.run(attempt)
+        except self._error as exc:
+            raise StoreError(f"results database {self.label} failed: {_one_line(exc)}") from None
 
     def query(self, sql: str, params=()) -> list[dict]:
-        try:
-            with self._pool.connection() as conn:
+        def attempt(seconds_left):
+            with self._borrow(seconds_left) as conn:
                 cur = conn.execute(_postgres_sql(sql), params)
                 names = [d.name for d in cur.description]
                 return [dict(zip(names, row)) for row in cur.fetchall()]
-        except self._errors as exc:
+
+        try:
+            return self._retry.run(attempt)
+        except self._overflow:
+            raise AggregateOverflow(f"a sum {OVERFLOW}") from None
+        except self._error as exc:
             raise StoreError(f"results database {self.label} failed: {_one_line(exc)}") from None
 
     def close(self) -> None:
@@ -407,6 +595,19 @@ class _PostgresBackend:
 def _one_line(exc: Exception) -> str:
     """An exception's message on one line (libpq's span several)."""
     return " ".join(str(exc).split())
+
+
+def _finite_totals(row: dict) -> bool:
+    """The sums of an aggregate row are finite numbers.
+
+    SQLite adds floats past the range into inf, and inf - inf into NaN,
+    which it stores and returns as NULL: a NULL ``avg_price`` beside a
+    ``min_price`` means the price sum broke, not that there were no prices.
+    """
+    sales, mean = row["total_sales"], row["avg_price"]
+    if mean is None and row["min_price"] is not None:
+        return False
+    return sales is not None and math.isfinite(sales) and (mean is None or math.isfinite(mean))
 
 
 class JobState:
@@ -429,17 +630,20 @@ class ResultStore:
 
     ``path`` is a SQLite file (``results.sqlite``) or a PostgreSQL URL
     (``postgresql://user:password@host:5432/dbname``); see "Two backends"
-    in the module docstring.  Every public method is one transaction.
-    Raises :class:`StoreError` if the database cannot be opened or
-    reached, and the backend's own error (``sqlite3.Error``,
-    ``psycopg.Error``) if a statement fails.  ``label`` is ``path`` with
-    the password masked: log that, never ``path``.
+    in the module docstring.  Every public method is one transaction,
+    retried for up to ``retry_for`` seconds while the database is
+    unreachable or busy (see "Errors that can clear").  Raises
+    :class:`StoreError` if the database cannot be opened, belongs to
+    another program, stays unreachable, or a statement fails; the final
+    and group aggregates raise :class:`AggregateOverflow`.  ``label`` is
+    ``path`` with the password masked: log that, never ``path``.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, retry_for: float = 60.0):
         self.path = path
         self.label = mask_password(path)
-        self._backend = _PostgresBackend(path) if is_postgres_url(path) else _SqliteBackend(path)
+        backend = _PostgresBackend if is_postgres_url(path) else _SqliteBackend
+        self._backend = backend(path, retry_for)
 
     def close(self) -> None:
         """Close the connection(s) (idempotent)."""
@@ -491,7 +695,7 @@ class ResultStore:
         """Insert the attempt row for a new lease (outcome ``leased``)."""
         self._transaction([(
             "INSERT INTO attempts (job_id, attempt_id, chunk_id, worker_id, leased_at, outcome) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt_id) DO NOTHING",
             (job_id, attempt_id, chunk_id, worker_id, leased_at, LEASED))])
 
     def end_attempt(self, job_id: str, attempt_id: int, outcome: str,
@@ -523,8 +727,10 @@ class ResultStore:
         now = time.time()
         row = dict(result, job_id=job_id, received_at=now)
         key = (job_id, result["worker_id"], result["chunk_id"])
+        runs = []
 
         def commit_result(cur) -> bool:
+            runs.append(1)
             cur.execute(_UPSERT_RESULT, [row[n] for n in _NAMES])
             cur.execute(_CLAIM_CHUNK, key)
             counted = cur.rowcount == 1
@@ -532,6 +738,14 @@ class ResultStore:
                 cur.executemany(
                     "INSERT INTO group_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(job_id, result["chunk_id"], *g) for g in groups])
+            elif len(runs) > 1:
+                # Run again after a failure: if the earlier run's COMMIT did
+                # land (its outcome was unknown), this attempt already claimed
+                # the chunk, and it still counts (its groups are stored once).
+                cur.execute("SELECT attempt_id FROM chunk_results WHERE job_id = ? "
+                            "AND chunk_id = ?", (job_id, result["chunk_id"]))
+                claimed = cur.fetchone()
+                counted = claimed is not None and claimed[0] == result["attempt_id"]
             cur.execute(
                 "UPDATE attempts SET outcome = ?, ended_at = ?, error = NULL "
                 "WHERE job_id = ? AND attempt_id = ? AND outcome NOT IN (?, ?)",
@@ -551,13 +765,32 @@ class ResultStore:
 
         Returns ``{'total_rows', 'total_sales', 'min_price', 'max_price',
         'avg_price', 'rejected_rows'}``; the price statistics are None when
-        no row had a valid price and quantity.
+        no row had a valid price and quantity.  Raises
+        :class:`AggregateOverflow` when the sum of the chunks' sales or
+        prices passes the float range.
         """
-        return self._query(FINAL_AGGREGATE_SQL, (job_id,))[0]
+        try:
+            final = self._query(FINAL_AGGREGATE_SQL, (job_id,))[0]
+        except AggregateOverflow:
+            raise AggregateOverflow(f"the total of all chunks {OVERFLOW}") from None
+        if not _finite_totals(final):
+            raise AggregateOverflow(f"the total of all chunks {OVERFLOW}")
+        return final
 
     def group_aggregate(self, job_id: str) -> list[dict]:
-        """Per-group aggregates (``--group-by``), sorted by total sales, descending."""
-        return self._query(GROUP_AGGREGATE_SQL, (job_id,))
+        """Per-group aggregates (``--group-by``), sorted by total sales, descending.
+
+        Raises :class:`AggregateOverflow` as :meth:`final_aggregate` does,
+        for any group.
+        """
+        try:
+            groups = self._query(GROUP_AGGREGATE_SQL, (job_id,))
+        except AggregateOverflow:
+            raise AggregateOverflow(f"the total of a group {OVERFLOW}") from None
+        for group in groups:
+            if not _finite_totals(group):
+                raise AggregateOverflow(f"the total of group {group['group_value']!r} {OVERFLOW}")
+        return groups
 
     def per_worker(self, job_id: str) -> list[dict]:
         """Counted chunks and rows per worker: ``[{'worker_id', 'chunks', 'rows'}]``."""

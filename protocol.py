@@ -64,12 +64,15 @@ ERROR      server -> worker reason; the server closes the connection next
 Handshake
 ---------
 Before any message, both sides prove they know the shared secret with a
-mutual HMAC-SHA256 challenge-response (the scheme of
-``multiprocessing.connection.deliver_challenge``): each side sends 32 random
-bytes and checks the other's ``HMAC(secret, nonce)`` with
-``hmac.compare_digest``.  Without ``--secret`` the key is empty, which proves
-nothing but keeps one code path; with it, a peer that does not know the
-secret is dropped before a single byte of pickle is decoded.
+mutual HMAC-SHA256 challenge-response in three frames (see the block above
+:func:`server_handshake`): the server sends a 32-byte random nonce, the
+worker answers with its own nonce and ``HMAC(secret, "worker" + both
+nonces)``, and the server answers ``HMAC(secret, "server" + both nonces)``
+(or a failure frame).  Both checks use ``hmac.compare_digest``.  Binding the
+role and both nonces into every MAC makes a reflected or replayed answer
+useless.  Without ``--secret`` the key is empty, which proves nothing but
+keeps one code path; with it, a peer that does not know the secret is
+dropped before a single byte of pickle is decoded.
 """
 
 from __future__ import annotations
@@ -114,11 +117,15 @@ HEADER = struct.Struct("!I")
 # 1 MiB leaves room and still keeps a hostile peer's frames cheap.
 SERVER_MAX_FRAME = 1 << 20
 # JOB frames carry a whole chunk; 1 GiB bounds a broken server's length
-# header while fitting any sensible chunk of a multi-GB file.
-WORKER_MAX_FRAME = 1 << 30
+# header while fitting any sensible chunk of a multi-GB file.  The server
+# sizes its chunks to fit it.  (Tests lower it for both sides through
+# SALES_TEST_WORKER_MAX_FRAME, to try "too large" chunks of a few KiB.)
+WORKER_MAX_FRAME = int(os.environ.get("SALES_TEST_WORKER_MAX_FRAME") or 1 << 30)
 
-NONCE_SIZE = 32
+NONCE_SIZE = 32          # bytes of os.urandom per side and connection
+MAC_SIZE = 32            # HMAC-SHA256
 _CHALLENGE = b"#CHALLENGE#"
+_ANSWER = b"#ANSWER#"
 _WELCOME = b"#WELCOME#"
 _FAILURE = b"#FAILURE#"
 
@@ -393,9 +400,23 @@ def recv_message(sock: socket.socket, max_size: int,
 
 
 # --- Handshake ---------------------------------------------------------------
+# Three frames, at most 256 bytes each, nothing unpickled:
+#
+#     server -> worker   #CHALLENGE# Ns                         (11 + 32 bytes)
+#     worker -> server   #ANSWER# Nw HMAC(k, "worker" Ns Nw)     (8 + 32 + 32 bytes)
+#     server -> worker   #WELCOME# HMAC(k, "server" Ns Nw)       (9 + 32 bytes)
+#                     or #FAILURE#                              (9 bytes)
+#
+# Each MAC names the role that computes it and covers both nonces, so a MAC
+# is of use only at its own step of its own connection.  Without the role, a
+# fake server could send a worker's own challenge to another worker and hand
+# its answer back as "proof" (a reflection); without both nonces, an answer
+# recorded on one connection would pass on another (a replay).  What no
+# handshake stops is a live relay of all three frames: README, "Security".
 
-def _digest(secret: bytes, nonce: bytes) -> bytes:
-    return hmac.new(secret, nonce, hashlib.sha256).digest()
+def _mac(secret: bytes, role: bytes, server_nonce: bytes, worker_nonce: bytes) -> bytes:
+    """HMAC-SHA256 of ``role`` + both nonces (fixed lengths, so unambiguous)."""
+    return hmac.new(secret, role + server_nonce + worker_nonce, hashlib.sha256).digest()
 
 
 def _recv_handshake_frame(sock: socket.socket, deadline: float | None) -> bytes:
@@ -420,47 +441,53 @@ def _recv_handshake_frame(sock: socket.socket, deadline: float | None) -> bytes:
         sock.settimeout(old_timeout)
 
 
-def _deliver_challenge(sock: socket.socket, secret: bytes, deadline: float | None) -> None:
-    """Send a random nonce; require the peer's HMAC of it."""
-    nonce = os.urandom(NONCE_SIZE)
-    send_frame(sock, _CHALLENGE + nonce)
-    answer = _recv_handshake_frame(sock, deadline)
-    if not hmac.compare_digest(answer, _digest(secret, nonce)):
-        send_frame(sock, _FAILURE)
-        raise AuthenticationError("peer failed the challenge (wrong secret?)")
-    send_frame(sock, _WELCOME)
-
-
-def _answer_challenge(sock: socket.socket, secret: bytes, deadline: float | None) -> None:
-    """Answer the peer's nonce with our HMAC; require its welcome."""
-    challenge = _recv_handshake_frame(sock, deadline)
-    if not challenge.startswith(_CHALLENGE) or len(challenge) != len(_CHALLENGE) + NONCE_SIZE:
-        raise ProtocolError("expected an authentication challenge")
-    send_frame(sock, _digest(secret, challenge[len(_CHALLENGE):]))
-    if _recv_handshake_frame(sock, deadline) != _WELCOME:
-        raise AuthenticationError("authentication refused by peer (wrong secret?)")
-
-
 def server_handshake(sock: socket.socket, secret: bytes, timeout: float | None = None) -> None:
-    """Authenticate a fresh connection from the server side (challenge first).
+    """Authenticate a fresh connection from the server side (the server challenges).
 
-    With ``timeout``, the whole exchange must finish within that many
-    seconds, else ``TimeoutError``.  Raises :class:`AuthenticationError` or
-    :class:`ProtocolError` if the peer does not prove it knows ``secret``,
-    and the framing errors on a broken link.  Nothing is unpickled here.
+    Sends a fresh nonce Ns, checks the worker's MAC over its role and both
+    nonces, then proves its own knowledge of ``secret`` with a MAC under the
+    other role.  With ``timeout``, the whole exchange must finish within
+    that many seconds, else ``TimeoutError``.  Raises
+    :class:`AuthenticationError` (after sending ``#FAILURE#``) for any
+    answer but the right one, and the framing errors on a broken link.
+    Nothing is unpickled here.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    _deliver_challenge(sock, secret, deadline)
-    _answer_challenge(sock, secret, deadline)
+    server_nonce = os.urandom(NONCE_SIZE)
+    send_frame(sock, _CHALLENGE + server_nonce)
+    answer = _recv_handshake_frame(sock, deadline)
+    worker_nonce = answer[len(_ANSWER):len(_ANSWER) + NONCE_SIZE]
+    expected = _ANSWER + worker_nonce + _mac(secret, b"worker", server_nonce, worker_nonce)
+    # Anything but the expected frame (a wrong MAC, an old client, a pickle)
+    # is the same refusal; compare_digest takes as long wherever they differ.
+    if len(worker_nonce) != NONCE_SIZE or not hmac.compare_digest(answer, expected):
+        send_frame(sock, _FAILURE)
+        raise AuthenticationError("peer failed the challenge (wrong secret?)")
+    send_frame(sock, _WELCOME + _mac(secret, b"server", server_nonce, worker_nonce))
 
 
 def client_handshake(sock: socket.socket, secret: bytes, timeout: float | None = None) -> None:
-    """Authenticate a fresh connection from the worker side (answer first).
+    """Authenticate a fresh connection from the worker side (the worker answers).
 
-    Mutual: the worker also checks that the server knows the secret, so a
-    worker is never fed chunks by an impostor.  Takes and raises as
-    :func:`server_handshake` does.
+    Mutual: the worker also checks the server's MAC, so a worker is never
+    fed chunks by an impostor; it returns only once that MAC is right, and
+    a caller reads no message (unpickles no JOB) before that.  Takes
+    ``timeout`` as :func:`server_handshake` does.  Raises
+    :class:`ProtocolError` if the first frame is not a challenge,
+    :class:`AuthenticationError` for ``#FAILURE#`` or any reply but the
+    right ``#WELCOME#``, and the framing errors on a broken link.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    _answer_challenge(sock, secret, deadline)
-    _deliver_challenge(sock, secret, deadline)
+    challenge = _recv_handshake_frame(sock, deadline)
+    if not challenge.startswith(_CHALLENGE) or len(challenge) != len(_CHALLENGE) + NONCE_SIZE:
+        raise ProtocolError("expected an authentication challenge")
+    server_nonce = challenge[len(_CHALLENGE):]
+    worker_nonce = os.urandom(NONCE_SIZE)
+    send_frame(sock, _ANSWER + worker_nonce + _mac(secret, b"worker", server_nonce, worker_nonce))
+    reply = _recv_handshake_frame(sock, deadline)
+    if reply == _FAILURE:
+        raise AuthenticationError("authentication refused by peer (wrong secret?)")
+    if not hmac.compare_digest(reply, _WELCOME + _mac(secret, b"server", server_nonce,
+                                                      worker_nonce)):
+        raise AuthenticationError("the server failed the challenge (wrong secret, or not "
+                                  "the real server)")

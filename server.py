@@ -32,8 +32,10 @@ Rules the code keeps (README, "How it stays correct", says why):
 * A worker asking for work while chunks are leased but not done is told to
   WAIT, never "no more work": the job can finish with a single worker left.
 * A chunk whose attempts *reported* failure ``--max-attempts`` times is
-  FAILED and the job exits 1 naming it; lost attempts (crash, expiry) are
-  simply retried, since they say more about the worker than about the chunk.
+  FAILED and the job exits 1 naming it.  Lost attempts (crash, expiry, a
+  JOB the server could not build) say more about the worker than about the
+  chunk: they are retried, up to a bound of their own, ``--max-lost``.
+* No JOB is built over the workers' frame limit (see :func:`job_data_room`).
 * The job is identified by the input file and the chunking, so a restart
   with the same arguments resumes and a different file never mixes in.
 """
@@ -68,9 +70,10 @@ from dataclasses import dataclass
 import pandas as pd
 
 import protocol
-from db_utils import DROPPED, EXPIRED, FAILED, ResultStore, StoreError
-from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, find_columns,
-                    normalize_name, port_number, positive_number, read_columns)
+from db_utils import DROPPED, EXPIRED, FAILED, AggregateOverflow, ResultStore, StoreError
+from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, HelpFormatter,
+                    find_columns, normalize_name, port_number, read_columns, seconds,
+                    seconds_or_zero)
 
 log = logging.getLogger("server")
 
@@ -439,10 +442,28 @@ class StreamChunks:
         # At most one target per byte; cuts are deduplicated, so a large
         # --chunks gives one record per chunk, never an empty chunk.
         parts = max(1, min(chunks, body))
+        # No JOB may exceed the workers' frame limit: they would refuse it
+        # unread, every time.  Targets at most half the room apart leave the
+        # other half for the record each cut moves forward to.
+        room = job_data_room(info, self) - len(self.header)
+        if room < 2:
+            raise InputError(f"{info.path}: the header line alone is longer than the "
+                             f"workers' frame limit ({protocol.WORKER_MAX_FRAME} bytes)")
+        fitting = -(-body // (room // 2))
+        if fitting > parts:
+            log.info("--stream: %d chunks instead of %d, so that each fits the workers' "
+                     "%d-byte frames", fitting, parts, protocol.WORKER_MAX_FRAME)
+            parts = fitting
         targets = [header_end + body * i // parts for i in range(1, parts)]
         cuts = [header_end] + record_boundaries(info.path, targets) + [size]
         cuts = sorted(set(cuts))
         self.ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        for start, end in self.ranges:
+            if end - start > room:
+                raise InputError(
+                    f"{info.path}: a chunk of {end - start} bytes at byte {start} cannot fit the "
+                    f"workers' {protocol.WORKER_MAX_FRAME}-byte frames: the file holds records "
+                    f"of over {room // 2} bytes")
         self.rows = None
 
     def __len__(self) -> int:
@@ -535,6 +556,37 @@ def _count_quotes(data: bytes, start: int, end: int) -> int:
     return data.count(b'"', start, end)
 
 
+def job_message(info: CsvInfo, chunks, job_id: str, chunk_id: int, attempt_id: int,
+                data: bytes) -> dict:
+    """The JOB message of one attempt (its fields are listed in protocol.py).
+
+    ``chunks`` is the chunk source (:class:`FrameChunks` or
+    :class:`StreamChunks`); ``data`` its payload for ``chunk_id``.
+    """
+    return {"type": protocol.JOB, "job_id": job_id, "chunk_id": chunk_id,
+            "attempt_id": attempt_id, "rows": chunks.rows_of(chunk_id),
+            "format": chunks.format, "data": data, "compressed": chunks.compress,
+            "price_col": info.price_col, "qty_col": info.qty_col,
+            "group_col": info.group_col, "sep": info.sep, "decimal": info.decimal,
+            "encoding": info.encoding}
+
+
+def job_data_room(info: CsvInfo, chunks) -> int:
+    """How many bytes of data a JOB may carry and still fit a worker's frame.
+
+    The worker refuses frames over ``protocol.WORKER_MAX_FRAME`` before it
+    reads them.  Subtracted: the rest of the message, measured by encoding
+    one with empty data and the largest ids and row count, plus 64 bytes for
+    the data's length opcode; with compression, zlib's worst case, which is
+    the input plus 0.1 % plus a few bytes (deflateBound in zlib's deflate.c).
+    """
+    big = 2 ** 63 - 1
+    envelope = len(protocol.encode(dict(
+        job_message(info, chunks, "f" * 64, big, big, b""), rows=big))) + 64
+    room = protocol.WORKER_MAX_FRAME - envelope
+    return room - room // 1000 - 64 if chunks.compress else room
+
+
 # --- Chunk bookkeeping (no sockets, no database) -------------------------------
 
 PENDING, LEASED, DONE, FAILED_CHUNK = "PENDING", "LEASED", "DONE", "FAILED"
@@ -555,29 +607,39 @@ class ChunkBook:
     """The state of every chunk, and the leases that hand them out.
 
     A chunk moves PENDING -> LEASED -> DONE, back to PENDING when its last
-    live lease expires or is dropped, and to FAILED after ``max_attempts``
-    reported failures.  One lock guards everything, so handler threads and
-    the main thread's expiry sweep see one consistent state.  ``clock`` is
-    injectable so tests can move time by hand.  ``finished`` is an Event set
-    once no chunk is PENDING or LEASED.
+    live lease ends without a result, and to FAILED when it cannot succeed:
+    after ``max_attempts`` *reported* failures (the worker said why), after
+    ``max_lost`` *lost* attempts (a lease expired, a connection dropped, the
+    JOB could not be built: nobody said why), or at once when it can never
+    be sent (:meth:`refuse`).  The two counts are kept apart: one crashed
+    worker says little about a chunk, but a chunk that every worker drops,
+    or that no worker may receive, would otherwise be handed out for ever.
+    One lock guards everything, so handler threads and the main thread's
+    expiry sweep see one consistent state.  ``clock`` is injectable so tests
+    can move time by hand.  ``finished`` is an Event set once no chunk is
+    PENDING or LEASED.  Attempt ids from ``next_attempt_id`` on are this
+    run's (``first_attempt_id``); lower ones were issued by an earlier run.
     """
 
     def __init__(self, chunks: int, lease_timeout: float, max_attempts: int,
                  done=(), known_attempts=None, next_attempt_id: int = 1,
-                 clock=time.monotonic):
+                 clock=time.monotonic, max_lost: int = 10):
         self.lease_timeout, self.max_attempts, self.clock = lease_timeout, max_attempts, clock
+        self.max_lost = max_lost
         self.state = [PENDING] * chunks
         for chunk_id in done:
             self.state[chunk_id] = DONE
         self.queue = collections.deque(c for c in range(chunks) if self.state[c] == PENDING)
         self.leases: dict[int, Lease] = {}
         self.attempt_owner = dict(known_attempts or {})  # attempt_id -> (chunk_id, worker_id)
-        self.next_attempt_id = next_attempt_id
-        self.failures = [0] * chunks
+        self.next_attempt_id = self.first_attempt_id = next_attempt_id
+        self.failures = [0] * chunks   # reported failures, toward max_attempts
+        self.losses = [0] * chunks     # lost attempts, toward max_lost
         # Attempts whose failure is already counted: a worker that lost the
         # ACK re-sends its FAILED, and one attempt must count only once.
         self.failed_attempts: set[int] = set()
         self.last_error: dict[int, str] = {}
+        self.why_failed: dict[int, str] = {}   # chunk_id -> why it is FAILED, for the report
         self.dispatches = 0
         self._lock = threading.Lock()
         self.finished = threading.Event()
@@ -636,32 +698,65 @@ class ChunkBook:
             self.failed_attempts.add(attempt_id)
             self.failures[chunk_id] += 1
             if self.failures[chunk_id] >= self.max_attempts:
-                self.state[chunk_id] = FAILED_CHUNK
-                self._check_finished()
+                self._give_up(chunk_id, f"{error} (failed {self.failures[chunk_id]} times)")
                 return True
             self._requeue(chunk_id)
             return False
 
+    def refuse(self, chunk_id: int, attempt_id: int, reason: str) -> None:
+        """The chunk can never be handed out (say, its JOB exceeds the
+        workers' frame limit): end the attempt and FAIL the chunk at once."""
+        with self._lock:
+            self.leases.pop(attempt_id, None)
+            if self.state[chunk_id] == LEASED:
+                self._give_up(chunk_id, reason)
+
     def release(self, conn: int) -> list[Lease]:
-        """The connection closed: end its leases and re-queue their chunks."""
+        """The connection closed: end its leases as lost and re-queue their chunks."""
         with self._lock:
             gone = [lease for lease in self.leases.values() if lease.conn == conn]
-            self._end(gone)
+            self._lose(gone, lambda lease: f"worker {lease.worker_id}'s connection closed "
+                                           f"while it held the chunk")
             return gone
 
     def expire(self) -> list[Lease]:
-        """End every lease past its deadline and re-queue their chunks."""
+        """End every lease past its deadline as lost and re-queue their chunks."""
         with self._lock:
             now = self.clock()
             gone = [lease for lease in self.leases.values() if lease.deadline <= now]
-            self._end(gone)
+            self._lose(gone, lambda lease: f"its lease expired after {self.lease_timeout:g} s "
+                                           f"({lease.worker_id})")
             return gone
 
-    def _end(self, gone: list[Lease]) -> None:
+    def lose(self, attempt_id: int, reason: str) -> None:
+        """End one live attempt as lost for ``reason`` (the JOB was never sent)."""
+        with self._lock:
+            lease = self.leases.get(attempt_id)
+            if lease is not None:
+                self._lose([lease], lambda _: reason)
+
+    def _lose(self, gone: list[Lease], reason) -> None:
         for lease in gone:
             del self.leases[lease.attempt_id]
         for lease in gone:
-            self._requeue(lease.chunk_id)
+            chunk_id = lease.chunk_id
+            if self.state[chunk_id] != LEASED:
+                continue   # a result or a reported failure already decided it
+            self.losses[chunk_id] += 1
+            still_held = any(l.chunk_id == chunk_id for l in self.leases.values())
+            if self.losses[chunk_id] >= self.max_lost and not still_held:
+                self._give_up(chunk_id, (
+                    f"lost {self.losses[chunk_id]} times without a result or an error "
+                    f"report (last: {reason(lease)}); do workers crash or time out on it, "
+                    f"or is it too large for their frame limit?"))
+            else:
+                self._requeue(chunk_id)
+
+    def _give_up(self, chunk_id: int, why: str) -> None:
+        self.state[chunk_id] = FAILED_CHUNK
+        self.why_failed[chunk_id] = why
+        log.error("chunk %d FAILED: %s", chunk_id, why)
+        self._check_finished()
 
     def _requeue(self, chunk_id: int) -> None:
         # Another live lease may still hold the chunk (it was re-leased after
@@ -690,9 +785,9 @@ class ChunkBook:
         return {s: tally.get(s, 0) for s in (PENDING, LEASED, DONE, FAILED_CHUNK)}
 
     def failed_chunks(self) -> dict[int, str]:
-        """``{chunk_id: last error}`` of the FAILED chunks."""
+        """``{chunk_id: why it failed}`` of the FAILED chunks (one line each)."""
         with self._lock:
-            return {c: self.last_error.get(c, "") for c, s in enumerate(self.state)
+            return {c: self.why_failed.get(c, "") for c, s in enumerate(self.state)
                     if s == FAILED_CHUNK}
 
 
@@ -798,7 +893,10 @@ class JobServer(socketserver.ThreadingTCPServer):
         self.fatal: str | None = None     # why the job cannot go on, if it cannot
         # Workers that took part in this job (in this run or an earlier one)
         # and have not heard NO_JOB yet: the server lingers for them at the end.
-        self._untold = {worker for _, worker in book.attempt_owner.values()}
+        # A job that is complete already was finished by the earlier run,
+        # which told its workers then: nobody is left to wait for.
+        self._untold = ({worker for _, worker in book.attempt_owner.values()}
+                        if not book.finished.is_set() else set())
         super().__init__(address, Handler)
 
     def fail_job(self, reason: str) -> None:
@@ -930,7 +1028,9 @@ class Handler(socketserver.BaseRequestHandler):
         return protocol.recv_message(self.sock, self.server.max_frame, self.server.io_timeout)
 
     def send(self, message: dict) -> None:
-        payload = protocol.encode(message)
+        self.send_frame(protocol.encode(message))
+
+    def send_frame(self, payload: bytes) -> None:
         protocol.send_frame(self.sock, payload)
         self.server.timings.sent(protocol.HEADER.size + len(payload))
 
@@ -972,32 +1072,51 @@ class Handler(socketserver.BaseRequestHandler):
             srv.book.finished.wait(srv.wait_interval)
             lease = srv.book.lease(self.worker_id, self.conn)
         if lease is None:
-            if srv.book.finished.is_set():
-                self.send({"type": protocol.NO_JOB})
-                srv.told_done(self.worker_id)
-            else:
-                self.send({"type": protocol.WAIT, "retry_after": srv.wait_interval})
+            self.send_no_job()
             return
         srv.progress.begin()
         started = time.perf_counter()
-        data = srv.chunks.payload(lease.chunk_id)
+        try:
+            frame = protocol.encode(job_message(
+                srv.info, srv.chunks, srv.job_id, lease.chunk_id, lease.attempt_id,
+                srv.chunks.payload(lease.chunk_id)))
+        except InputError:
+            raise   # the file changed under the job: handle() stops it
+        except Exception as exc:
+            # Not the worker's fault (above all a MemoryError for a large
+            # chunk): a lost attempt, so that --max-lost bounds the retries.
+            reason = f"the server could not build its JOB ({type(exc).__name__}: {exc})"
+            log.warning("chunk %d: %s", lease.chunk_id, reason)
+            srv.book.lose(lease.attempt_id, reason)
+            self.send_no_job()
+            return
         srv.timings.add("serialize", time.perf_counter() - started)
+        if len(frame) > protocol.WORKER_MAX_FRAME:
+            # A worker would refuse it unread and hang up, every time.
+            srv.book.refuse(lease.chunk_id, lease.attempt_id, (
+                f"its JOB frame is {len(frame)} bytes, over the workers' limit of "
+                f"{protocol.WORKER_MAX_FRAME}; use more --chunks"))
+            self.send_no_job()
+            return
         started = time.perf_counter()
         srv.store.record_lease(srv.job_id, lease.attempt_id, lease.chunk_id,
                                self.worker_id, time.time())
         srv.timings.add("db", time.perf_counter() - started)
-        info = srv.info
         log.debug("chunk %d leased to %s (attempt %d)", lease.chunk_id, self.worker_id, lease.attempt_id)
         started = time.perf_counter()
-        self.send({"type": protocol.JOB, "job_id": srv.job_id, "chunk_id": lease.chunk_id,
-                   "attempt_id": lease.attempt_id, "rows": srv.chunks.rows_of(lease.chunk_id),
-                   "format": srv.chunks.format, "data": data, "compressed": srv.chunks.compress,
-                   "price_col": info.price_col, "qty_col": info.qty_col,
-                   "group_col": info.group_col, "sep": info.sep, "decimal": info.decimal,
-                   "encoding": info.encoding})
-        # Pickling the frame and handing it to the kernel; a worker slow to
-        # read makes this grow once the socket buffers are full.
+        self.send_frame(frame)
+        # Handing the frame to the kernel; a worker slow to read makes this
+        # grow once the socket buffers are full.
         srv.timings.add("send", time.perf_counter() - started)
+
+    def send_no_job(self) -> None:
+        """Answer a GET_JOB that gets no chunk: NO_JOB if the job is over, else WAIT."""
+        srv = self.server
+        if srv.book.finished.is_set():
+            self.send({"type": protocol.NO_JOB})
+            srv.told_done(self.worker_id)
+        else:
+            self.send({"type": protocol.WAIT, "retry_after": srv.wait_interval})
 
     def handle_result(self, msg: dict) -> None:
         srv = self.server
@@ -1026,7 +1145,8 @@ class Handler(socketserver.BaseRequestHandler):
         srv.timings.add("db", time.perf_counter() - started)
         srv.book.complete(chunk_id, attempt_id)
         if counted:
-            srv.progress.chunk_done(msg["rows_processed"], srv.book)
+            srv.progress.chunk_done(msg["rows_processed"], srv.book,
+                                    this_run=attempt_id >= srv.book.first_attempt_id)
         else:
             log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
                      chunk_id, self.worker_id, attempt_id)
@@ -1042,12 +1162,11 @@ class Handler(socketserver.BaseRequestHandler):
         self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": False})
 
     def fail_attempt(self, chunk_id: int, attempt_id: int, error: str) -> None:
-        """Record a failed attempt; the chunk FAILS after --max-attempts of them."""
+        """Record a failed attempt; the chunk FAILS after --max-attempts of them
+        (the book logs that)."""
         srv = self.server
         srv.store.end_attempt(srv.job_id, attempt_id, FAILED, error)
-        if srv.book.fail(chunk_id, attempt_id, error):
-            log.error("chunk %d FAILED after %d failed attempts; last error: %s",
-                      chunk_id, srv.book.max_attempts, error)
+        srv.book.fail(chunk_id, attempt_id, error)
 
     dispatch = {protocol.GET_JOB: handle_get_job, protocol.RESULT: handle_result,
                 protocol.FAILED: handle_failed}
@@ -1099,12 +1218,17 @@ class Progress:
     """Logs done/total, rows per second and an ETA, at most once a second.
 
     ``total`` chunks, of which ``resumed`` were done by an earlier run.
-    Rates count from the first lease of this run (:meth:`begin`), not from
-    start-up: a server may wait a long time for its first worker.
+    Rates count only chunks leased *in this run*, from this run's first
+    lease (:meth:`begin`), not from start-up: a server may wait a long time
+    for its first worker, and a result re-sent for an earlier run's attempt
+    (which can arrive before this run leased anything) took no time here.
+    Until a chunk of this run is done, no rate or ETA is shown.
     """
 
     def __init__(self, total: int, resumed: int = 0):
-        self.total, self.resumed, self.rows, self.done = total, resumed, 0, 0
+        self.total, self.resumed = total, resumed
+        self.rows = self.done = 0   # rows and chunks leased and counted in this run
+        self.late = 0               # counted results of an earlier run's attempts
         self.started = None
         self._last = 0.0
         self._lock = threading.Lock()
@@ -1115,11 +1239,18 @@ class Progress:
             if self.started is None:
                 self.started = time.monotonic()
 
-    def chunk_done(self, rows: int, book: ChunkBook) -> None:
-        """Count one newly counted chunk of ``rows`` rows, and maybe log."""
+    def chunk_done(self, rows: int, book: ChunkBook, this_run: bool = True) -> None:
+        """Count one newly counted chunk of ``rows`` rows, and maybe log.
+
+        ``this_run``: its attempt was leased by this run (else it is a result
+        of an earlier run's attempt, re-sent after a restart).
+        """
         with self._lock:
-            self.rows += rows
-            self.done += 1
+            if this_run:
+                self.rows += rows
+                self.done += 1
+            else:
+                self.late += 1
             now = time.monotonic()
             # Counting chunk states is linear in the chunks: do it only for
             # a line that is logged, not for every result.
@@ -1128,12 +1259,16 @@ class Progress:
             left = book.counts()
             left = left[PENDING] + left[LEASED]
             self._last = now
-            elapsed = max(now - (self.started or now), 1e-9)
-            earlier = f", {self.resumed} from an earlier run" if self.resumed else ""
-            log.info("progress: %d/%d chunks done (%.0f%%%s), %d rows in this run, %.0f rows/s, "
-                     "ETA %.1f s", self.total - left, self.total,
-                     100.0 * (self.total - left) / max(self.total, 1), earlier,
-                     self.rows, self.rows / elapsed, elapsed / self.done * left)
+            earlier = self.resumed + self.late
+            line = "progress: %d/%d chunks done (%.0f%%%s), %d rows in this run" % (
+                self.total - left, self.total, 100.0 * (self.total - left) / max(self.total, 1),
+                f", {earlier} from an earlier run" if earlier else "", self.rows)
+            if self.done and self.started is not None:
+                elapsed = now - self.started
+                if elapsed > 0:
+                    line += ", %.0f rows/s, ETA %.1f s" % (self.rows / elapsed,
+                                                          elapsed / self.done * left)
+            log.info("%s", line)
 
 
 def file_fingerprint(path: str, samples: int = 64, block: int = 4096) -> dict:
@@ -1218,14 +1353,14 @@ def run(args: argparse.Namespace) -> int:
     loaded = {"inspect": inspected - started,
               "split" if args.stream else "read": time.perf_counter() - inspected}
     job_id, identity = job_identity(info, args, fingerprint)
-    store = ResultStore(args.db)
+    store = ResultStore(args.db, retry_for=args.db_retry_for)
     try:
         state = store.open_job(job_id, info.path, identity, len(chunks), fresh=args.fresh)
         if state.done:
             log.info("job %s: resuming, %d of %d chunks already done", job_id,
                      len(state.done), len(chunks))
         book = ChunkBook(len(chunks), args.lease_timeout, args.max_attempts, state.done,
-                         state.attempts, state.next_attempt_id)
+                         state.attempts, state.next_attempt_id, max_lost=args.max_lost)
         try:
             server = JobServer((args.host, args.port), chunks, book, store, job_id, info,
                                secret=secret, tls=tls, max_frame=args.max_frame,
@@ -1277,7 +1412,10 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
                     server.fail_job(str(exc))
         waited = time.perf_counter()
         server.timings.add("wait", waited - started)
-        if book.finished.is_set():
+        # Decided now: leases dropped by the shutdown below must not turn an
+        # interrupted job into a finished one.
+        completed = book.finished.is_set() and server.fatal is None
+        if completed:
             # Let the workers ask once more and hear NO_JOB, so they exit 0
             # instead of reconnecting to a server that is gone.  That includes
             # workers of an earlier run that are still backing off before
@@ -1295,7 +1433,7 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
         print(f"server.py: error: job {job_id} stopped: {server.fatal}; {book.counts()[DONE]} "
               f"of {len(book)} chunks are safely stored", file=sys.stderr)
         return EXIT_FAILED
-    if not book.finished.is_set():
+    if not completed:
         counts = book.counts()
         log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
                     "again to resume", signals[0], counts[DONE], len(book))
@@ -1308,15 +1446,19 @@ def report(server: JobServer) -> int:
     book, store, job_id = server.book, server.store, server.job_id
     failed = book.failed_chunks()
     if failed:
-        for chunk_id, error in sorted(failed.items()):
-            log.error("chunk %d failed %d times; last error: %s", chunk_id,
-                      book.failures[chunk_id], error)
-        chunk_id, error = min(failed.items())
-        print(f"server.py: error: job {job_id} failed: {len(failed)} chunk(s) failed "
-              f"{book.max_attempts} times, e.g. chunk {chunk_id}: {error}", file=sys.stderr)
+        chunk_id, why = min(failed.items())
+        print(f"server.py: error: job {job_id} failed: {len(failed)} of {len(book)} chunk(s) "
+              f"failed, e.g. chunk {chunk_id}: {why}", file=sys.stderr)
         return EXIT_FAILED
     started = time.perf_counter()
-    final = store.final_aggregate(job_id)
+    try:
+        final = store.final_aggregate(job_id)
+        groups = store.group_aggregate(job_id) if server.info.group_col else []
+    except AggregateOverflow as exc:
+        # Every chunk's totals were finite, their sum is not: the same
+        # error as with one chunk, whatever the chunking.
+        print(f"server.py: error: job {job_id} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     keys = ("total_rows", "total_sales", "min_price", "max_price", "avg_price", "rejected_rows")
     print({key: final[key] for key in keys})
     workers = store.per_worker(job_id)
@@ -1324,7 +1466,7 @@ def report(server: JobServer) -> int:
     for row in workers:
         print(f"{row['worker_id']:<24} {row['chunks']:>8} {row['rows']:>12}")
     if server.info.group_col:
-        print_groups(server.info.group_col, store.group_aggregate(job_id))
+        print_groups(server.info.group_col, groups)
     server.timings.add("aggregate", time.perf_counter() - started)
     sys.stdout.flush()
     phases = ", ".join(f"{name} {sec:.2f} s" for name, sec in server.timings.seconds.items())
@@ -1350,7 +1492,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The server's command line (see ``--help``)."""
     p = argparse.ArgumentParser(
         description="Split a sales CSV into chunks, hand them to workers, aggregate in SQL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--csv", required=True, help="input CSV (.gz/.bz2/.zip/.xz too)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=port_number(0), default=5000, help="TCP port (0: any free port)")
@@ -1360,17 +1502,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--db", default="results.sqlite",
                    help="results database: a SQLite file, or a PostgreSQL URL "
                         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME")
+    p.add_argument("--db-retry-for", type=seconds_or_zero, default=60.0,
+                   help="seconds to keep retrying a results database that is unreachable or "
+                        "busy (a restart) before the job stops")
     p.add_argument("--fresh", action="store_true",
                    help="forget earlier results of this job instead of resuming")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="how much to log; DEBUG shows every lease")
     p.add_argument("--port-file", default=None, help="write the bound port to this file")
     g = p.add_argument_group("scheduling")
-    g.add_argument("--lease-timeout", type=positive_number, default=60.0,
+    g.add_argument("--lease-timeout", type=seconds, default=60.0,
                    help="seconds a worker may hold a chunk before it is handed out again")
     g.add_argument("--max-attempts", type=_positive_int, default=4,
                    help="reported failures after which a chunk fails the job")
-    g.add_argument("--linger", type=float, default=5.0,
+    g.add_argument("--max-lost", type=_positive_int, default=10,
+                   help="lost attempts (lease expired, connection dropped, JOB not built) "
+                        "after which a chunk fails the job")
+    g.add_argument("--linger", type=seconds_or_zero, default=5.0,
                    help="seconds to wait at the end for every worker that took part "
                         "(also in an earlier run) to hear NO_JOB")
     c = p.add_argument_group("input")
@@ -1393,9 +1541,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
     s.add_argument("--max-frame", type=_positive_int, default=protocol.SERVER_MAX_FRAME,
                    help="largest frame accepted from a peer, bytes")
-    s.add_argument("--io-timeout", type=positive_number, default=10.0,
+    s.add_argument("--io-timeout", type=seconds, default=10.0,
                    help="seconds a started frame or the handshake may take")
-    s.add_argument("--idle-timeout", type=positive_number, default=600.0,
+    s.add_argument("--idle-timeout", type=seconds, default=600.0,
                    help="seconds a connection may stay silent between frames")
     s.add_argument("--max-connections", type=_positive_int, default=256,
                    help="connections open at once")

@@ -202,7 +202,8 @@ def compute_metrics(df: pd.DataFrame, price_col: str | None = None,
     if group_col is not None:
         valid = pd.Series(valid, index=df.index)
         metrics["groups"] = _group_metrics(df[group_col], price, qty, valid)
-    totals = [metrics["total_sales"], metrics["avg_price"]] + [g[3] for g in metrics["groups"]]
+    totals = [metrics["total_sales"], metrics["avg_price"]]
+    totals += [total for g in metrics["groups"] for total in (g[3], g[6])]
     if not all(math.isfinite(x) for x in totals if x is not None):
         # Finite prices and quantities can still multiply or add up past
         # 1.8e308.  The server would refuse an infinite total, so say why here.
@@ -536,7 +537,9 @@ class Worker:
                                 self.worker_id, self.host, self.port, exc, self.give_up_after)
                 if time.monotonic() >= deadline:
                     raise GiveUp(f"server {self.host}:{self.port} unreachable for "
-                                 f"{self.give_up_after:.0f} s ({exc})") from None
+                                 f"{self.give_up_after:.0f} s ({exc}); if its job is "
+                                 f"finished, the server has exited and nothing is left "
+                                 f"to do") from None
                 if self.stopping.wait(random.uniform(0, bound)):
                     raise GiveUp("stopped while reconnecting") from None
                 bound = min(bound * 2, 5.0)
@@ -631,12 +634,49 @@ def _retry_after(reply: dict) -> float:
 
 # --- Command line --------------------------------------------------------------
 
-def positive_number(text: str) -> float:
-    """An argparse type: a finite number above zero."""
+# Every duration option becomes a socket timeout or a sleep.  Python refuses
+# a timeout past about 9.2e9 s (OverflowError in settimeout, raised anew on
+# every connection), and no job needs one past a week: refuse it here, once.
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def _duration(text: str, zero_ok: bool) -> float:
     value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    low_ok = value >= 0 if zero_ok else value > 0
+    if not (low_ok and value <= MAX_SECONDS):   # NaN fails both comparisons
+        least = "0" if zero_ok else "above 0"
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds, {least} and at most {MAX_SECONDS:.0f} (a week), "
+            f"got {text}")
     return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a duration above 0 and at most :data:`MAX_SECONDS` s."""
+    return _duration(text, zero_ok=False)
+
+
+def seconds_or_zero(text: str) -> float:
+    """An argparse type: a duration from 0 to :data:`MAX_SECONDS` s (0: none)."""
+    return _duration(text, zero_ok=True)
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where there is none to
+    show (None, a flag that is off) or the help text already names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def port_number(lowest: int):
@@ -653,7 +693,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The worker's command line (see ``--help``)."""
     p = argparse.ArgumentParser(
         description="Pull chunks from a sales-analysis server and report partial metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--server", default="127.0.0.1", help="server host name or address")
     p.add_argument("--port", type=port_number(1), default=5000, help="server TCP port")
     p.add_argument("--port-file", default=None,
@@ -665,21 +705,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"shared secret for the handshake (prefer the {SECRET_ENV} "
                         "environment variable: arguments are visible in the process list)")
     p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server")
-    p.add_argument("--give-up-after", type=positive_number, default=60.0,
+    p.add_argument("--give-up-after", type=seconds, default=60.0,
                    help="seconds to keep reconnecting to an unreachable server")
-    p.add_argument("--io-timeout", type=positive_number, default=60.0,
+    p.add_argument("--io-timeout", type=seconds, default=60.0,
                    help="seconds one read or write may block")
     p.add_argument("--log-level", default="INFO", help="how much to log",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     f = p.add_argument_group("fault injection (off by default; for experiments)")
-    f.add_argument("--crash-rate", type=float, default=0.0,
+    f.add_argument("--crash-rate", type=probability, default=0.0,
                    help="probability of exiting abruptly after taking a chunk")
-    f.add_argument("--stall-rate", type=float, default=0.0,
+    f.add_argument("--stall-rate", type=probability, default=0.0,
                    help="probability of stalling --stall-seconds on a chunk")
-    f.add_argument("--stall-seconds", type=float, default=5.0, help="length of a stall")
-    f.add_argument("--error-rate", type=float, default=0.0,
+    f.add_argument("--stall-seconds", type=seconds_or_zero, default=5.0,
+                   help="length of a stall")
+    f.add_argument("--error-rate", type=probability, default=0.0,
                    help="probability of reporting a failure instead of a result")
-    f.add_argument("--delay", type=float, default=0.0, help="extra seconds of work per chunk")
+    f.add_argument("--delay", type=seconds_or_zero, default=0.0,
+                   help="extra seconds of work per chunk")
     f.add_argument("--fault-seed", type=int, default=None, help="seed for the fault draws")
     return p.parse_args(argv)
 

@@ -700,4 +700,4 @@ def kill(proc: subprocess.Popen) -> None:
 # PostgreSQL: a throwaway server for the session, a fresh database per test,
 # and ``db_url`` (a SQLite path, then a PostgreSQL URL) for tests that must
 # hold on both backends.  See tests/pg.py.
-from pg import db_url, pg_url, postgres_server  # noqa: E402,F401
+from pg import db_url, pg_url, postgres_server, restartable_postgres  # noqa: E402,F401

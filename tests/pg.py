@@ -20,7 +20,9 @@ tests are skipped with the reason, except under ``CI=true``, where that is a
 failure: CI must never pass by skipping them.
 
 Fixtures: ``postgres_server``, ``pg_url`` (a new empty database per test),
-``db_url`` (parametrized: a SQLite path, then a PostgreSQL URL).  Helper:
+``db_url`` (parametrized: a SQLite path, then a PostgreSQL URL),
+``restartable_postgres`` (a server of its own, which a test may kill and start
+again).  Helper:
 ``query_db(db_url, sql, params)`` reads either kind of database.
 """
 
@@ -76,7 +78,8 @@ class PostgresServer:
     the folder.
     """
 
-    def __init__(self):
+    def __init__(self, durable_commits: bool = False):
+        self.durable_commits = durable_commits
         self.bindir = find_bindir()
         self.as_user = []            # command prefix that drops root
         self.folder = Path(tempfile.mkdtemp(prefix="sales-pg-"))
@@ -105,19 +108,32 @@ class PostgresServer:
         from conftest import free_port   # here: conftest imports this module
         for _ in range(3):  # another process may take the port between pick and bind
             self.port = free_port()
-            # fsync=off: these tests kill clients, never this server, and it
-            # makes CREATE DATABASE and commits cheap on a busy 2-core box.
-            options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                       f"-c unix_socket_directories={self.folder} -c fsync=off "
-                       f"-c synchronous_commit=off -c full_page_writes=off")
             try:
-                self._run("pg_ctl", "-D", self.data, "-l", self.folder / "server.log",
-                          "-w", "-t", str(START_TIMEOUT), "-o", options, "start")
+                self.start_again()
                 return
             except Unavailable:
                 if "could not bind" not in self.log():
                     raise
         raise Unavailable(f"PostgreSQL could not bind a port:\n{self.log()}")
+
+    def start_again(self) -> None:
+        """pg_ctl start on the same folder and port (after :meth:`kill`)."""
+        # fsync=off: the tests kill clients and at most this server's processes,
+        # never the machine, and it makes CREATE DATABASE and commits cheap on a
+        # busy 2-core box.  synchronous_commit=off would also lose the last
+        # commits of a server that is killed, so durable_commits keeps it on.
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                   f"-c unix_socket_directories={self.folder} -c fsync=off "
+                   f"-c full_page_writes=off")
+        if not self.durable_commits:
+            options += " -c synchronous_commit=off"
+        self._run("pg_ctl", "-D", self.data, "-l", self.folder / "server.log",
+                  "-w", "-t", str(START_TIMEOUT), "-o", options, "start")
+
+    def kill(self) -> None:
+        """Stop the server at once, as a crash would (``pg_ctl -m immediate``);
+        the folder stays, for :meth:`start_again`."""
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
         """Stop the server (immediate shutdown) and delete its folder."""
@@ -231,3 +247,27 @@ def query_db(db_url: str, sql: str, params=()) -> list[tuple]:
     import psycopg
     with psycopg.connect(db_url, autocommit=True) as conn:
         return conn.execute(sql.replace("?", "%s"), params).fetchall()
+
+
+@pytest.fixture
+def restartable_postgres():
+    """A private PostgreSQL server of the test's own, with durable commits, so
+    that a test can kill it (:meth:`PostgresServer.kill`) and start it again
+    without losing what was committed."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        _unavailable(f"{exc} (pip install -r requirements.txt)")
+    try:
+        server = PostgresServer(durable_commits=True)
+    except Unavailable as exc:
+        _unavailable(str(exc))
+    try:
+        try:
+            server.start()
+        except (Unavailable, OSError, subprocess.SubprocessError) as exc:
+            _unavailable(str(exc))
+        yield server
+    finally:
+        server.stop()

@@ -19,16 +19,46 @@ from conftest import PY, ROOT, make_sales_csv, wait_for
     ("server.py", ["--csv", "x.csv", "--port", "99999"]),
     ("worker.py", ["--port", "0"]),
     ("worker.py", ["--io-timeout", "-1"]),
+    # Past ~9.2e9 s settimeout() raises OverflowError on every connection.
+    ("server.py", ["--csv", "x.csv", "--idle-timeout", "1e10"]),
+    ("server.py", ["--csv", "x.csv", "--io-timeout", "inf"]),
+    ("server.py", ["--csv", "x.csv", "--lease-timeout", "0"]),
+    ("server.py", ["--csv", "x.csv", "--lease-timeout", "-5"]),
+    ("server.py", ["--csv", "x.csv", "--linger", "nan"]),
+    ("server.py", ["--csv", "x.csv", "--linger", "-1"]),
+    ("server.py", ["--csv", "x.csv", "--db-retry-for", "1e12"]),
+    ("worker.py", ["--give-up-after", "1e10"]),
+    ("worker.py", ["--stall-seconds", "1e300"]),
+    ("worker.py", ["--delay", "-0.5"]),
+    ("worker.py", ["--crash-rate", "1.5"]),
 ])
 def test_bad_number_is_a_usage_error(program, args):
-    """An impossible port number or timeout is refused by the command line
-    (exit 2, one error line), not by a traceback from bind() or settimeout(),
-    or a minute of retrying."""
+    """An impossible port number, timeout, delay or rate is refused by the
+    command line (exit 2, one error line), not by a traceback from bind() or
+    settimeout() on every connection, or a minute of retrying.  Durations
+    must be finite, above 0 (or 0 where that means "none") and at most a
+    week."""
     done = subprocess.run([PY, str(ROOT / program), *args], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith(f"got {args[-1]}")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("program", ["server.py", "worker.py"])
+def test_help_names_each_default_once(program):
+    """``--help`` shows a default where there is one, once: no option reads
+    "(default: detected) (default: None)", and none shows a meaningless
+    "(default: None)" or "(default: False)"."""
+    done = subprocess.run([PY, str(ROOT / program), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())   # argparse wraps lines anywhere
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: detected) (default" not in text
+    assert {"server.py": "(default: detected)", "worker.py": "(default: 60.0)"}[program] in text
+    for option in text.split(" -")[1:]:
+        assert option.count("(default") <= 1, option
 
 
 def test_port_in_use_is_one_line(procs, tmp_path):
@@ -52,6 +82,9 @@ def test_worker_says_when_the_server_is_not_up_yet(tmp_path):
     lines = done.stderr.splitlines()
     assert "cannot reach 127.0.0.1:9" in lines[0] and "retrying for up to 1 s" in lines[0]
     assert "unreachable for 1 s" in lines[-1]
+    # A job with no rows, or one already complete, ends before its workers come:
+    # the message must not leave the user guessing.
+    assert "if its job is finished, the server has exited" in lines[-1]
 
 
 def children_of(pid: int) -> list[int]:

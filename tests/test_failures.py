@@ -95,7 +95,8 @@ def finish_ok(server, timeout: float = 60) -> dict:
     return parse_final(out)
 
 
-def keep_workers_alive(procs, server, alive: int, worker_args, deadline: float) -> int:
+def keep_workers_alive(procs, server, alive: int, worker_args, deadline: float,
+                       env=None) -> int:
     """Respawn workers so that ``alive`` run until the server exits; return how many started.
 
     ``worker_args(n)`` gives the extra arguments of the n-th worker.  This is
@@ -107,7 +108,8 @@ def keep_workers_alive(procs, server, alive: int, worker_args, deadline: float) 
         assert time.monotonic() < deadline, f"job not done in time:\n{server.stderr()[-3000:]}"
         running = [w for w in running if w.poll() is None]
         while len(running) < alive:
-            running.append(procs.worker(server.port, f"crashy-{started}", worker_args(started)))
+            running.append(procs.worker(server.port, f"crashy-{started}", worker_args(started),
+                                        env=env))
             started += 1
         try:
             server.proc.wait(timeout=0.1)
@@ -305,6 +307,45 @@ def test_resumed_job_waits_for_the_workers_of_the_earlier_run(procs, tmp_path):
     assert_aggregate(finish_ok(second), oracle(csv))
 
 
+@pytest.mark.timeout(60)
+def test_rerun_of_a_complete_job_reports_at_once_without_lingering(procs, tmp_path):
+    """Rule: a job that is complete when the server starts (the same command run
+    again after it finished) prints its result and exits at once: the earlier
+    run told its workers NO_JOB already, so there is nobody to linger for, even
+    with --linger 600."""
+    csv = small_csv(tmp_path / "sales.csv", 1_000)
+    first = procs.server(csv, args=("--chunks", 3))
+    procs.worker(first.port, "w0")
+    expected = finish_ok(first)
+    again = procs.server(csv, db=first.db, args=("--chunks", 3, "--linger", 600))
+    assert finish_ok(again, timeout=30) == expected
+    assert "0 dispatches for 3 chunks" in again.stderr()
+
+
+def test_progress_after_a_resume_rates_only_this_runs_chunks(caplog):
+    """Rule: a result re-sent for an earlier run's attempt can be counted before
+    this run leased anything; it is reported as from an earlier run and gives no
+    rate (it used to give rows / 1e-9 s: 1000000000000 rows/s).  The rate and
+    ETA come from this run's own chunks, timed from this run's first lease."""
+    book = server_mod.ChunkBook(4, 60.0, 3, done={0}, known_attempts={1: (0, "w"), 2: (1, "w")},
+                                next_attempt_id=3)
+    progress = server_mod.Progress(4, resumed=1)
+    with caplog.at_level("INFO", logger="server"):
+        book.complete(1, 2)
+        progress.chunk_done(1000, book, this_run=False)
+        progress.begin()
+        lease = book.lease("w", conn=1)
+        book.complete(lease.chunk_id, lease.attempt_id)
+        progress._last = 0.0          # log every line here, not once a second
+        progress.chunk_done(500, book, this_run=True)
+    first, second = [r.getMessage() for r in caplog.records if r.name == "server"]
+    assert first == "progress: 2/4 chunks done (50%, 2 from an earlier run), 0 rows in this run"
+    assert second.startswith("progress: 3/4 chunks done (75%, 2 from an earlier run), "
+                             "500 rows in this run, ")
+    rate = float(second.split("this run, ")[1].split(" rows/s")[0])
+    assert rate > 0 and "ETA" in second
+
+
 # --- 6. several jobs in one database ---------------------------------------------------
 
 @pytest.mark.timeout(90)
@@ -416,6 +457,138 @@ def test_failure_report_resent_after_a_lost_ack_counts_once(procs, tmp_path):
     assert again.send_result(retry)["counted"] is True
     again.close()
     assert_aggregate(finish_ok(server), oracle(csv))
+
+
+# --- 7b. chunks that can never arrive -------------------------------------------------
+
+def limited_env(frame_limit: int) -> dict:
+    """This environment with the workers' frame limit lowered (protocol.py reads it)."""
+    return dict(os.environ, SALES_TEST_WORKER_MAX_FRAME=str(frame_limit))
+
+
+@pytest.mark.timeout(90)
+def test_chunk_every_worker_drops_fails_the_job_after_max_lost(procs, tmp_path):
+    """Rule: lost attempts have a bound of their own.  Workers whose frame limit
+    (lowered to 4 KiB) is below the chunk's JOB refuse it unread and exit 1, as
+    with a 2 GB chunk and the real 1 GiB limit; they never report a failure.
+    They are respawned until the server exits, which it does after --max-lost
+    lost attempts: exit 1 naming the chunk, how often it was lost and why,
+    instead of waiting for ever."""
+    csv = small_csv(tmp_path / "sales.csv", 2_000)
+    server = procs.server(csv, args=("--chunks", 1, "--max-lost", 3))
+    started = keep_workers_alive(procs, server, 1, lambda n: (), time.monotonic() + 75,
+                                 env=limited_env(4096))
+    code, out = server.finish(30)
+    assert code == 1 and "total_rows" not in out
+    last = server.stderr().splitlines()[-1]
+    assert "chunk 0: lost 3 times without a result or an error report" in last, last
+    assert "connection closed" in last and "frame limit" in last
+    assert [o for *_, o in attempts(server.db)] == ["dropped"] * 3
+    assert started >= 3
+
+
+@pytest.mark.timeout(90)
+def test_stream_chunks_are_cut_to_fit_the_workers_frame_limit(procs, tmp_path):
+    """Rule: in --stream mode a chunk is a byte range, which --chunks 1 makes as
+    large as the file.  The server cuts the file into as many chunks as the
+    workers' frame limit needs (here 64 KiB for a 250 KB file), says so, and the
+    job is exact with every attempt counted: no JOB is refused."""
+    csv = small_csv(tmp_path / "sales.csv", 10_000)
+    assert csv.stat().st_size > 4 * 65536
+    env = limited_env(65536)
+    server = Server(procs, tmp_path, csv, args=("--stream", "--chunks", 1), env=env)
+    server.wait_port()
+    worker = procs.worker(server.port, "w0", env=env)
+    assert_exact(finish_ok(server), oracle(csv))
+    line = next(l for l in server.stderr().splitlines() if "instead of 1" in l)
+    chunks = int(line.split("--stream: ")[1].split()[0])
+    assert chunks >= 8 and "65536-byte frames" in line
+    assert {o for *_, o in attempts(server.db)} == {"counted"}
+    assert_counted_once(server.db, chunks)
+    assert worker.wait(timeout=30) == 0
+
+
+def test_stream_chunks_fit_the_frame_limit_in_process(tmp_path, monkeypatch):
+    """Rule: every --stream JOB, encoded as the server sends it, fits the limit
+    (with --compress too), the ranges cover the body without gap or overlap, and
+    a record too long to fit any chunk is refused before the job starts."""
+    csv = small_csv(tmp_path / "sales.csv", 3_000)
+    monkeypatch.setattr(protocol, "WORKER_MAX_FRAME", 8192)
+    info = server_mod.inspect_csv(str(csv))
+    for compress in (False, True):
+        chunks = server_mod.StreamChunks(info, 1, compress)
+        assert len(chunks) > 10
+        ends = [chunks.ranges[0][0]] + [end for _, end in chunks.ranges]
+        assert [start for start, _ in chunks.ranges] == ends[:-1]
+        assert ends[-1] == csv.stat().st_size
+        for chunk_id in range(len(chunks)):
+            frame = protocol.encode(server_mod.job_message(
+                info, chunks, "f" * 16, chunk_id, 2 ** 40, chunks.payload(chunk_id)))
+            assert len(frame) <= protocol.WORKER_MAX_FRAME
+    long = tmp_path / "long.csv"
+    long.write_text("Price,Qty,Note\n1,2,short\n3,4,\"" + "x" * 20_000 + "\"\n5,6,end\n")
+    with pytest.raises(server_mod.InputError, match="cannot fit the workers' 8192-byte frames"):
+        server_mod.StreamChunks(server_mod.inspect_csv(str(long)), 1, False)
+
+
+@pytest.mark.timeout(60)
+def test_documented_mode_chunk_over_the_frame_limit_fails_at_once(procs, tmp_path):
+    """Rule: a documented-mode chunk whose JOB frame is over the workers' limit
+    is never sent (a worker would refuse it unread): the chunk fails at its first
+    attempt, the job exits 1 saying to use more --chunks, and the worker that
+    asked hears there is no work and exits 0."""
+    csv = small_csv(tmp_path / "sales.csv", 2_000)
+    server = Server(procs, tmp_path, csv, args=("--chunks", 1), env=limited_env(4096))
+    server.wait_port()
+    worker = procs.worker(server.port, "w0")
+    code, out = server.finish(45)
+    assert code == 1 and "total_rows" not in out
+    last = server.stderr().splitlines()[-1]
+    assert "chunk 0: its JOB frame is" in last and "over the workers' limit of 4096" in last
+    assert "use more --chunks" in last
+    assert worker.wait(timeout=30) == 0
+
+
+def test_job_the_server_cannot_build_is_a_lost_attempt_with_a_bound():
+    """Rule: an exception while the server builds a JOB (a MemoryError for a huge
+    chunk) is not the worker's fault: the worker hears WAIT, the attempt counts
+    as lost, and after --max-lost of them the chunk fails naming the error,
+    instead of being retried for ever; the other chunk still goes out."""
+    from types import SimpleNamespace
+
+    class Chunks:
+        format, compress = "frame", False
+
+        def rows_of(self, chunk_id):
+            return 1
+
+        def payload(self, chunk_id):
+            if chunk_id == 0:
+                raise MemoryError("cannot allocate 1073741824 bytes")
+            return b"fine"
+
+    book = server_mod.ChunkBook(2, 60.0, 4, max_lost=3)
+    info = SimpleNamespace(price_col=PRICE, qty_col=QTY, group_col=None, sep=",",
+                           decimal=".", encoding="utf-8")
+    leases = []
+    srv = SimpleNamespace(book=book, chunks=Chunks(), info=info, job_id="job",
+                          store=SimpleNamespace(record_lease=lambda *a: leases.append(a)),
+                          progress=server_mod.Progress(2), timings=server_mod.Timings(),
+                          wait_interval=0.0, told_done=lambda worker_id: None)
+    handler = server_mod.Handler.__new__(server_mod.Handler)
+    handler.server, handler.conn, handler.worker_id = srv, 1, "w"
+    replies = []
+    handler.send_frame = lambda payload: replies.append(protocol.decode_safe(payload))
+
+    for _ in range(4):
+        handler.handle_get_job({"type": protocol.GET_JOB})
+    assert [r["type"] for r in replies] == [protocol.WAIT] * 3 + [protocol.JOB]
+    assert replies[-1]["chunk_id"] == 1 and [a[2] for a in leases] == [1]
+    why = book.failed_chunks()[0]
+    assert why.startswith("lost 3 times") and "could not build its JOB (MemoryError" in why
+    book.complete(1, replies[-1]["attempt_id"])
+    handler.handle_get_job({"type": protocol.GET_JOB})
+    assert replies[-1]["type"] == protocol.NO_JOB
 
 
 # --- 8. clean shutdown -----------------------------------------------------------------

@@ -20,6 +20,8 @@ workers are told to WAIT, so neither can finish the job alone.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import math
 import os
 import pickle
@@ -472,7 +474,11 @@ def test_fuzzed_frames_over_many_connections(procs, sales):
     lying lengths and split at random points, over 1200 connections: the
     server stays up, logs at most one warning per connection and no
     traceback, and a real job afterwards is exact with no fuzz rows."""
-    server = start(procs, sales)
+    # Fuzz peers lease chunks and hang up (or are dropped) hundreds of times;
+    # that fails a chunk after --max-lost lost attempts, as it should (a peer
+    # past the handshake can fail a chunk: README, Security).  Here the point
+    # is that garbage never breaks the server, so the bound is out of reach.
+    server = start(procs, sales, "--max-lost", 1_000_000)
     welcome = procs.client(server.port).handshake().hello("probe")
     templates = [protocol.encode(m) for m in (
         {"type": protocol.HELLO, "worker_id": "fuzz"},
@@ -769,6 +775,140 @@ def test_worker_reports_bad_job_data_as_failed(procs):
     assert failed["type"] == protocol.FAILED
     assert (failed["job_id"], failed["chunk_id"], failed["attempt_id"]) == ("fake", 0, 1)
     assert failed["worker_id"] == "victim" and failed["error"]
+
+
+# --- an impostor server that does not know the secret ------------------------------
+
+class Impostor(threading.Thread):
+    """A fake server that does not know the secret, for ``len(answers)`` workers.
+
+    It sends every worker the same challenge (an attacker may choose it),
+    collects their answers, then sends each the WELCOME frame that
+    ``welcome(i, answers)`` makes, and, if a worker is still there, plays
+    the rest of a conversation ending in a JOB whose DataFrame pickle runs
+    ``touch marker``.  ``after_answer`` records every frame a worker sent
+    after its handshake answer (there must be none).
+    """
+
+    def __init__(self, workers: int, welcome, marker):
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.workers, self.welcome, self.marker = workers, welcome, marker
+        self.answers: list[bytes] = []
+        self.after_answer: list[bytes] = []
+        self.error = None
+        self.start()
+
+    def run(self):
+        conns = []
+        try:
+            nonce = os.urandom(protocol.NONCE_SIZE)
+            for _ in range(self.workers):
+                conn, _ = self.listener.accept()
+                conn.settimeout(30)
+                conns.append(conn)
+                protocol.send_frame(conn, protocol._CHALLENGE + nonce)
+                self.answers.append(protocol.recv_frame(conn, 256))
+            for i, conn in enumerate(conns):
+                protocol.send_frame(conn, self.welcome(i, self.answers))
+            for conn in conns:
+                self.pretend_to_serve(conn)
+        except Exception as exc:  # reported by the test
+            self.error = exc
+        finally:
+            for conn in conns:
+                conn.close()
+            self.listener.close()
+
+    def pretend_to_serve(self, conn):
+        """HELLO -> WELCOME, GET_JOB -> a JOB that runs code, as far as the worker goes."""
+        try:
+            for reply in (protocol.encode({"type": protocol.WELCOME, "job_id": "fake",
+                                           "chunks": 1, "lease_timeout": 60}),
+                          protocol.encode({"type": protocol.JOB, **job_fields(
+                              data=pickle.dumps(RunsCode(self.marker)))})):
+                self.after_answer.append(protocol.recv_frame(conn, 1 << 20))
+                protocol.send_frame(conn, reply)
+            self.after_answer.append(protocol.recv_frame(conn, 1 << 20))
+        except (OSError, EOFError, protocol.ProtocolError):
+            pass   # the worker hung up: what it should do
+
+
+def _mac_of(answer: bytes) -> bytes:
+    """The MAC part of a worker's ``#ANSWER# Nw MAC`` frame."""
+    return answer[-protocol.MAC_SIZE:]
+
+
+# How an impostor forges the server's proof: reflect the worker's own MAC
+# (same nonces, other role), relay the other worker's MAC (same challenge,
+# same secret), or make something up (random bytes, the bare WELCOME tag of
+# the protocol before the MACs were bound to roles and nonces).
+FORGERIES = {
+    "reflect own answer": lambda i, answers: protocol._WELCOME + _mac_of(answers[i]),
+    "relay the other worker's answer":
+        lambda i, answers: protocol._WELCOME + _mac_of(answers[1 - i]),
+    "random bytes": lambda i, answers: protocol._WELCOME + os.urandom(protocol.MAC_SIZE),
+    "bare welcome tag": lambda i, answers: protocol._WELCOME,
+}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_impostor_server_cannot_forge_its_proof_from_workers_answers(procs, tmp_path, forgery):
+    """Rule: two real workers that share a secret connect to an impostor who does
+    not know it.  The impostor sends both the same challenge and answers each
+    with a WELCOME built from their answers (reflected, relayed between them)
+    or made up.  Both workers refuse at once: exit 1 naming the failed
+    challenge, not one frame sent after their answer (no HELLO, so no JOB read
+    and nothing unpickled: the JOB's pickle would create ``marker``)."""
+    marker = tmp_path / "pwned"
+    impostor = Impostor(2, FORGERIES[forgery], marker)
+    workers = [procs.worker(impostor.port, name, ["--secret", "shared s3cret"])
+               for name in ("victim-a", "victim-b")]
+    codes = [w.wait(timeout=60) for w in workers]
+    impostor.join(30)
+    assert impostor.error is None, repr(impostor.error)
+    assert codes == [1, 1]
+    assert [len(a) for a in impostor.answers] == \
+        [len(protocol._ANSWER) + protocol.NONCE_SIZE + protocol.MAC_SIZE] * 2
+    assert impostor.after_answer == []
+    for name in ("victim-a", "victim-b"):
+        log = worker_log(procs, name)
+        assert "cannot authenticate the server" in log and "failed the challenge" in log, log
+        assert "Traceback" not in log
+    assert not marker.exists()
+
+
+def test_recorded_answers_do_not_log_in_to_the_real_server(procs, sales):
+    """Rule: what an eavesdropper saw of an honest handshake is useless on a new
+    connection: neither the worker's answer replayed nor the server's own
+    WELCOME MAC sent back as an answer passes the new challenge.  Each is
+    refused with #FAILURE# and one warning, and the job is unharmed."""
+    secret = b"shared s3cret"
+    server = start(procs, sales, env=env_with_secret(secret.decode()))
+    honest = procs.client(server.port)
+    challenge = protocol.recv_frame(honest.sock, 256)
+    assert challenge.startswith(b"#CHALLENGE#") and len(challenge) == 11 + 32
+    server_nonce = challenge[len(protocol._CHALLENGE):]
+    worker_nonce = os.urandom(protocol.NONCE_SIZE)
+    mac = hmac.new(secret, b"worker" + server_nonce + worker_nonce, hashlib.sha256).digest()
+    answer = protocol._ANSWER + worker_nonce + mac
+    protocol.send_frame(honest.sock, answer)
+    welcome = protocol.recv_frame(honest.sock, 256)
+    assert welcome == protocol._WELCOME + hmac.new(
+        secret, b"server" + server_nonce + worker_nonce, hashlib.sha256).digest()
+    honest.close()
+
+    reflected = protocol._ANSWER + worker_nonce + welcome[len(protocol._WELCOME):]
+    for recorded in (answer, reflected):
+        peer = procs.client(server.port)
+        assert protocol.recv_frame(peer.sock, 256).startswith(protocol._CHALLENGE)
+        protocol.send_frame(peer.sock, recorded)
+        assert protocol.recv_frame(peer.sock, 256) == protocol._FAILURE
+        assert "failed the challenge" in assert_dropped_once(server, peer)
+    run_real_job(procs, server, sales[1], secret=secret)
 
 
 # --- listening on a network without a secret -------------------------------------

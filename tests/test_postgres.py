@@ -12,16 +12,23 @@ backend, from the ``db_url`` fixture in tests/pg.py):
 * the final and per-group aggregates of the same results are equal on
   SQLite and PostgreSQL (1e-9 relative, ints exact, same group order);
 * PostgreSQL only: a broken connection is retried, a database that cannot
-  be reached raises (so the RESULT is not ACKed) and the re-sent RESULT
-  lands later; the password never reaches a log or an error message.
+  be reached for longer than the retry window raises (so the RESULT is not
+  ACKed) and the re-sent RESULT lands later; a database killed mid-job and
+  started again 3 s later is ridden out, exact; the password never reaches a
+  log or an error message;
+* every write may run twice with one effect (what a retry after a COMMIT of
+  unknown outcome does); a busy SQLite file is retried, then given up;
+* a database of another program is refused before anything in it changes.
 
 The PostgreSQL server is a throwaway one that the tests start (tests/pg.py).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -209,6 +216,61 @@ def test_worker_and_server_killed_then_resume(procs, tmp_path, db_url, request):
     assert "leased" not in outcomes
 
 
+@pytest.mark.timeout(240)
+def test_database_restart_mid_job_is_ridden_out(procs, tmp_path, restartable_postgres):
+    """PostgreSQL is killed mid-job (``pg_ctl -m immediate``) and started again 3 s later:
+    the server logs one WARNING that it retries and one INFO when the database is back,
+    and the job finishes by itself, exit 0, with pandas' answer and every chunk counted
+    exactly once.  A commit whose outcome was unknown was simply run again: every write
+    of the store is idempotent."""
+    pg = restartable_postgres
+    db = pg.url(pg.create_database("restart"))
+    chunks = 60
+    csv = make_sales_csv(tmp_path / "sales.csv", 12_000, seed=5)
+    server = procs.server(csv, db, ["--chunks", chunks])
+    for i in range(2):
+        procs.worker(server.port, f"w{i}", ["--delay", "0.1"])
+    counted = "SELECT COUNT(*) FROM chunk_results"
+    wait_for(lambda: query_db(db, counted)[0][0] >= 5, 90, "5 counted chunks", interval=0.05)
+    pg.kill()
+    assert server.proc.poll() is None
+    time.sleep(3)   # the outage itself: the database stays down this long
+    pg.start_again()
+    code, out = server.finish(180)
+    assert code == 0, server.stderr()
+
+    assert_aggregate(parse_final(out), oracle(csv, PRICE, QTY))
+    assert sorted(c for (c,) in query_db(db, "SELECT chunk_id FROM chunk_results")) == \
+        list(range(chunks))
+    outcomes = dict(query_db(db, "SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome"))
+    assert outcomes["counted"] == chunks and "leased" not in outcomes
+    log = server.stderr()
+    assert log.count("retrying for up to 60 s") == 1 and "is back after" in log, log
+    assert "Traceback" not in log
+
+
+@pytest.mark.timeout(120)
+def test_database_gone_for_good_stops_the_job_after_the_retry_window(procs, tmp_path,
+                                                                      restartable_postgres):
+    """A database that does not come back stops the job once --db-retry-for (here 2 s)
+    is over: exit 1, one line that says so and how many chunks are safely stored,
+    no traceback, no aggregate."""
+    pg = restartable_postgres
+    db = pg.url(pg.create_database("gone"))
+    csv = make_sales_csv(tmp_path / "sales.csv", 6_000, seed=6)
+    server = procs.server(csv, db, ["--chunks", 30, "--db-retry-for", 2])
+    procs.worker(server.port, "w0", ["--delay", "0.1"])
+    wait_for(lambda: query_db(db, "SELECT COUNT(*) FROM chunk_results")[0][0] >= 3, 90,
+             "3 counted chunks", interval=0.05)
+    pg.kill()
+    code, out = server.finish(60)
+    assert code == 1 and "total_rows" not in out
+    last = server.stderr().splitlines()[-1]
+    assert last.startswith("server.py: error: job ") and "unavailable for 2 s" in last, last
+    assert "chunks are safely stored" in last and pg.password not in server.stderr()
+    assert "Traceback" not in server.stderr()
+
+
 # --- the same answer on both backends -------------------------------------------------
 
 def _chunks_with_edge_cases(tmp_path) -> list[pd.DataFrame]:
@@ -293,16 +355,14 @@ def test_connection_broken_mid_transaction_is_retried(pg_url, postgres_server):
 
 
 @pytest.mark.timeout(90)
-def test_unreachable_database_raises_and_the_resent_result_lands(pg_url, postgres_server,
-                                                                 monkeypatch):
-    """While the database refuses connections, record_result raises StoreError (the server
-    then drops the worker without an ACK, so the worker keeps the RESULT), the message masks
-    the password, and nothing is half-written; once the database is back, the re-sent RESULT
-    commits and counts once."""
-    monkeypatch.setattr(db_utils._PostgresBackend, "WAIT_TIMEOUT", 1.0)
+def test_unreachable_database_raises_and_the_resent_result_lands(pg_url, postgres_server):
+    """While the database refuses connections for longer than --db-retry-for (here 1 s),
+    record_result raises StoreError (the server then stops the job without an ACK, so the
+    worker keeps the RESULT), the message masks the password, and nothing is half-written;
+    once the database is back, the re-sent RESULT commits and counts once."""
     dbname = pg_url.rsplit("/", 1)[1]
     result = a_result(0, "w1", 1, 75.0)
-    with closing(ResultStore(pg_url)) as store:
+    with closing(ResultStore(pg_url, retry_for=1.0)) as store:
         store.open_job(JOB, "sales.csv", "identity", chunks=1)
         store.record_lease(JOB, 1, 0, "w1", 1.0)
         postgres_server.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
@@ -323,6 +383,137 @@ def test_unreachable_database_raises_and_the_resent_result_lands(pg_url, postgre
         assert wait_for(resend, 60, "the database to accept the RESULT again") is True
         assert store.record_result(JOB, result, one_group(result)) is False
         assert query_db(pg_url, "SELECT COUNT(*) FROM group_results") == [(1,)]
+
+
+class TwiceCommitted:
+    """A backend that runs every transaction twice, committing both times: what
+    the store does when a COMMIT landed but its connection broke before the
+    reply (outcome unknown), and the retry runs it again."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def transaction(self, body):
+        self._backend.transaction(body)
+        return self._backend.transaction(body)
+
+    def query(self, sql, params=()):
+        return self._backend.query(sql, params)
+
+    def close(self):
+        self._backend.close()
+
+
+def test_every_write_is_idempotent_so_an_unknown_commit_can_run_again(db_url):
+    """Rule: every transaction of the store may run twice with one effect: opening
+    a job, recording a lease, ending an attempt, and a RESULT, which is still the
+    one that counts (counted=True, its groups stored once), while a second
+    worker's RESULT for the same chunk is still a duplicate."""
+    first, other = a_result(0, "w1", 1, 100.0), a_result(0, "w2", 2, 999.0)
+    with closing(ResultStore(db_url)) as store:
+        store._backend = TwiceCommitted(store._backend)
+        store.open_job(JOB, "sales.csv", "identity", chunks=2)
+        store.record_lease(JOB, 1, 0, "w1", 1.0)
+        store.record_lease(JOB, 2, 0, "w2", 2.0)
+        store.record_lease(JOB, 3, 1, "w2", 3.0)
+        assert store.record_result(JOB, first, one_group(first)) is True
+        assert store.record_result(JOB, other, one_group(other)) is False
+        store.end_attempt(JOB, 3, db_utils.DROPPED)
+        store.open_job(JOB, "sales.csv", "identity", chunks=2)   # a resume, twice
+
+        assert store.final_aggregate(JOB)["total_sales"] == 100.0
+        assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
+            {1: COUNTED, 2: DUPLICATE, 3: db_utils.DROPPED}
+    assert query_db(db_url, "SELECT COUNT(*), SUM(total_sales) FROM group_results") == \
+        [(1, 100.0)]
+    assert query_db(db_url, "SELECT COUNT(*) FROM jobs") == [(1,)]
+
+
+def test_busy_sqlite_file_is_retried_then_given_up(tmp_path, caplog):
+    """Rule: a SQLite file that another process holds locked is retried with
+    backoff (one WARNING, one INFO when it is free again) and the write lands;
+    locked for longer than retry_for, the call raises StoreError saying so.
+    (busy_timeout is set to 0 here so that the retry, not SQLite's own wait,
+    is what is tested.)"""
+    path = str(tmp_path / "r.sqlite")
+    with closing(ResultStore(path, retry_for=30)) as store:
+        store.open_job(JOB, "sales.csv", "identity", chunks=1)
+        store._backend._db.execute("PRAGMA busy_timeout=0")
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN EXCLUSIVE")
+        released = threading.Timer(0.5, other.execute, ("COMMIT",))   # the other process's work
+        released.start()
+        with caplog.at_level("INFO", logger="db_utils"):
+            store.record_lease(JOB, 1, 0, "w1", 1.0)
+        released.join()
+        other.close()
+        messages = [r.getMessage() for r in caplog.records if r.name == "db_utils"]
+        assert len(messages) == 2, messages
+        assert "database is locked" in messages[0] and "retrying for up to 30 s" in messages[0]
+        assert "is back after" in messages[1]
+        assert [a["attempt_id"] for a in store.attempts(JOB)] == [1]
+
+    with closing(ResultStore(path, retry_for=0.3)) as store:
+        store._backend._db.execute("PRAGMA busy_timeout=0")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreError, match="unavailable for 0.3 s: database is locked"):
+                store.record_lease(JOB, 2, 0, "w1", 1.0)
+        finally:
+            other.execute("COMMIT")
+            other.close()
+
+
+def test_another_programs_sqlite_file_is_refused_unchanged(procs, tmp_path):
+    """Rule: --db naming a SQLite file of another program (tables of its own, no
+    ``jobs`` table; or a ``jobs`` table with other columns) is refused with one
+    line and exit 2, and the file is left byte for byte as it was: not switched to
+    WAL, no table added, no -wal or -shm file beside it."""
+    csv = make_sales_csv(tmp_path / "sales.csv", 100)
+    for name, ddl in (("crm", "CREATE TABLE customers (id INTEGER, name TEXT)"),
+                      ("jobs", "CREATE TABLE jobs (id INTEGER, command TEXT)")):
+        db = tmp_path / f"{name}.sqlite"
+        con = sqlite3.connect(db)
+        con.execute(ddl)
+        con.commit()
+        con.close()
+        before = db.read_bytes()
+        done = subprocess.run([PY, str(ROOT / "server.py"), "--csv", str(csv), "--port", "0",
+                               "--db", str(db)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is not a results database of this" in lines[0]
+        assert "nothing was changed" in lines[0]
+        assert db.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.glob(f"{name}.sqlite*")) == [f"{name}.sqlite"]
+
+
+def test_postgres_table_of_another_program_with_our_name_is_refused(pg_url):
+    """Rule: a PostgreSQL database may hold other programs' tables (it is often
+    shared), but one named like ours with other columns is refused before any
+    table is created."""
+    with psycopg_connect(pg_url) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER)")
+    with closing(ResultStore(pg_url)) as store:   # other tables are fine
+        store.open_job(JOB, "sales.csv", "identity", chunks=1)
+    other = pg_url.rsplit("/", 1)[0] + "/postgres"
+    name = "t_other_jobs"
+    with psycopg_connect(other) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = pg_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg_connect(url) as conn:
+        conn.execute("CREATE TABLE jobs (id INTEGER, command TEXT)")
+    with pytest.raises(StoreError, match=r"its table 'jobs' has other columns .*nothing was changed"):
+        ResultStore(url)
+    assert query_db(url, "SELECT table_name FROM information_schema.tables "
+                         "WHERE table_schema = 'public'") == [("jobs",)]
+
+
+def psycopg_connect(url: str):
+    import psycopg
+    return psycopg.connect(url, autocommit=True)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

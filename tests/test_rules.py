@@ -123,6 +123,48 @@ def test_book_lost_attempts_do_not_count_toward_max_attempts():
     assert book.failures[0] == 1 and book.counts()["PENDING"] == 1
 
 
+def test_book_fails_a_chunk_lost_max_lost_times_counted_apart_from_reports():
+    """Rule: lost attempts (dropped connections, expired leases, JOBs the server
+    could not build) re-queue the chunk, but only max_lost times: the last one
+    makes it FAILED, naming the chunk's losses and the last cause, so a chunk
+    that every worker drops (say, one over their frame limit) cannot loop for
+    ever.  Reported failures are a separate count with their own bound."""
+    book, clock = make_book(chunks=2, lease=5.0, max_attempts=2, max_lost=3)
+    dropped = book.lease("w1", conn=1)
+    assert book.release(conn=1) == [dropped]
+    reported = book.lease("w1", conn=2)
+    assert reported.chunk_id == 0
+    assert book.fail(0, reported.attempt_id, "boom") is False
+    expired = book.lease("w2", conn=3)
+    clock.now = 5.0
+    assert book.expire() == [expired]
+    assert (book.losses[0], book.failures[0]) == (2, 1)
+    unbuilt = book.lease("w3", conn=4)
+    assert unbuilt.chunk_id == 0
+    book.lose(unbuilt.attempt_id, "the server could not build its JOB (MemoryError: )")
+    assert book.counts() == {"PENDING": 1, "LEASED": 0, "DONE": 0, "FAILED": 1}
+    why = book.failed_chunks()[0]
+    assert why.startswith("lost 3 times") and "could not build its JOB (MemoryError" in why
+    assert "frame limit" in why
+    other = book.lease("w1", conn=5)
+    assert other.chunk_id == 1 and book.lease("w1", conn=5) is None
+    book.complete(1, other.attempt_id)
+    assert book.finished.is_set()
+
+
+def test_book_refused_chunk_fails_at_once_and_a_loss_after_a_result_is_no_loss():
+    """Rule: a chunk that can never be sent (refuse) is FAILED at its first attempt;
+    a connection that drops after its chunk was completed costs nothing."""
+    book, _ = make_book(chunks=2, max_lost=1)
+    first = book.lease("a", conn=1)
+    book.refuse(first.chunk_id, first.attempt_id, "its JOB frame is too large")
+    assert book.failed_chunks() == {0: "its JOB frame is too large"}
+    second = book.lease("a", conn=1)
+    book.complete(second.chunk_id, second.attempt_id)
+    assert book.release(conn=1) == []
+    assert book.losses == [0, 0] and book.finished.is_set()
+
+
 def test_book_re_leased_chunk_is_never_queued_twice():
     """Rule: a chunk re-leased after an expiry stays LEASED while any live
     lease holds it, so the old attempt ending (drop, failure) does not queue
