@@ -98,6 +98,10 @@ CHECKED = "Results are checked before they are stored"
 POISON = "A poison chunk ends the job"
 RESUME = "A restart resumes; a different file never mixes in"
 BOUNDS = "Delays and limits are bounded"
+LOST = "So does a chunk that is lost over and over"
+FRAME_FIT = "No JOB exceeds the workers' frame limit"
+DB_RESTART = "A results database that restarts is waited for"
+OVERFLOW = "Totals past the float range are the same clear error"
 PARTITION = "A partition (silence: no FIN, no RST) is ended by the lease"
 PARTS = "tests/test_partition.py::"
 
@@ -109,6 +113,21 @@ def M(name, file, old, new, rule, *tests):
 
 
 MUTANTS = [
+    M("lost-attempts-never-counted", "server.py",
+      "            self.losses[chunk_id] += 1\n", "",
+      LOST, "test_book_fails_a_chunk_lost_max_lost_times_counted_apart_from_reports"),
+    M("frame-limit-ignored-when-cutting", "server.py",
+      "    room = protocol.WORKER_MAX_FRAME - envelope\n",
+      "    room = 2 ** 40\n",
+      FRAME_FIT, "tests/test_failures.py::test_stream_chunks_fit_the_frame_limit_in_process"),
+    M("busy-database-never-retried", "db_utils.py",
+      "                if not self.transient(exc):\n                    raise\n",
+      "                raise\n",
+      DB_RESTART, "tests/test_postgres.py::test_busy_sqlite_file_is_retried_then_given_up"),
+    M("infinite-total-printed", "db_utils.py",
+      "        if not _finite_totals(final):\n            raise AggregateOverflow(f\"the total of all chunks {OVERFLOW}\")\n",
+      "",
+      OVERFLOW, "tests/test_overflow.py::test_store_refuses_a_final_sum_past_the_range"),
     M("worker-waits-forever-on-a-silent-link", "worker.py",
       "socket.create_connection((self.host, self.port), timeout=self.io_timeout)",
       "socket.create_connection((self.host, self.port), timeout=None)",
@@ -130,8 +149,8 @@ MUTANTS = [
       " \"REDUCE\"):",
       DECODING, "test_opcode_walk_alone_refuses_globals_and_calls"),
     M("worker-trusts-any-server", "protocol.py",
-      "    _answer_challenge(sock, secret, deadline)\n    _deliver_challenge(sock, secret, deadline)",
-      "    _answer_challenge(sock, secret, deadline)",
+      "    if not hmac.compare_digest(reply, _WELCOME + _mac(secret, b\"server\", server_nonce,",
+      "    if False and not hmac.compare_digest(reply, _WELCOME + _mac(secret, b\"server\", server_nonce,",
       HANDSHAKE, "test_worker_refuses_a_server_that_does_not_know_the_secret"),
     M("worker-exits-on-wait", "worker.py",
       "                    self.stopping.wait(_retry_after(reply))\n                    continue",
@@ -161,7 +180,7 @@ MUTANTS = [
       "    return min(max(float(delay), 0.01), 5.0)", "    return max(float(delay), 0.01)",
       BOUNDS, "test_wait_delay_is_clamped"),
     M("lease-timeout-zero-accepted", "server.py",
-      "    g.add_argument(\"--lease-timeout\", type=positive_number,",
+      "    g.add_argument(\"--lease-timeout\", type=seconds,",
       "    g.add_argument(\"--lease-timeout\", type=float,",
       BOUNDS, "test_server_refuses_bounds_that_break_a_rule"),
     M("first-wins-becomes-overwrite", "db_utils.py",
@@ -183,8 +202,8 @@ MUTANTS = [
       LEASES, "test_book_lease_expires_at_its_deadline_and_the_chunk_is_retried_first",
       "test_late_result_after_a_re_lease_is_acked_but_not_counted"),
     M("no-job-instead-of-wait", "server.py",
-      "                self.send({\"type\": protocol.WAIT, \"retry_after\": srv.wait_interval})",
-      "                self.send({\"type\": protocol.NO_JOB})",
+      "            self.send({\"type\": protocol.WAIT, \"retry_after\": srv.wait_interval})",
+      "            self.send({\"type\": protocol.NO_JOB})",
       NO_EARLY_EXIT, "test_idle_worker_hears_wait_while_a_chunk_is_leased"),
 
     # --- the ACK is a commit receipt ------------------------------------------------------
@@ -326,11 +345,12 @@ MUTANTS = [
 
     # --- the handshake ---------------------------------------------------------------------
     M("any-answer-passes", "protocol.py",
-      "    if not hmac.compare_digest(answer, _digest(secret, nonce)):", "    if False:",
+      "    if len(worker_nonce) != NONCE_SIZE or not hmac.compare_digest(answer, expected):",
+      "    if False:",
       HANDSHAKE, PROTO + "test_handshake_with_a_wrong_secret_fails_on_both_sides"),
     M("refusal-not-noticed", "protocol.py",
-      "    if _recv_handshake_frame(sock, deadline) != _WELCOME:",
-      "    if _recv_handshake_frame(sock, deadline) == b\"\":",
+      "        send_frame(sock, _FAILURE)\n        raise AuthenticationError(\"peer failed the challenge (wrong secret?)\")",
+      "        raise AuthenticationError(\"peer failed the challenge (wrong secret?)\")",
       HANDSHAKE, PROTO + "test_handshake_with_a_wrong_secret_fails_on_both_sides"),
     M("handshake-without-deadline", "protocol.py",
       "    if deadline is None:\n        return recv_frame(sock, 256)",
@@ -420,9 +440,8 @@ MUTANTS = [
       " or attempt_id in self.failed_attempts:", ":",
       POISON, "test_book_counts_a_failure_report_once_per_attempt"),
     M("lost-attempts-counted", "server.py",
-      "        for lease in gone:\n            self._requeue(lease.chunk_id)",
-      "        for lease in gone:\n            self.failures[lease.chunk_id] += 1\n"
-      "            self._requeue(lease.chunk_id)",
+      "            self.losses[chunk_id] += 1\n",
+      "            self.losses[chunk_id] += 1\n            self.failures[chunk_id] += 1\n",
       POISON, "test_book_lost_attempts_do_not_count_toward_max_attempts"),
     M("failed-job-still-prints-an-answer", "server.py",
       "    failed = book.failed_chunks()\n    if failed:",
@@ -474,7 +493,7 @@ MUTANTS = [
       "                if time.monotonic() >= deadline:", "                if False:",
       BOUNDS, "test_worker_gives_up_after_give_up_after"),
     M("zero-is-a-positive-number", "worker.py",
-      "    if not (value > 0 and math.isfinite(value)):", "    if not (value >= 0):",
+      "    low_ok = value >= 0 if zero_ok else value > 0", "    low_ok = value >= 0",
       BOUNDS, "test_server_refuses_bounds_that_break_a_rule"),
 ]
 
