@@ -24,6 +24,7 @@ marked slow).
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import socket

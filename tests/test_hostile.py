@@ -827,7 +827,7 @@ class Impostor(threading.Thread):
         try:
             for reply in (protocol.encode({"type": protocol.WELCOME, "job_id": "fake",
                                            "chunks": 1, "lease_timeout": 60}),
-                          protocol.encode({"type": protocol.JOB, **job_fields(
+                          protocol.encode({"type": protocol.JOB, **job_message(
                               data=pickle.dumps(RunsCode(self.marker)))})):
                 self.after_answer.append(protocol.recv_frame(conn, 1 << 20))
                 protocol.send_frame(conn, reply)
@@ -875,7 +875,7 @@ def test_impostor_server_cannot_forge_its_proof_from_workers_answers(procs, tmp_
         [len(protocol._ANSWER) + protocol.NONCE_SIZE + protocol.MAC_SIZE] * 2
     assert impostor.after_answer == []
     for name in ("victim-a", "victim-b"):
-        log = worker_log(procs, name)
+        log = procs.worker_log(name)
         assert "cannot authenticate the server" in log and "failed the challenge" in log, log
         assert "Traceback" not in log
     assert not marker.exists()
