@@ -350,15 +350,16 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     ``ranges[i]`` is ``(start, end)``, the byte offsets of chunk ``i``, in
     order, together the rest of the text, none empty.
 
-    The targets are ``chunks`` equal parts of the text after the header
-    (at most one per byte).  With ``chunk_rows`` instead: as many parts as
-    records / ``chunk_rows``, where the records are estimated from the
-    mean line length of the first 256 KiB after the header.  With
-    ``max_bytes``: more parts if need be, so that no chunk is longer than
-    that unless one record is.  Each target moves to the start of the next
-    record (:func:`record_boundaries`) and equal cuts merge.  So the same
-    text and arguments always give the same chunks: that is what lets a
-    chunk id name the same records on every run of a job.
+    The targets split the text after the header into ``chunks`` equal
+    parts (at most one per byte).  With ``chunk_rows`` instead, they fall
+    every ``chunk_rows`` lines of the mean length of the first 256 KiB
+    after the header: exactly that many records per chunk where all lines
+    are alike, about that many otherwise.  With ``max_bytes``, more equal
+    parts if need be, so that no chunk is longer than that unless one
+    record is.  Each target moves to the start of the next record
+    (:func:`record_boundaries`) and equal cuts merge.  So the same text and
+    arguments always give the same chunks: that is what lets a chunk id
+    name the same records on every run of a job.
     """
     with open_text() as f:
         head = f.read(_HEAD_SAMPLE)
@@ -370,17 +371,24 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     with open_text() as f:
         header = f.read(header_end)
     body = size - header_end
+    # Targets every num / den bytes after the header (integers: exact on every run).
+    num, den, back = body, max(1, min(chunks, body)), 0
     if chunk_rows:
-        lines = head[header_end:]
-        lines = lines[:lines.rfind(eol) + 1]
-        records = body * lines.count(eol) / len(lines) if lines else 1
-        chunks = math.ceil(records / chunk_rows)
-    parts = max(1, min(chunks, body))
-    if max_bytes and body > parts * max_bytes:
-        wanted, parts = parts, -(-body // max_bytes)
-        log.info("%d chunks instead of %d: a chunk holds at most %d bytes of text", parts,
-                 wanted, max_bytes)
-    targets = [header_end + body * i // parts for i in range(1, parts)]
+        sample = head[header_end:]
+        sample = sample[:sample.rfind(eol) + 1]
+        if sample:
+            # chunk_rows lines of the sample's mean length, one byte back: on
+            # the newline that ends the last of them, not on the next line.
+            num, den, back = chunk_rows * len(sample), sample.count(eol), 1
+        else:   # no whole line in the head to measure: one chunk (max_bytes may split it)
+            den = 1
+    parts = -(-body * den // num) if body > 0 else 1
+    if max_bytes and num > max_bytes * den:
+        num, den, back = body, -(-body // max_bytes), 0
+        log.info("%d chunks instead of %d: a chunk holds at most %d bytes of text", den,
+                 parts, max_bytes)
+        parts = den
+    targets = [header_end + i * num // den - back for i in range(1, parts)]
     cuts = [header_end] + record_boundaries(open_text(), targets, eol=eol) + [size]
     cuts = sorted(set(cuts))
     return header, [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
@@ -561,9 +569,9 @@ class InputText:
                  self.compression or self.source_encoding)
         return size
 
-    def read(self, start: int, end: int, what: str = "") -> bytes:
-        """Bytes ``start`` to ``end`` of the text; ``what`` names them in an error."""
-        with self._lock, self.reading(what):
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of the text."""
+        with self._lock, self.reading():
             if self.sequential:
                 if self._stream is None or start < self._pos:
                     if self._stream is not None:
@@ -650,8 +658,8 @@ class FrameChunks:
     file is.  Memory is bounded whatever the input's size:
 
     * at most ``ahead`` parsed chunks, and ``ahead_bytes``, wait to be
-      handed out; then the producer waits for room (it always may make one,
-      and the one a handler waits for);
+      handed out; then the producer waits for room (one is always allowed,
+      and so is the chunk a handler is waiting for);
     * a chunk of a plain file is dropped once handed out: a retry reads it
       again with ``os.pread``.  One of a compressed (sequential) text stays
       until it is DONE or FAILED (:meth:`forget`), as reading it again
@@ -817,6 +825,7 @@ class FrameChunks:
             self._fail(f"out of memory while parsing chunk {chunk_id} "
                        f"({self._length(chunk_id)} of text); try more --chunks, or --stream")
         except Exception as exc:   # a bug: stop the job with its name, not a silent hang
+            log.exception("unexpected error while parsing chunk %d", chunk_id)
             self._fail(f"unexpected error while parsing chunk {chunk_id}: "
                        f"{type(exc).__name__}: {exc}")
         finally:
@@ -835,23 +844,30 @@ class FrameChunks:
         start, end = self.ranges[chunk_id]
         return f"{(end - start) / 2**20:.1f} MiB"
 
+    def _where(self, chunk_id: int) -> str:
+        """Chunk ``chunk_id`` for an error message, with its first record's number
+        when every chunk before it was parsed in this run."""
+        start, end = self.ranges[chunk_id]
+        first = ""
+        if all(c in self.rows for c in range(chunk_id)):
+            first = f", from data record {sum(self.rows[c] for c in range(chunk_id)) + 1}"
+        return f"chunk {chunk_id} (bytes {start}-{end} of the text{first})"
+
     def _parse(self, chunk_id: int) -> tuple[bytes, int]:
         """Read, parse and pickle one chunk: ``(payload, records)``."""
         start, end = self.ranges[chunk_id]
-        where = f"chunk {chunk_id} (bytes {start}-{end} of the text"
-        if all(c in self.rows for c in range(chunk_id)):
-            where += f", from data record {sum(self.rows[c] for c in range(chunk_id)) + 1}"
-        where += ")"
         info = self.info
-        data = self.header + self.text.read(start, end, f" in {where}")
+        data = self.header + self.text.read(start, end)
         try:
             frame = read_columns(io.BytesIO(data), info.sep, info.decimal, self.text.encoding,
                                  self.wanted, info.group_col)
         except UnicodeDecodeError as exc:
-            raise InputError(f"{info.path}: not valid {self.text.encoding} in {where} "
-                             f"({exc.reason}); pass --encoding, e.g. --encoding cp1252") from None
+            raise InputError(f"{info.path}: not valid {self.text.encoding} in "
+                             f"{self._where(chunk_id)} ({exc.reason}); pass --encoding, "
+                             f"e.g. --encoding cp1252") from None
         except (pd.errors.ParserError, ValueError) as exc:
-            raise InputError(f"{info.path}: malformed CSV in {where}: {str(exc).strip()}") from None
+            raise InputError(f"{info.path}: malformed CSV in {self._where(chunk_id)}: "
+                             f"{str(exc).strip()}") from None
         del data
         payload = pickle.dumps(frame, protocol=5)
         return (zlib.compress(payload, 1) if self.compress else payload), len(frame)

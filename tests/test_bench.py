@@ -322,6 +322,7 @@ def test_get_job_is_held_until_the_last_chunk_completes(tmp_path):
         serving.join()
         srv.server_close()
         store.close()
+        chunks.close()
     expected = pandas_oracle(csv, "Unit Price", "Units Sold")
     (total,) = db_rows(str(tmp_path / "r.sqlite"), "SELECT SUM(total_sales) FROM chunk_results")
     assert math.isclose(total[0], expected["total_sales"], rel_tol=1e-9)
