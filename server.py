@@ -6,12 +6,13 @@ Run it once per job::
 
 Data flow::
 
-      sales.csv
+      sales.csv (.gz ...)
           │ inspect_csv()      header, separator, columns: fail early (exit 2)
+          │ cut_text()         byte ranges of whole records, the same in both modes
           ▼
-    FrameChunks / StreamChunks  row ranges of a DataFrame (documented mode) or
-          │                     byte ranges of the file (--stream); a chunk is
-          │                     serialised when it is handed out
+    FrameChunks / StreamChunks  documented mode: a producer thread parses the
+          │                     ranges in order, a few chunks ahead of the leases;
+          │                     --stream: the range's bytes, read when handed out
           ▼
     ChunkBook ──lease()──> Handler thread ──JOB──────> worker
      PENDING                (one per TCP                  │ compute_metrics()
@@ -759,6 +760,20 @@ class FrameChunks:
         payload) or was never started (tests).  Raises :class:`InputError`
         if the input failed, ``ConnectionAbortedError`` once closed.
         """
+        data = self._take(chunk_id)
+        if data is None:
+            data, rows = self._parse(chunk_id)
+            with self._cond:
+                self.rows[chunk_id] = rows
+                if self.text.sequential and chunk_id not in self._finished:
+                    self._kept[chunk_id] = data
+        # Here, not in the producer: zlib lets go of the GIL, so handlers
+        # compress on the other core while the producer parses.
+        return zlib.compress(data, 1) if self.compress else data
+
+    def _take(self, chunk_id: int) -> bytes | None:
+        """The chunk's pickle from the cache, waiting for the producer if it has
+        not reached the chunk yet; None if the producer is past it or absent."""
         with self._cond:
             self._waiting += 1
             try:
@@ -777,16 +792,10 @@ class FrameChunks:
                     if self._closed:
                         raise ConnectionAbortedError("the server is stopping")
                     if self._thread is None or chunk_id < self._next:
-                        break
+                        return None
                     self._cond.wait()
             finally:
                 self._waiting -= 1
-        data, rows = self._parse(chunk_id)
-        with self._cond:
-            self.rows[chunk_id] = rows
-            if self.text.sequential and chunk_id not in self._finished:
-                self._kept[chunk_id] = data
-        return data
 
     def _room(self) -> bool:
         # A handler waiting means its chunk was leased, and leases go in
@@ -854,7 +863,7 @@ class FrameChunks:
         return f"chunk {chunk_id} (bytes {start}-{end} of the text{first})"
 
     def _parse(self, chunk_id: int) -> tuple[bytes, int]:
-        """Read, parse and pickle one chunk: ``(payload, records)``."""
+        """Read, parse and pickle one chunk: ``(pickle, records)``."""
         start, end = self.ranges[chunk_id]
         info = self.info
         data = self.header + self.text.read(start, end)
@@ -869,8 +878,7 @@ class FrameChunks:
             raise InputError(f"{info.path}: malformed CSV in {self._where(chunk_id)}: "
                              f"{str(exc).strip()}") from None
         del data
-        payload = pickle.dumps(frame, protocol=5)
-        return (zlib.compress(payload, 1) if self.compress else payload), len(frame)
+        return pickle.dumps(frame, protocol=5), len(frame)
 
 
 def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOCK,
@@ -1769,7 +1777,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=port_number(0), default=5000, help="TCP port (0: any free port)")
     p.add_argument("--chunks", type=_positive_int, default=200, help="number of chunks")
     p.add_argument("--chunk-rows", type=_positive_int, default=None,
-                   help="rows per chunk instead of --chunks (documented mode only)")
+                   help="about this many records per chunk instead of --chunks (documented "
+                        "mode only; exact where all lines have the same length)")
     p.add_argument("--db", default="results.sqlite",
                    help="results database: a SQLite file, or a PostgreSQL URL "
                         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME")
@@ -1796,7 +1805,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, BOM or not)")
     m = p.add_argument_group("transfer")
     m.add_argument("--stream", action="store_true",
-                   help="send byte ranges of the file for workers to parse, never load it whole")
+                   help="send the chunks' CSV bytes for the workers to parse (the server "
+                        "parses nothing)")
     m.add_argument("--compress", action="store_true", help="zlib-compress chunk payloads")
     s = p.add_argument_group("security and limits")
     s.add_argument("--secret", default=None,
