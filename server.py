@@ -652,31 +652,40 @@ class FrameChunks:
     The chunks are byte ranges of the text (:class:`InputText`), cut by
     :func:`cut_text` as in ``--stream`` (on a plain file, the very same
     ranges), at most :data:`MAX_CHUNK_BYTES` of text each.  A producer
-    thread (:meth:`start`) reads them in order, parses each one with
-    ``read_columns`` (the header, then the chunk's bytes: exactly what a
-    ``--stream`` worker would parse) and pickles the DataFrame of the wanted
-    columns, so a chunk moves as soon as it is parsed, not once the whole
-    file is.  Memory is bounded whatever the input's size:
+    thread (:meth:`start`) reads them in order, parses them with
+    ``read_columns`` (the header, then the bytes: what a ``--stream`` worker
+    would parse) and pickles a DataFrame of the wanted columns per chunk, so
+    a chunk moves as soon as it is parsed, not once the whole file is.
 
-    * at most ``ahead`` parsed chunks, and ``ahead_bytes``, wait to be
-      handed out; then the producer waits for room (one is always allowed,
-      and so is the chunk a handler is waiting for);
-    * a chunk of a plain file is dropped once handed out: a retry reads it
-      again with ``os.pread``.  One of a compressed (sequential) text stays
-      until it is DONE or FAILED (:meth:`forget`), as reading it again
+    One ``read_columns`` call costs about a millisecond whatever its size,
+    so consecutive chunks are parsed together in *pieces* of at least
+    ``min_piece_bytes`` (1 MiB); a chunk as large as that is a piece of its
+    own.  The records of a piece of several chunks are shared among them in
+    order, in proportion to their bytes (exactly their own records where all
+    lines are alike); the rule depends on the text and the cut alone, so a
+    chunk id names the same records on every run.  Memory is bounded
+    whatever the input's size:
+
+    * at most ``ahead`` pieces, and ``ahead_bytes`` of parsed chunks, wait
+      to be handed out; then the producer waits for room (one piece is
+      always allowed, and so is the chunk a handler is waiting for);
+    * a chunk of a plain file is dropped once handed out: a retry reads its
+      piece again with ``os.pread``.  One of a compressed (sequential) text
+      stays until it is DONE or FAILED (:meth:`forget`), as reading it again
       would decompress everything before it; so at most one per lease more.
 
-    Chunks done in an earlier run (``done`` in :meth:`start`) are skipped,
-    never parsed.  A chunk the input cannot give (malformed CSV, bytes not in
-    the encoding, corrupt compressed data, the file changed) stops the job:
-    the error goes to ``on_error`` and to every later :meth:`payload` call,
-    as an :class:`InputError` naming the chunk.  Raises :class:`InputError`
-    before the job for input that cannot be cut.
+    A piece whose chunks were all done in an earlier run (``done`` in
+    :meth:`start`) is skipped, never parsed.  A piece the input cannot give
+    (malformed CSV, bytes not in the encoding, corrupt compressed data, the
+    file changed) stops the job: the error goes to ``on_error`` and to every
+    later :meth:`payload` call, as an :class:`InputError` naming the chunks.
+    Raises :class:`InputError` before the job for input that cannot be cut.
     """
 
     format = "frame"
     AHEAD = 4
     AHEAD_BYTES = 64 * 2**20
+    MIN_PIECE_BYTES = 2**20
     # A chunk of text parses to a DataFrame up to ~8 times its size ("1,1"
     # becomes two int64), and a few of those wait in memory: 16 MiB keeps
     # that well inside 512 MiB.  More chunks are made where --chunks N
@@ -685,7 +694,8 @@ class FrameChunks:
 
     def __init__(self, info: CsvInfo, chunks: int, chunk_rows: int | None, compress: bool,
                  ahead: int = AHEAD, ahead_bytes: int = AHEAD_BYTES,
-                 max_chunk_bytes: int = MAX_CHUNK_BYTES):
+                 max_chunk_bytes: int = MAX_CHUNK_BYTES,
+                 min_piece_bytes: int = MIN_PIECE_BYTES):
         self.info, self.compress = info, compress
         self.ahead, self.ahead_bytes = ahead, ahead_bytes
         self.wanted = [c for c in (info.price_col, info.qty_col, info.group_col) if c]
@@ -697,14 +707,24 @@ class FrameChunks:
         except BaseException:
             self.text.close()
             raise
+        # pieces[p] = (first chunk, chunk after the last); piece_of[chunk] = p.
+        self.pieces, first = [], 0
+        for chunk_id, (_, end) in enumerate(self.ranges):
+            if end - self.ranges[first][0] >= min_piece_bytes or chunk_id == len(self.ranges) - 1:
+                self.pieces.append((first, chunk_id + 1))
+                first = chunk_id + 1
+        self.piece_of = [p for p, (a, b) in enumerate(self.pieces) for _ in range(a, b)]
         self.rows: dict[int, int] = {}   # records per chunk parsed in this run
         self.parse_seconds = 0.0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._parsed = threading.Condition(self._lock)   # handlers wait here for a chunk
+        self._space = threading.Condition(self._lock)    # the producer waits here for room
         self._ready: dict[int, bytes] = {}    # parsed, not handed out yet
         self._ready_bytes = 0
+        self._ready_in: dict[int, int] = {}   # piece -> how many of its chunks are ready
         self._kept: dict[int, bytes] = {}     # handed out, kept for a retry (sequential text)
         self._finished: set[int] = set()      # DONE or FAILED: never parsed again
-        self._next = 0          # the chunk the producer has not finished yet
+        self._next = 0          # the first chunk the producer has not finished yet
         self._waiting = 0       # handlers in payload() waiting for the producer
         self._error: str | None = None
         self._closed = False
@@ -715,8 +735,9 @@ class FrameChunks:
         return len(self.ranges)
 
     def start(self, done=(), on_error=None, timings: Timings | None = None) -> None:
-        """Start the producer; chunks in ``done`` are skipped.  ``on_error(message)``
-        is called once if the input fails; ``timings`` gets the ``parse`` seconds."""
+        """Start the producer; chunks in ``done`` are never handed out, and a piece
+        of only such chunks is not parsed.  ``on_error(message)`` is called once
+        if the input fails; ``timings`` gets the ``parse`` seconds."""
         self._finished.update(done)
         self._on_error, self._timings = on_error, timings
         self._thread = threading.Thread(target=self._produce, name="parse", daemon=True)
@@ -724,18 +745,20 @@ class FrameChunks:
 
     def forget(self, chunk_id: int) -> None:
         """Chunk ``chunk_id`` is DONE or FAILED: drop its payload, never parse it again."""
-        with self._cond:
+        with self._lock:
             self._finished.add(chunk_id)
-            self._ready_bytes -= len(self._ready.pop(chunk_id, b""))
+            if chunk_id in self._ready:
+                self._unready(chunk_id)
             self._kept.pop(chunk_id, None)
-            self._cond.notify_all()
+            self._space.notify()
 
     def close(self) -> None:
         """Stop the producer and close the input (idempotent); waiting handlers
         get ``ConnectionAbortedError``."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            self._space.notify_all()
+            self._parsed.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self.text.close()
@@ -746,25 +769,29 @@ class FrameChunks:
 
     def row_bounds(self, chunk_id: int) -> tuple[int, int]:
         """(fewest, most) records a RESULT for the chunk may report: exact once it
-        is parsed in this run; else, as in --stream, at most one per byte."""
+        is parsed in this run; else at most one per byte of its piece."""
         if chunk_id in self.rows:
             return self.rows[chunk_id], self.rows[chunk_id]
-        start, end = self.ranges[chunk_id]
-        return 0, end - start
+        first, end = self.pieces[self.piece_of[chunk_id]]
+        return 0, self.ranges[end - 1][1] - self.ranges[first][0]
 
     def payload(self, chunk_id: int) -> bytes:
         """The pickled (and maybe zlib'd) DataFrame of chunk ``chunk_id``.
 
         Waits for the producer if it has not reached the chunk yet; parses
-        the chunk here if the producer is past it (a retry of a dropped
-        payload) or was never started (tests).  Raises :class:`InputError`
-        if the input failed, ``ConnectionAbortedError`` once closed.
+        the chunk's piece here if the producer is past it (a retry of a
+        dropped payload) or was never started (tests).  Raises
+        :class:`InputError` if the input failed, ``ConnectionAbortedError``
+        once closed.
         """
         data = self._take(chunk_id)
         if data is None:
-            data, rows = self._parse(chunk_id)
-            with self._cond:
-                self.rows[chunk_id] = rows
+            parts = self._parse(self.piece_of[chunk_id])
+            with self._lock:
+                for part_id, part, rows in parts:
+                    self.rows[part_id] = rows
+                    if part_id == chunk_id:
+                        data = part
                 if self.text.sequential and chunk_id not in self._finished:
                     self._kept[chunk_id] = data
         # Here, not in the producer: zlib lets go of the GIL, so handlers
@@ -774,28 +801,38 @@ class FrameChunks:
     def _take(self, chunk_id: int) -> bytes | None:
         """The chunk's pickle from the cache, waiting for the producer if it has
         not reached the chunk yet; None if the producer is past it or absent."""
-        with self._cond:
-            self._waiting += 1
-            try:
-                while True:
-                    if chunk_id in self._ready:
-                        data = self._ready.pop(chunk_id)
-                        self._ready_bytes -= len(data)
-                        if self.text.sequential:
-                            self._kept[chunk_id] = data
-                        self._cond.notify_all()   # room for the producer
-                        return data
-                    if chunk_id in self._kept:
-                        return self._kept[chunk_id]
-                    if self._error is not None:
-                        raise InputError(self._error)
-                    if self._closed:
-                        raise ConnectionAbortedError("the server is stopping")
-                    if self._thread is None or chunk_id < self._next:
-                        return None
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
+        with self._lock:
+            while True:
+                if chunk_id in self._ready:
+                    data = self._unready(chunk_id)
+                    if self.text.sequential:
+                        self._kept[chunk_id] = data
+                    self._space.notify()   # maybe room for the producer
+                    return data
+                if chunk_id in self._kept:
+                    return self._kept[chunk_id]
+                if self._error is not None:
+                    raise InputError(self._error)
+                if self._closed:
+                    raise ConnectionAbortedError("the server is stopping")
+                if self._thread is None or chunk_id < self._next:
+                    return None
+                self._waiting += 1
+                self._space.notify()       # a waiting handler lets the producer past the bound
+                try:
+                    self._parsed.wait()
+                finally:
+                    self._waiting -= 1
+
+    def _unready(self, chunk_id: int) -> bytes:
+        """Take ``chunk_id`` out of the ready cache (lock held)."""
+        data = self._ready.pop(chunk_id)
+        self._ready_bytes -= len(data)
+        piece = self.piece_of[chunk_id]
+        self._ready_in[piece] -= 1
+        if not self._ready_in[piece]:
+            del self._ready_in[piece]
+        return data
 
     def _room(self) -> bool:
         # A handler waiting means its chunk was leased, and leases go in
@@ -804,81 +841,95 @@ class FrameChunks:
         # this, a full cache of chunks still to be handed out could stall a
         # handler whose chunk comes next.
         return (not self._ready or self._waiting > 0
-                or len(self._ready) < self.ahead and self._ready_bytes < self.ahead_bytes)
+                or len(self._ready_in) < self.ahead and self._ready_bytes < self.ahead_bytes)
 
     def _produce(self) -> None:
-        chunk_id = 0
+        piece = 0
         try:
-            for chunk_id in range(len(self.ranges)):
-                with self._cond:
-                    while not (self._closed or chunk_id in self._finished or self._room()):
-                        self._cond.wait()
+            for piece, (first, end) in enumerate(self.pieces):
+                with self._lock:
+                    while not (self._closed or self._room() or self._all_finished(piece)):
+                        self._space.wait()
                     if self._closed:
                         return
-                    if chunk_id in self._finished:
-                        self._next = chunk_id + 1
+                    if self._all_finished(piece):
+                        self._next = end
+                        self._parsed.notify_all()   # a handler waiting there parses it itself
                         continue
                 started = time.perf_counter()
-                data, rows = self._parse(chunk_id)
+                parts = self._parse(piece)
                 self.parse_seconds += time.perf_counter() - started
-                with self._cond:
-                    self._next = chunk_id + 1
-                    self.rows[chunk_id] = rows
-                    if chunk_id not in self._finished:
-                        self._ready[chunk_id] = data
-                        self._ready_bytes += len(data)
-                    self._cond.notify_all()
+                with self._lock:
+                    self._next = end
+                    for chunk_id, data, rows in parts:
+                        self.rows[chunk_id] = rows
+                        if chunk_id not in self._finished:
+                            self._ready[chunk_id] = data
+                            self._ready_bytes += len(data)
+                            self._ready_in[piece] = self._ready_in.get(piece, 0) + 1
+                    self._parsed.notify_all()
         except InputError as exc:
             self._fail(str(exc))
         except MemoryError:
-            self._fail(f"out of memory while parsing chunk {chunk_id} "
-                       f"({self._length(chunk_id)} of text); try more --chunks, or --stream")
+            self._fail(f"out of memory while parsing {self._where(piece, False)}; "
+                       f"try more --chunks, or --stream")
         except Exception as exc:   # a bug: stop the job with its name, not a silent hang
-            log.exception("unexpected error while parsing chunk %d", chunk_id)
-            self._fail(f"unexpected error while parsing chunk {chunk_id}: "
+            log.exception("unexpected error while parsing %s", self._where(piece, False))
+            self._fail(f"unexpected error while parsing {self._where(piece, False)}: "
                        f"{type(exc).__name__}: {exc}")
         finally:
             if self._timings is not None:
                 self._timings.add("parse", self.parse_seconds)
 
+    def _all_finished(self, piece: int) -> bool:
+        first, end = self.pieces[piece]
+        return all(c in self._finished for c in range(first, end))
+
     def _fail(self, message: str) -> None:
         log.error("stopping the job: %s", message)
         if self._on_error is not None:
             self._on_error(message)   # first, so that a handler woken below finds the job stopped
-        with self._cond:
+        with self._lock:
             self._error = message
-            self._cond.notify_all()
+            self._parsed.notify_all()
 
-    def _length(self, chunk_id: int) -> str:
-        start, end = self.ranges[chunk_id]
-        return f"{(end - start) / 2**20:.1f} MiB"
+    def _where(self, piece: int, first_record: bool = True) -> str:
+        """Piece ``piece`` for a message: its chunks, bytes, size and (when every
+        chunk before it was parsed in this run) the number of its first record."""
+        first, end = self.pieces[piece]
+        start, stop = self.ranges[first][0], self.ranges[end - 1][1]
+        chunks = f"chunk {first}" if end - first == 1 else f"chunks {first}-{end - 1}"
+        where = f"{chunks} (bytes {start}-{stop} of the text, {(stop - start) / 2**20:.1f} MiB"
+        if first_record and all(c in self.rows for c in range(first)):
+            where += f", from data record {sum(self.rows[c] for c in range(first)) + 1}"
+        return where + ")"
 
-    def _where(self, chunk_id: int) -> str:
-        """Chunk ``chunk_id`` for an error message, with its first record's number
-        when every chunk before it was parsed in this run."""
-        start, end = self.ranges[chunk_id]
-        first = ""
-        if all(c in self.rows for c in range(chunk_id)):
-            first = f", from data record {sum(self.rows[c] for c in range(chunk_id)) + 1}"
-        return f"chunk {chunk_id} (bytes {start}-{end} of the text{first})"
-
-    def _parse(self, chunk_id: int) -> tuple[bytes, int]:
-        """Read, parse and pickle one chunk: ``(pickle, records)``."""
-        start, end = self.ranges[chunk_id]
+    def _parse(self, piece: int) -> list[tuple[int, bytes, int]]:
+        """Read, parse and pickle one piece: ``[(chunk id, pickle, records), ...]``."""
+        first, end = self.pieces[piece]
+        start, stop = self.ranges[first][0], self.ranges[end - 1][1]
         info = self.info
-        data = self.header + self.text.read(start, end)
+        data = self.header + self.text.read(start, stop)
         try:
             frame = read_columns(io.BytesIO(data), info.sep, info.decimal, self.text.encoding,
                                  self.wanted, info.group_col)
         except UnicodeDecodeError as exc:
             raise InputError(f"{info.path}: not valid {self.text.encoding} in "
-                             f"{self._where(chunk_id)} ({exc.reason}); pass --encoding, "
+                             f"{self._where(piece)} ({exc.reason}); pass --encoding, "
                              f"e.g. --encoding cp1252") from None
         except (pd.errors.ParserError, ValueError) as exc:
-            raise InputError(f"{info.path}: malformed CSV in {self._where(chunk_id)}: "
+            raise InputError(f"{info.path}: malformed CSV in {self._where(piece)}: "
                              f"{str(exc).strip()}") from None
         del data
-        return pickle.dumps(frame, protocol=5), len(frame)
+        if end - first == 1:
+            return [(first, pickle.dumps(frame, protocol=5), len(frame))]
+        # Chunk c of the piece gets the records from its share of the bytes on.
+        records, length = len(frame), stop - start
+        bounds = [records * (self.ranges[c][0] - start) // length for c in range(first, end)]
+        bounds.append(records)
+        # A fresh index: the same frame as if the chunk had been parsed alone.
+        return [(c, pickle.dumps(frame.iloc[a:b].reset_index(drop=True), protocol=5), b - a)
+                for c, a, b in zip(range(first, end), bounds, bounds[1:])]
 
 
 def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOCK,

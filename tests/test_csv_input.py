@@ -886,7 +886,7 @@ def test_regression_surplus_fields_beyond_the_head(tmp_path):
     path = tmp_path / "late.csv"
     path.write_bytes(b"Price,Quantity\n" + b"1.00,1\n" * 40_000 + b"1,234.50,2\n")
     info = server.inspect_csv(str(path))
-    frames = server.FrameChunks(info, 4, None, False)
+    frames = server.FrameChunks(info, 4, None, False, min_piece_bytes=0)  # parsed one by one
     try:
         for chunk_id in range(3):
             frames.payload(chunk_id)

@@ -74,30 +74,33 @@ def unpickle(payload: bytes) -> pd.DataFrame:
 
 
 class Spy(server.FrameChunks):
-    """FrameChunks that records what its producer parses, and how full the cache was."""
+    """FrameChunks that records the pieces it parses, and how many pieces its
+    producer had waiting to be handed out when it began a parse."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.parsed: list[int] = []
-        self.ready_at_parse: list[int] = []     # parsed chunks waiting, when a parse began
+        self.ready_at_parse: list[int] = []     # pieces waiting, when the producer began one
         self.reads = 0
 
-    def _parse(self, chunk_id):
+    def _parse(self, piece):
         if threading.current_thread() is self._thread:
-            with self._cond:
+            with self._lock:
                 if not self._waiting:
-                    self.ready_at_parse.append(len(self._ready))
-        self.parsed.append(chunk_id)
-        return super()._parse(chunk_id)
+                    self.ready_at_parse.append(len(self._ready_in))
+        self.parsed.append(piece)
+        return super()._parse(piece)
 
 
 def spy(path: Path, chunks: int = 20, **limits) -> Spy:
+    """A Spy whose chunks are each a piece of their own, unless ``limits`` says otherwise."""
+    limits.setdefault("min_piece_bytes", 0)
     return Spy(server.inspect_csv(str(path)), chunks, None, False, **limits)
 
 
 def producer_is_waiting(chunks: server.FrameChunks) -> bool:
     """True while the producer thread is blocked on the cache's condition."""
-    return len(chunks._cond._waiters) > 0
+    return len(chunks._space._waiters) > 0
 
 
 def sales_text(rows: int, seed: int = 0) -> bytes:
@@ -137,14 +140,16 @@ def totals(chunks: server.FrameChunks) -> tuple[int, float]:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(records=st.lists(st.tuples(st.sampled_from(["1", "2.5", "x", ""]),
                                   st.sampled_from(["1", "3", ""]), field), max_size=40),
-       blank=st.integers(0, 40), crlf=st.booleans(), chunks=st.integers(1, 60))
+       blank=st.integers(0, 40), crlf=st.booleans(), chunks=st.integers(1, 60),
+       piece=st.sampled_from([0, 50, 2**20]))
 def test_chunks_are_identical_across_runs_forms_and_modes(tmp_path_factory, records, blank,
-                                                          crlf, chunks):
+                                                          crlf, chunks, piece):
     """Property: for random records (quoted commas, newlines and doubled quotes in a
     third column, a blank line anywhere, LF or CRLF), the chunk ranges are the same on
     two runs, for the plain file and each compressed form, and equal to --stream's;
-    together the chunks hold every record once (records and sales as Python's csv
-    module counts them)."""
+    each chunk has the same records everywhere, and together they hold every record
+    once (records and sales as Python's csv module counts them); a chunk parsed on
+    its own (no piece shared with others) holds exactly the records of its bytes."""
     eol = "\r\n" if crlf else "\n"
     lines = ["Price,Qty,Note"] + [",".join(r) for r in records]
     lines.insert(1 + blank % len(lines), "")
@@ -152,18 +157,27 @@ def test_chunks_are_identical_across_runs_forms_and_modes(tmp_path_factory, reco
     paths = write_forms(tmp_path_factory.mktemp("forms"), text.encode())
     rows, sales = oracle(text)
 
-    plain = frames(paths["plain"], chunks)
-    plain.close()
+    plain = frames(paths["plain"], chunks, min_piece_bytes=piece)
+    try:
+        per_chunk = [len(unpickle(plain.payload(i))) for i in range(len(plain))]
+    finally:
+        plain.close()
     assert all(b > a for a, b in plain.ranges)
     assert all(b == c for (_, b), (c, _) in zip(plain.ranges, plain.ranges[1:]))
     stream = server.StreamChunks(server.inspect_csv(str(paths["plain"])), chunks, False)
     stream.close()
     assert (stream.header, stream.ranges) == (plain.header, plain.ranges)
+    if piece == 0:
+        data = text.encode()
+        assert per_chunk == [oracle((plain.header + data[a:b]).decode())[0]
+                             for a, b in plain.ranges]
     for form, path in paths.items():
         for _ in range(2):
-            again = frames(path, chunks)
+            again = frames(path, chunks, min_piece_bytes=piece)
             try:
                 assert (again.header, again.ranges) == (plain.header, plain.ranges), form
+                assert [len(unpickle(again.payload(i))) for i in range(len(again))] == \
+                    per_chunk, form
                 got_rows, got_sales = totals(again)
             finally:
                 again.close()
@@ -306,6 +320,39 @@ def test_gzip_job_killed_and_resumed_redoes_no_chunk(procs, tmp_path):
     assert {c: a for c, a in done().items() if c in before} == before
 
 
+@pytest.mark.parametrize("form", ["plain", "gz"])
+def test_small_chunks_share_one_parse_and_the_same_records_every_time(tmp_path, form):
+    """Chunks smaller than min_piece_bytes are parsed together (one read_columns call
+    per piece, not per chunk); each gets the records of its share of the piece, the
+    same in a fresh run, after a resume that skips some of them (the piece is parsed
+    whole), and on a retry; with lines of one length, exactly the records of its bytes."""
+    text = b"Price,Qty\n" + b"".join(b"%03d.5,%d\n" % (i % 1000, i % 9) for i in range(3_000))
+    path = write_forms(tmp_path, text)[form]
+    alone = spy(path, 30, min_piece_bytes=0)
+    grouped = spy(path, 30, min_piece_bytes=8_000)
+    try:
+        assert len(grouped.pieces) < 30 and all(b > a for a, b in grouped.pieces)
+        mine = [unpickle(alone.payload(i)) for i in range(30)]
+        grouped.start()
+        for i in range(30):
+            pd.testing.assert_frame_equal(unpickle(grouped.payload(i)), mine[i])
+        assert grouped.parsed == list(range(len(grouped.pieces)))
+        assert grouped.payload(3) == pickle.dumps(mine[3], protocol=5)   # a retry
+    finally:
+        alone.close()
+        grouped.close()
+    resumed = spy(path, 30, min_piece_bytes=8_000)
+    try:
+        first, end = resumed.pieces[1]
+        done = set(range(0, end - 1))           # all but the last chunk of piece 1 done
+        resumed.start(done=done)
+        for i in range(end - 1, 30):
+            pd.testing.assert_frame_equal(unpickle(resumed.payload(i)), mine[i])
+        assert resumed.parsed == list(range(1, len(resumed.pieces)))   # piece 0 skipped
+    finally:
+        resumed.close()
+
+
 # --- 4. Failures --------------------------------------------------------------------
 
 def corrupt_middle(data: bytes) -> bytes:
@@ -358,12 +405,12 @@ def test_out_of_memory_while_parsing_stops_the_job_with_one_line(tmp_path, monke
             raise MemoryError
         return frame
 
-    probe = frames(path, 5)
+    probe = frames(path, 5, min_piece_bytes=0)
     chunks_first_price = [unpickle(probe.payload(i))[PRICE].iloc[0] for i in range(5)]
     probe.close()
     monkeypatch.setattr(server, "read_columns", read_columns)
     errors = []
-    chunks = frames(path, 5)
+    chunks = frames(path, 5, min_piece_bytes=0)
     try:
         chunks.start(on_error=errors.append)
         chunks.payload(0), chunks.payload(1)
@@ -449,12 +496,14 @@ def test_file_rewritten_during_the_job_stops_it(tmp_path):
 
 # --- 5. What shapes the chunks --------------------------------------------------------
 
-def test_chunk_rows_gives_that_many_records_per_chunk_on_even_lines(tmp_path):
+@pytest.mark.parametrize("piece", [0, 2**20])
+def test_chunk_rows_gives_that_many_records_per_chunk_on_even_lines(tmp_path, piece):
     """--chunk-rows R cuts the text every R mean lines: with lines of one length,
-    exactly R records per chunk (100 records, R = 7: 14 chunks of 7 and one of 2)."""
+    exactly R records per chunk (100 records, R = 7: 14 chunks of 7 and one of 2),
+    whether each chunk is parsed alone or all in one piece."""
     path = tmp_path / "even.csv"
     path.write_bytes(b"Price,Qty\n" + b"1.00,2\n" * 100)
-    chunks = frames(path, chunk_rows=7)
+    chunks = frames(path, chunk_rows=7, min_piece_bytes=piece)
     try:
         rows = [len(unpickle(chunks.payload(i))) for i in range(len(chunks))]
     finally:
