@@ -4,7 +4,10 @@
     python tools/chaos.py --runs 3 --rows 30000 --chunks 30 --seed 7
 
 Each run is one job on a generated sales CSV (made once in ``--data-dir``
-and reused), with a short lease.  While it runs, this script
+and reused), with a short lease, in one of three modes chosen at random:
+the documented mode on the CSV (``frame``) or on a gzip of it
+(``frame-gz``: the server decompresses as it parses), or ``--stream``.
+While it runs, this script
 
 * keeps 2 or 3 workers alive, SIGKILLs a random one now and then and
   starts replacements; the workers also stall past their lease on their own
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gzip
 import math
+import os
 import random
 import shutil
 import signal
@@ -73,11 +78,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- input and the expected answer ----------------------------------------------
 
 def sales_csv(data_dir: Path, rows: int) -> Path:
-    """The CSV of ``rows`` rows in ``data_dir``, generated on first use."""
+    """The CSV of ``rows`` rows in ``data_dir``, generated on first use, with a
+    gzip copy beside it (the same name plus ``.gz``)."""
     path = data_dir / f"chaos_sales_{rows}.csv"
     if not path.exists():
         from tools.make_csv import write_csv
         write_csv(path, rows, seed=0)
+    packed = path.with_name(path.name + ".gz")
+    if not packed.exists():
+        partial = Path(f"{packed}.{os.getpid()}.tmp")   # complete files only, under that name
+        with open(path, "rb") as plain, gzip.open(partial, "wb", compresslevel=1) as out:
+            shutil.copyfileobj(plain, out, 1 << 20)
+        partial.replace(packed)
     return path
 
 
@@ -246,8 +258,10 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
     folder = Path(tempfile.mkdtemp(prefix=f"chaos-run{number}-"))
     db = folder / "results.sqlite"
     port = free_port()
-    stream = rng.random() < 0.5
-    server_cmd = [sys.executable, str(ROOT / "server.py"), "--csv", str(csv),
+    mode = rng.choice(("frame", "frame-gz", "stream"))
+    stream = mode == "stream"
+    source = csv.with_name(csv.name + ".gz") if mode == "frame-gz" else csv
+    server_cmd = [sys.executable, str(ROOT / "server.py"), "--csv", str(source),
                   "--host", "127.0.0.1", "--port", str(port), "--db", str(db),
                   "--chunks", str(args.chunks), "--lease-timeout", str(args.lease_timeout),
                   "--linger", "1"] + ["--stream"] * stream
@@ -259,7 +273,6 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
     kill_at = sorted(rng.randint(1, max(1, int(args.chunks * 0.9)))
                      for _ in range(rng.choice((1, 2))))
     started = time.monotonic()
-    mode = "stream" if stream else "frame"
     try:
         run.start_server()
         code = drive(run, db, kill_at, args.worker_kills_per_second)
@@ -275,7 +288,7 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
         passed, detail = False, f"FAILED: {exc} (logs: {folder})"
     finally:
         run.stop_all()
-    summary = (f"run {number + 1}: {'PASS' if passed else 'FAIL'} {mode:6} "
+    summary = (f"run {number + 1}: {'PASS' if passed else 'FAIL'} {mode:8} "
                f"{time.monotonic() - started:6.1f} s, server kills {run.server_kills}, "
                f"worker kills {run.worker_kills}, workers started {run.started_workers}, "
                f"{detail}")
