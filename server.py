@@ -372,7 +372,9 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     with open_text() as f:
         header = f.read(header_end)
     body = size - header_end
-    # Targets every num / den bytes after the header (integers: exact on every run).
+    # Targets every num / den bytes after the header (integers: exact on every
+    # run).  At most one target per byte, and equal cuts merge below, so a
+    # large --chunks gives one record per chunk, never an empty chunk.
     num, den, back = body, max(1, min(chunks, body)), 0
     if chunk_rows:
         sample = head[header_end:]
@@ -439,8 +441,9 @@ class StreamChunks:
             self.close()
             raise
         if b"\r" in self.header.replace(b"\r\n", b""):
-            # Lines ended by a lone CR (old Mac): workers could parse them,
-            # but this mode has always refused them; the documented mode reads them.
+            # Lines ended by a lone CR (old Mac): still refused in this mode, as
+            # when the cut could only find LF; cut_text now cuts them at their
+            # CRs, and the documented mode reads them.
             self.close()
             raise InputError(f"{info.path}: --stream needs LF or CRLF line ends, this file "
                              f"ends lines with CR alone; run without --stream")
