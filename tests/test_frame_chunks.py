@@ -70,6 +70,7 @@ def frames(path: Path, chunks: int = 200, chunk_rows=None, **limits) -> server.F
 
 
 def unpickle(payload: bytes) -> pd.DataFrame:
+    """The DataFrame in an (uncompressed) documented-mode payload."""
     return pickle.loads(payload)
 
 
@@ -81,7 +82,6 @@ class Spy(server.FrameChunks):
         super().__init__(*args, **kw)
         self.parsed: list[int] = []
         self.ready_at_parse: list[int] = []     # pieces waiting, when the producer began one
-        self.reads = 0
 
     def _parse(self, piece):
         if threading.current_thread() is self._thread:
@@ -104,6 +104,7 @@ def producer_is_waiting(chunks: server.FrameChunks) -> bool:
 
 
 def sales_text(rows: int, seed: int = 0) -> bytes:
+    """``rows`` records of ``Price,Qty`` with varied prices (lines of 6 to 8 bytes)."""
     lines = [f"{(i * 37 + seed) % 500 / 4 + 0.25:.2f},{i % 9 + 1}" for i in range(rows)]
     return ("Price,Qty\n" + "\n".join(lines) + "\n").encode()
 
