@@ -6,12 +6,13 @@ Run it once per job::
 
 Data flow::
 
-      sales.csv
+      sales.csv (.gz ...)
           │ inspect_csv()      header, separator, columns: fail early (exit 2)
+          │ cut_text()         byte ranges of whole records, the same in both modes
           ▼
-    FrameChunks / StreamChunks  row ranges of a DataFrame (documented mode) or
-          │                     byte ranges of the file (--stream); a chunk is
-          │                     serialised when it is handed out
+    FrameChunks / StreamChunks  documented mode: a producer thread parses the
+          │                     ranges in order, a few chunks ahead of the leases;
+          │                     --stream: the range's bytes, read when handed out
           ▼
     ChunkBook ──lease()──> Handler thread ──JOB──────> worker
      PENDING                (one per TCP                  │ compute_metrics()
@@ -46,6 +47,7 @@ import argparse
 import bz2
 import codecs
 import collections
+import contextlib
 import gzip
 import hashlib
 import io
@@ -334,76 +336,88 @@ def _guess_decimal(cells: pd.Series, sep: str) -> str:
 
 
 # --- Chunk sources -------------------------------------------------------------
+# Both modes cut the input's text into the same kind of chunk: a byte range
+# that holds whole records (cut_text).  They differ in who parses it: the
+# server (FrameChunks, the documented mode) or the worker (StreamChunks).
 
-class FrameChunks:
-    """The documented mode: load the CSV with pandas, split it by rows.
+_HEAD_SAMPLE = 256 * 1024   # bytes read to find the header and to estimate line lengths
 
-    Only the columns the workers need are loaded and sent.  ``bounds[i]``
-    to ``bounds[i + 1]`` are the rows of chunk ``i``: ``--chunks`` parts
-    whose sizes differ by at most one row, or ``--chunk-rows`` rows each.
-    Splitting a parsed DataFrame never cuts a record, even one with a
-    quoted newline.  Raises :class:`InputError` when pandas cannot parse
-    the file or compressed data is corrupt.
+
+def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
+             max_bytes: int | None = None) -> tuple[bytes, list[tuple[int, int]]]:
+    """Cut a CSV text of ``size`` bytes into chunks of whole records.
+
+    ``open_text()`` returns a new binary stream at the start of the text;
+    the text is read once to the end, plus its head a few times.  Returns
+    ``(header, ranges)``: ``header`` is every byte before the first data
+    record (a BOM, blank lines, the header record), sent with every chunk;
+    ``ranges[i]`` is ``(start, end)``, the byte offsets of chunk ``i``, in
+    order, together the rest of the text, none empty.
+
+    The targets split the text after the header into ``chunks`` equal
+    parts (at most one per byte).  With ``chunk_rows`` instead, they fall
+    every ``chunk_rows`` lines of the mean length of the first 256 KiB
+    after the header: exactly that many records per chunk where all lines
+    are alike, about that many otherwise.  With ``max_bytes``, more equal
+    parts if need be, so that no chunk is longer than that unless one
+    record is.  Each target moves to the start of the next record
+    (:func:`record_boundaries`) and equal cuts merge.  So the same text and
+    arguments always give the same chunks: that is what lets a chunk id
+    name the same records on every run of a job.
     """
+    with open_text() as f:
+        head = f.read(_HEAD_SAMPLE)
+    # pandas skips blank lines before the header (after a BOM, if any); so must the cut,
+    # or a lone "\n" becomes every chunk's header and each chunk's first record its column names.
+    blank = len(head) - len(head.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
+    eol = _line_end(head[blank:])
+    header_end = record_boundaries(open_text(), [blank], eol=eol)[0]
+    with open_text() as f:
+        header = f.read(header_end)
+    body = size - header_end
+    # Targets every num / den bytes after the header (integers: exact on every
+    # run).  At most one target per byte, and equal cuts merge below, so a
+    # large --chunks gives one record per chunk, never an empty chunk.
+    num, den, back = body, max(1, min(chunks, body)), 0
+    if chunk_rows:
+        sample = head[header_end:]
+        sample = sample[:sample.rfind(eol) + 1]
+        if sample:
+            # chunk_rows lines of the sample's mean length, one byte back: on
+            # the newline that ends the last of them, not on the next line.
+            num, den, back = chunk_rows * len(sample), sample.count(eol), 1
+        else:   # no whole line in the head to measure: one chunk (max_bytes may split it)
+            den = 1
+    parts = -(-body * den // num) if body > 0 else 1
+    if max_bytes and num > max_bytes * den:
+        num, den, back = body, -(-body // max_bytes), 0
+        log.info("%d chunks instead of %d: a chunk holds at most %d bytes of text", den,
+                 parts, max_bytes)
+        parts = den
+    targets = [header_end + i * num // den - back for i in range(1, parts)]
+    cuts = [header_end] + record_boundaries(open_text(), targets, eol=eol) + [size]
+    cuts = sorted(set(cuts))
+    return header, [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
-    format = "frame"
 
-    def __init__(self, info: CsvInfo, chunks: int, chunk_rows: int | None, compress: bool):
-        wanted = [c for c in (info.price_col, info.qty_col, info.group_col) if c]
-        try:
-            with _open_decompressed(info.path, info.compression) as stream:
-                # The same reader as --stream workers use, so both modes
-                # agree on every record (see worker.read_columns).
-                self.frame = read_columns(stream, info.sep, info.decimal, info.encoding,
-                                          wanted, info.group_col)
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{info.path}: not valid {info.encoding} ({exc.reason} at byte "
-                             f"{exc.start} of a block); pass --encoding, e.g. --encoding cp1252") from None
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile) as exc:
-            # e.g. a .gz cut short: its head was fine, its end is missing.
-            raise InputError(f"{info.path}: cannot read {info.compression or 'the'} data: "
-                             f"{exc}") from None
-        except (pd.errors.ParserError, ValueError) as exc:
-            raise InputError(f"{info.path}: malformed CSV: {str(exc).strip()}") from None
-        rows = len(self.frame)
-        if chunk_rows:
-            self.bounds = list(range(0, rows, chunk_rows)) + [rows]
-        else:
-            parts = min(chunks, rows)
-            self.bounds = [rows * i // parts for i in range(parts + 1)] if parts else [0]
-        self.compress = compress
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.bounds) - 1
-
-    def rows_of(self, chunk_id: int) -> int:
-        """How many records chunk ``chunk_id`` holds."""
-        return self.bounds[chunk_id + 1] - self.bounds[chunk_id]
-
-    def row_bounds(self, chunk_id: int) -> tuple[int, int]:
-        """(fewest, most) records a RESULT for the chunk may report: exact here."""
-        rows = self.rows_of(chunk_id)
-        return rows, rows
-
-    def payload(self, chunk_id: int) -> bytes:
-        """The pickled (and maybe zlib'd) DataFrame slice of chunk ``chunk_id``."""
-        part = self.frame.iloc[self.bounds[chunk_id]:self.bounds[chunk_id + 1]]
-        data = pickle.dumps(part, protocol=5)
-        return zlib.compress(data, 1) if self.compress else data
+def _line_end(text: bytes) -> bytes:
+    """The byte that ends records in ``text``: CR if its first line ends with
+    a lone CR (old Mac files hold no LF at all), else LF (LF or CRLF files)."""
+    cr, lf = text.find(b"\r"), text.find(b"\n")
+    return b"\r" if cr != -1 and (lf == -1 or cr + 1 < lf) else b"\n"
 
 
 class StreamChunks:
     """The ``--stream`` mode: byte ranges of the file, parsed by the workers.
 
     The server never loads the file; it scans it once, block by block, to
-    place chunk boundaries on record boundaries.  Under RFC 4180 a newline
-    ends a record exactly when an even number of quote characters precede
-    it (a quote inside a quoted field is doubled, which keeps the parity),
-    and ``bytes.count`` counts quotes at C speed.  ``ranges[i]`` is
-    ``(start, end)`` in bytes; every JOB carries the header line too.
-    Raises :class:`InputError` for compressed input or an encoding whose
-    newline is not the single byte 0x0A (UTF-16/32).
+    place chunk boundaries on record boundaries (:func:`cut_text`).  Under
+    RFC 4180 a newline ends a record exactly when an even number of quote
+    characters precede it (a quote inside a quoted field is doubled, which
+    keeps the parity), and ``bytes.count`` counts quotes at C speed.
+    ``ranges[i]`` is ``(start, end)`` in bytes; every JOB carries the header
+    line too.  Raises :class:`InputError` for compressed input or an
+    encoding whose newline is not the single byte 0x0A (UTF-16/32).
     """
 
     format = "csv"
@@ -423,43 +437,35 @@ class StreamChunks:
         self.fd = os.open(info.path, os.O_RDONLY)
         stat = os.fstat(self.fd)
         self.stamp = (stat.st_size, stat.st_mtime_ns)
-        size = stat.st_size
-        with open(info.path, "rb") as f:
-            start = f.read(4096)
-        # pandas skips blank lines before the header (after a BOM, if any);
-        # so must the cut, or a lone "\n" becomes every chunk's header and
-        # each chunk's first record its column names.
-        blank = len(start) - len(start.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
-        header_end = record_boundaries(info.path, [blank])[0]
-        with open(info.path, "rb") as f:
-            self.header = f.read(header_end)
+        try:
+            self.header, self.ranges = cut_text(lambda: open(info.path, "rb"), stat.st_size,
+                                                chunks)
+        except BaseException:
+            self.close()
+            raise
         if b"\r" in self.header.replace(b"\r\n", b""):
-            # Lines ended by a lone CR (old Mac) hold no 0x0A to cut at: the
-            # whole file would pass for a header and the job count 0 rows.
+            # Lines ended by a lone CR (old Mac): still refused in this mode, as
+            # when the cut could only find LF; cut_text now cuts them at their
+            # CRs, and the documented mode reads them.
+            self.close()
             raise InputError(f"{info.path}: --stream needs LF or CRLF line ends, this file "
                              f"ends lines with CR alone; run without --stream")
-        body = size - header_end
-        # At most one target per byte; cuts are deduplicated, so a large
-        # --chunks gives one record per chunk, never an empty chunk.
-        parts = max(1, min(chunks, body))
         # No JOB may exceed the workers' frame limit: they would refuse it
         # unread, every time.  Targets at most half the room apart leave the
         # other half for the record each cut moves forward to.
         room = job_data_room(info, self) - len(self.header)
         if room < 2:
+            self.close()
             raise InputError(f"{info.path}: the header line alone is longer than the "
                              f"workers' frame limit ({protocol.WORKER_MAX_FRAME} bytes)")
-        fitting = -(-body // (room // 2))
-        if fitting > parts:
+        if any(end - start > room // 2 for start, end in self.ranges):
+            self.ranges = cut_text(lambda: open(info.path, "rb"), stat.st_size, chunks,
+                                   max_bytes=room // 2)[1]
             log.info("--stream: %d chunks instead of %d, so that each fits the workers' "
-                     "%d-byte frames", fitting, parts, protocol.WORKER_MAX_FRAME)
-            parts = fitting
-        targets = [header_end + body * i // parts for i in range(1, parts)]
-        cuts = [header_end] + record_boundaries(info.path, targets) + [size]
-        cuts = sorted(set(cuts))
-        self.ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+                     "%d-byte frames", len(self.ranges), chunks, protocol.WORKER_MAX_FRAME)
         for start, end in self.ranges:
             if end - start > room:
+                self.close()
                 raise InputError(
                     f"{info.path}: a chunk of {end - start} bytes at byte {start} cannot fit the "
                     f"workers' {protocol.WORKER_MAX_FRAME}-byte frames: the file holds records "
@@ -468,6 +474,18 @@ class StreamChunks:
 
     def __len__(self) -> int:
         return len(self.ranges)
+
+    def start(self, done=(), on_error=None, timings=None) -> None:
+        """Nothing to prepare: a chunk is read when it is handed out."""
+
+    def forget(self, chunk_id: int) -> None:
+        """Nothing is kept per chunk."""
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def rows_of(self, chunk_id: int) -> None:
         """Unknown until a worker parses the chunk."""
@@ -495,22 +513,470 @@ class StreamChunks:
         return zlib.compress(data, 1) if self.compress else data
 
 
-def record_boundaries(path: str, targets: list[int], block: int = StreamChunks.BLOCK) -> list[int]:
+class InputText:
+    """The input's text as bytes, as chunk byte ranges count them.
+
+    A plain file is its own text: ``size`` is its length and :meth:`read`
+    uses ``os.pread``.  Compressed input (.gz, .bz2, .xz, a .zip of one
+    file) is decompressed as it is read, and text whose newline is not the
+    byte 0x0A (UTF-16, UTF-32) is re-encoded as UTF-8 as it is read (then
+    ``encoding`` is ``"utf-8"``): such a text has no byte offsets on disk,
+    so ``size`` costs one pass over the input (logged), and :meth:`read`
+    moves forward through it; a read further back starts over from the
+    beginning, a whole pass.  Everything is read from one descriptor opened
+    here: a file renamed over the input is never seen, and one rewritten
+    in place is noticed.  Raises :class:`InputError` (one line) for data
+    that cannot be decompressed or decoded, or a file modified meanwhile.
+    """
+
+    def __init__(self, info: CsvInfo):
+        self.path, self.compression = info.path, info.compression
+        self.recode = "\n".encode(info.encoding).removeprefix(codecs.BOM_UTF8) != b"\n"
+        self.source_encoding = info.encoding
+        self.encoding = "utf-8" if self.recode else info.encoding
+        self.sequential = bool(self.compression or self.recode)
+        self.fd = os.open(info.path, os.O_RDONLY)
+        stat = os.fstat(self.fd)
+        self.stamp = (stat.st_size, stat.st_mtime_ns)
+        self._lock = threading.Lock()   # one reader at a time: they share the descriptor
+        self._stream, self._pos = None, 0
+        try:
+            self.size = self._measure() if self.sequential else stat.st_size
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self):
+        """A new binary stream at the start of the text (close it before the next:
+        all share the descriptor's file offset)."""
+        raw = os.fdopen(os.dup(self.fd), "rb")
+        raw.seek(0)
+        if not self.sequential:
+            return raw
+        layers = [raw]
+        if self.compression == "zip":
+            archive = zipfile.ZipFile(raw)
+            layers.append(archive)
+            names = [n for n in archive.namelist() if not n.endswith("/")]
+            stream = archive.open(names[0])  # inspect_csv made sure there is exactly one
+        elif self.compression == "gzip":
+            stream = gzip.GzipFile(fileobj=raw)
+        elif self.compression == "bz2":
+            stream = bz2.BZ2File(raw)
+        elif self.compression == "xz":
+            stream = lzma.LZMAFile(raw)
+        else:
+            stream = raw
+        if self.recode:
+            stream = _Recoded(stream, self.source_encoding)
+        return io.BufferedReader(_Layered(stream, *reversed(layers)), 1 << 20)
+
+    @contextlib.contextmanager
+    def reading(self, what: str = ""):
+        """A context that turns decompression and decoding errors into one-line
+        :class:`InputError` messages; ``what`` says where (" in chunk 3 ...")."""
+        try:
+            yield
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{self.path}: not valid {self.source_encoding}{what} "
+                             f"({exc.reason}); pass --encoding, e.g. --encoding cp1252") from None
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile) as exc:
+            # e.g. a .gz cut short or corrupt in the middle: its head was fine.
+            raise InputError(f"{self.path}: cannot read {self.compression or 'the'} "
+                             f"data{what}: {exc}") from None
+
+    def _measure(self) -> int:
+        started = time.perf_counter()
+        size = 0
+        with self.reading(), self.open() as f:
+            while block := f.read(StreamChunks.BLOCK):
+                size += len(block)
+        log.info("%s: %d bytes of text, measured in %.1f s (a pass over %s input, needed to "
+                 "cut it into chunks)", self.path, size, time.perf_counter() - started,
+                 self.compression or self.source_encoding)
+        return size
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of the text."""
+        with self._lock, self.reading():
+            if self.sequential:
+                if self._stream is None or start < self._pos:
+                    if self._stream is not None:
+                        self._stream.close()
+                    self._stream, self._pos = self.open(), 0
+                while self._pos < start:   # e.g. past chunks done in an earlier run
+                    skipped = len(self._stream.read(min(start - self._pos, StreamChunks.BLOCK)))
+                    if not skipped:
+                        break
+                    self._pos += skipped
+                data = self._stream.read(end - start)
+                self._pos += len(data)
+            else:
+                data = os.pread(self.fd, end - start, start)
+            stat = os.fstat(self.fd)
+        if len(data) != end - start or (stat.st_size, stat.st_mtime_ns) != self.stamp:
+            raise InputError(f"{self.path}: the file was modified during the job; "
+                             f"run again with --fresh")
+        return data
+
+    def close(self) -> None:
+        """Close the descriptor and any open reader (idempotent)."""
+        with self._lock:
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
+class _Layered(io.RawIOBase):
+    """A read-only stream that reads ``top`` and closes it and every layer under it."""
+
+    def __init__(self, top, *layers):
+        self.top, self.layers = top, layers
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self.top.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            for layer in (self.top, *self.layers):
+                layer.close()
+        super().close()
+
+
+class _Recoded(io.RawIOBase):
+    """A binary stream of text in ``encoding``, read as UTF-8 bytes (no BOM)."""
+
+    def __init__(self, stream, encoding: str):
+        self.text = io.TextIOWrapper(stream, encoding=encoding, newline="")
+        self.pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self.pending:
+            self.pending = memoryview(self.text.read(1 << 20).encode("utf-8"))
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.text.close()
+        super().close()
+
+
+class FrameChunks:
+    """The documented mode: the server parses chunk after chunk while the job runs.
+
+    The chunks are byte ranges of the text (:class:`InputText`), cut by
+    :func:`cut_text` as in ``--stream`` (on a plain file, the very same
+    ranges), at most :data:`MAX_CHUNK_BYTES` of text each.  A producer
+    thread (:meth:`start`) reads them in order, parses them with
+    ``read_columns`` (the header, then the bytes: what a ``--stream`` worker
+    would parse) and pickles a DataFrame of the wanted columns per chunk, so
+    a chunk moves as soon as it is parsed, not once the whole file is.
+
+    One ``read_columns`` call costs about a millisecond whatever its size,
+    so consecutive chunks are parsed together in *pieces* of at least
+    ``min_piece_bytes`` (1 MiB); a chunk as large as that is a piece of its
+    own.  The records of a piece of several chunks are shared among them in
+    order, in proportion to their bytes (exactly their own records where all
+    lines are alike); the rule depends on the text and the cut alone, so a
+    chunk id names the same records on every run.  Memory is bounded
+    whatever the input's size:
+
+    * at most ``ahead`` pieces, and ``ahead_bytes`` of parsed chunks, wait
+      to be handed out; then the producer waits for room (one piece is
+      always allowed, and so is the chunk a handler is waiting for);
+    * a chunk of a plain file is dropped once handed out: a retry reads its
+      piece again with ``os.pread``.  One of a compressed (sequential) text
+      stays until it is DONE or FAILED (:meth:`forget`), as reading it again
+      would decompress everything before it; so at most one per lease more.
+
+    A piece whose chunks were all done in an earlier run (``done`` in
+    :meth:`start`) is skipped, never parsed.  A piece the input cannot give
+    (malformed CSV, bytes not in the encoding, corrupt compressed data, the
+    file changed) stops the job: the error goes to ``on_error`` and to every
+    later :meth:`payload` call, as an :class:`InputError` naming the chunks.
+    Raises :class:`InputError` before the job for input that cannot be cut.
+    """
+
+    format = "frame"
+    AHEAD = 4
+    AHEAD_BYTES = 64 * 2**20
+    MIN_PIECE_BYTES = 2**20
+    # A chunk of text parses to a DataFrame up to ~8 times its size ("1,1"
+    # becomes two int64), and a few of those wait in memory: 16 MiB keeps
+    # that well inside 512 MiB.  More chunks are made where --chunks N
+    # would give larger ones (logged).
+    MAX_CHUNK_BYTES = 16 * 2**20
+
+    def __init__(self, info: CsvInfo, chunks: int, chunk_rows: int | None, compress: bool,
+                 ahead: int = AHEAD, ahead_bytes: int = AHEAD_BYTES,
+                 max_chunk_bytes: int = MAX_CHUNK_BYTES,
+                 min_piece_bytes: int = MIN_PIECE_BYTES):
+        self.info, self.compress = info, compress
+        self.ahead, self.ahead_bytes = ahead, ahead_bytes
+        self.wanted = [c for c in (info.price_col, info.qty_col, info.group_col) if c]
+        self.text = InputText(info)
+        try:
+            with self.text.reading():
+                self.header, self.ranges = cut_text(self.text.open, self.text.size, chunks,
+                                                    chunk_rows, max_chunk_bytes)
+        except BaseException:
+            self.text.close()
+            raise
+        # pieces[p] = (first chunk, chunk after the last); piece_of[chunk] = p.
+        self.pieces, first = [], 0
+        for chunk_id, (_, end) in enumerate(self.ranges):
+            if end - self.ranges[first][0] >= min_piece_bytes or chunk_id == len(self.ranges) - 1:
+                self.pieces.append((first, chunk_id + 1))
+                first = chunk_id + 1
+        self.piece_of = [p for p, (a, b) in enumerate(self.pieces) for _ in range(a, b)]
+        self.rows: dict[int, int] = {}   # records per chunk parsed in this run
+        self.parse_seconds = 0.0
+        self._lock = threading.Lock()
+        self._parsed = threading.Condition(self._lock)   # handlers wait here for a chunk
+        self._space = threading.Condition(self._lock)    # the producer waits here for room
+        self._ready: dict[int, bytes] = {}    # parsed, not handed out yet
+        self._ready_bytes = 0
+        self._ready_in: dict[int, int] = {}   # piece -> how many of its chunks are ready
+        self._kept: dict[int, bytes] = {}     # handed out, kept for a retry (sequential text)
+        self._finished: set[int] = set()      # DONE or FAILED: never parsed again
+        self._next = 0          # the first chunk the producer has not finished yet
+        self._waiting = 0       # handlers in payload() waiting for the producer
+        self._error: str | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._on_error, self._timings = None, None
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def start(self, done=(), on_error=None, timings: Timings | None = None) -> None:
+        """Start the producer; chunks in ``done`` are never handed out, and a piece
+        of only such chunks is not parsed.  ``on_error(message)`` is called once
+        if the input fails; ``timings`` gets the ``parse`` seconds."""
+        self._finished.update(done)
+        self._on_error, self._timings = on_error, timings
+        self._thread = threading.Thread(target=self._produce, name="parse", daemon=True)
+        self._thread.start()
+
+    def forget(self, chunk_id: int) -> None:
+        """Chunk ``chunk_id`` is DONE or FAILED: drop its payload, never parse it again."""
+        with self._lock:
+            self._finished.add(chunk_id)
+            if chunk_id in self._ready:
+                self._unready(chunk_id)
+            self._kept.pop(chunk_id, None)
+            self._space.notify()
+
+    def close(self) -> None:
+        """Stop the producer and close the input (idempotent); waiting handlers
+        get ``ConnectionAbortedError``."""
+        with self._lock:
+            self._closed = True
+            self._space.notify_all()
+            self._parsed.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.text.close()
+
+    def rows_of(self, chunk_id: int) -> int | None:
+        """How many records chunk ``chunk_id`` holds, once parsed in this run."""
+        return self.rows.get(chunk_id)
+
+    def row_bounds(self, chunk_id: int) -> tuple[int, int]:
+        """(fewest, most) records a RESULT for the chunk may report: exact once it
+        is parsed in this run; else at most one per byte of its piece."""
+        if chunk_id in self.rows:
+            return self.rows[chunk_id], self.rows[chunk_id]
+        first, end = self.pieces[self.piece_of[chunk_id]]
+        return 0, self.ranges[end - 1][1] - self.ranges[first][0]
+
+    def payload(self, chunk_id: int) -> bytes:
+        """The pickled (and maybe zlib'd) DataFrame of chunk ``chunk_id``.
+
+        Waits for the producer if it has not reached the chunk yet; parses
+        the chunk's piece here if the producer is past it (a retry of a
+        dropped payload) or was never started (tests).  Raises
+        :class:`InputError` if the input failed, ``ConnectionAbortedError``
+        once closed.
+        """
+        data = self._take(chunk_id)
+        if data is None:
+            parts = self._parse(self.piece_of[chunk_id])
+            with self._lock:
+                for part_id, part, rows in parts:
+                    self.rows[part_id] = rows
+                    if part_id == chunk_id:
+                        data = part
+                if self.text.sequential and chunk_id not in self._finished:
+                    self._kept[chunk_id] = data
+        # Here, not in the producer: zlib lets go of the GIL, so handlers
+        # compress on the other core while the producer parses.
+        return zlib.compress(data, 1) if self.compress else data
+
+    def _take(self, chunk_id: int) -> bytes | None:
+        """The chunk's pickle from the cache, waiting for the producer if it has
+        not reached the chunk yet; None if the producer is past it or absent."""
+        with self._lock:
+            while True:
+                if chunk_id in self._ready:
+                    data = self._unready(chunk_id)
+                    if self.text.sequential:
+                        self._kept[chunk_id] = data
+                    self._space.notify()   # maybe room for the producer
+                    return data
+                if chunk_id in self._kept:
+                    return self._kept[chunk_id]
+                if self._error is not None:
+                    raise InputError(self._error)
+                if self._closed:
+                    raise ConnectionAbortedError("the server is stopping")
+                if self._thread is None or chunk_id < self._next:
+                    return None
+                self._waiting += 1
+                self._space.notify()       # a waiting handler lets the producer past the bound
+                try:
+                    self._parsed.wait()
+                finally:
+                    self._waiting -= 1
+
+    def _unready(self, chunk_id: int) -> bytes:
+        """Take ``chunk_id`` out of the ready cache (lock held)."""
+        data = self._ready.pop(chunk_id)
+        self._ready_bytes -= len(data)
+        piece = self.piece_of[chunk_id]
+        self._ready_in[piece] -= 1
+        if not self._ready_in[piece]:
+            del self._ready_in[piece]
+        return data
+
+    def _room(self) -> bool:
+        # A handler waiting means its chunk was leased, and leases go in
+        # chunk order: the chunks ready before it are leased too and leave
+        # soon, so going past the bound cannot grow without end.  Without
+        # this, a full cache of chunks still to be handed out could stall a
+        # handler whose chunk comes next.
+        return (not self._ready or self._waiting > 0
+                or len(self._ready_in) < self.ahead and self._ready_bytes < self.ahead_bytes)
+
+    def _produce(self) -> None:
+        piece = 0
+        try:
+            for piece, (first, end) in enumerate(self.pieces):
+                with self._lock:
+                    while not (self._closed or self._room() or self._all_finished(piece)):
+                        self._space.wait()
+                    if self._closed:
+                        return
+                    if self._all_finished(piece):
+                        self._next = end
+                        self._parsed.notify_all()   # a handler waiting there parses it itself
+                        continue
+                started = time.perf_counter()
+                parts = self._parse(piece)
+                self.parse_seconds += time.perf_counter() - started
+                with self._lock:
+                    self._next = end
+                    for chunk_id, data, rows in parts:
+                        self.rows[chunk_id] = rows
+                        if chunk_id not in self._finished:
+                            self._ready[chunk_id] = data
+                            self._ready_bytes += len(data)
+                            self._ready_in[piece] = self._ready_in.get(piece, 0) + 1
+                    self._parsed.notify_all()
+        except InputError as exc:
+            self._fail(str(exc))
+        except MemoryError:
+            self._fail(f"out of memory while parsing {self._where(piece, False)}; "
+                       f"try more --chunks, or --stream")
+        except Exception as exc:   # a bug: stop the job with its name, not a silent hang
+            log.exception("unexpected error while parsing %s", self._where(piece, False))
+            self._fail(f"unexpected error while parsing {self._where(piece, False)}: "
+                       f"{type(exc).__name__}: {exc}")
+        finally:
+            if self._timings is not None:
+                self._timings.add("parse", self.parse_seconds)
+
+    def _all_finished(self, piece: int) -> bool:
+        first, end = self.pieces[piece]
+        return all(c in self._finished for c in range(first, end))
+
+    def _fail(self, message: str) -> None:
+        log.error("stopping the job: %s", message)
+        if self._on_error is not None:
+            self._on_error(message)   # first, so that a handler woken below finds the job stopped
+        with self._lock:
+            self._error = message
+            self._parsed.notify_all()
+
+    def _where(self, piece: int, first_record: bool = True) -> str:
+        """Piece ``piece`` for a message: its chunks, bytes, size and (when every
+        chunk before it was parsed in this run) the number of its first record."""
+        first, end = self.pieces[piece]
+        start, stop = self.ranges[first][0], self.ranges[end - 1][1]
+        chunks = f"chunk {first}" if end - first == 1 else f"chunks {first}-{end - 1}"
+        where = f"{chunks} (bytes {start}-{stop} of the text, {(stop - start) / 2**20:.1f} MiB"
+        if first_record and all(c in self.rows for c in range(first)):
+            where += f", from data record {sum(self.rows[c] for c in range(first)) + 1}"
+        return where + ")"
+
+    def _parse(self, piece: int) -> list[tuple[int, bytes, int]]:
+        """Read, parse and pickle one piece: ``[(chunk id, pickle, records), ...]``."""
+        first, end = self.pieces[piece]
+        start, stop = self.ranges[first][0], self.ranges[end - 1][1]
+        info = self.info
+        data = self.header + self.text.read(start, stop)
+        try:
+            frame = read_columns(io.BytesIO(data), info.sep, info.decimal, self.text.encoding,
+                                 self.wanted, info.group_col)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{info.path}: not valid {self.text.encoding} in "
+                             f"{self._where(piece)} ({exc.reason}); pass --encoding, "
+                             f"e.g. --encoding cp1252") from None
+        except (pd.errors.ParserError, ValueError) as exc:
+            raise InputError(f"{info.path}: malformed CSV in {self._where(piece)}: "
+                             f"{str(exc).strip()}") from None
+        del data
+        if end - first == 1:
+            return [(first, pickle.dumps(frame, protocol=5), len(frame))]
+        # Chunk c of the piece gets the records from its share of the bytes on.
+        records, length = len(frame), stop - start
+        bounds = [records * (self.ranges[c][0] - start) // length for c in range(first, end)]
+        bounds.append(records)
+        # A fresh index: the same frame as if the chunk had been parsed alone.
+        return [(c, pickle.dumps(frame.iloc[a:b].reset_index(drop=True), protocol=5), b - a)
+                for c, a, b in zip(range(first, end), bounds, bounds[1:])]
+
+
+def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOCK,
+                      eol: bytes = b"\n") -> list[int]:
     """For each offset in sorted ``targets``, the start of the next record.
 
-    The next record after offset ``t`` starts right after the first newline
-    at or after ``t`` that is preceded by an even number of quote characters
-    (RFC 4180), or at the end of the file.  A target that falls before the
-    boundary found for the previous one gets that same boundary, so a record
-    longer than a chunk makes one large chunk, never a cut record.  Reads the
-    file once, ``block`` bytes at a time.  Returns a list as long as
-    ``targets``.
+    ``source`` is a path, or a binary stream positioned at the start of the
+    text (a decompressing reader, say; it is closed afterwards).  The next
+    record after offset ``t`` starts right after the first newline (``eol``:
+    ``b"\\r"`` for a file whose lines end with CR alone) at or after ``t``
+    that is preceded by an even number of quote characters (RFC 4180), or at
+    the end of the text.  A target that falls before the boundary found for
+    the previous one gets that same boundary, so a record longer than a
+    chunk makes one large chunk, never a cut record.  Reads the text once,
+    ``block`` bytes at a time.  Returns a list as long as ``targets``.
     """
     out = []
     pending = collections.deque(targets)
     quotes = 0          # quote characters in the file before data[pos]
     offset = 0          # file offset of data[0]
-    with open(path, "rb") as f:
+    with (open(source, "rb") if isinstance(source, (str, os.PathLike)) else source) as f:
         while pending:
             data = f.read(block)
             if not data:
@@ -528,7 +994,7 @@ def record_boundaries(path: str, targets: list[int], block: int = StreamChunks.B
                 pos = want
                 found = False
                 while not found:
-                    newline = data.find(b"\n", pos)
+                    newline = data.find(eol, pos)
                     if newline == -1:
                         break
                     quotes += _count_quotes(data, pos, newline)
@@ -1003,11 +1469,15 @@ class Handler(socketserver.BaseRequestHandler):
         except (InputError, StoreError) as exc:
             # Not this peer's doing: the input file or the results database
             # broke under the job.  Retrying would fail the same way, forever.
-            log.error("stopping the job: %s", exc)
+            if not srv.stop.is_set():   # said once, not by every handler that meets it
+                log.error("stopping the job: %s", exc)
             srv.fail_job(str(exc))
         except (OSError, ssl.SSLError) as exc:  # includes TimeoutError
             log.warning("dropping %s (%s): %s: %s", self.peer, self.worker_id or "no HELLO",
                         type(exc).__name__, exc)
+        except MemoryError:
+            srv.fail_job(f"out of memory while serving {self.worker_id or self.peer}; "
+                         f"try more --chunks, or --stream")
         except Exception:
             log.exception("dropping %s (%s): unexpected error", self.peer, self.worker_id)
         finally:
@@ -1144,6 +1614,7 @@ class Handler(socketserver.BaseRequestHandler):
                              chunk_id=chunk_id, attempt_id=attempt_id), groups)
         srv.timings.add("db", time.perf_counter() - started)
         srv.book.complete(chunk_id, attempt_id)
+        srv.chunks.forget(chunk_id)
         if counted:
             srv.progress.chunk_done(msg["rows_processed"], srv.book,
                                     this_run=attempt_id >= srv.book.first_attempt_id)
@@ -1166,7 +1637,8 @@ class Handler(socketserver.BaseRequestHandler):
         (the book logs that)."""
         srv = self.server
         srv.store.end_attempt(srv.job_id, attempt_id, FAILED, error)
-        srv.book.fail(chunk_id, attempt_id, error)
+        if srv.book.fail(chunk_id, attempt_id, error):
+            srv.chunks.forget(chunk_id)
 
     dispatch = {protocol.GET_JOB: handle_get_job, protocol.RESULT: handle_result,
                 protocol.FAILED: handle_failed}
@@ -1344,17 +1816,17 @@ def run(args: argparse.Namespace) -> int:
     inspected = time.perf_counter()
     chunks = (StreamChunks(info, args.chunks, args.compress) if args.stream
               else FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
-    # The identity must describe the bytes that were chunked: a file
-    # replaced while it was read would give a resumed job two contents.
-    if file_fingerprint(info.path) != fingerprint:
-        raise InputError(f"{info.path}: the file changed while it was read; run again")
-    # "read": pandas loads the file (documented mode); "split": the --stream
-    # scan that finds record boundaries.  "inspect" is the head check.
-    loaded = {"inspect": inspected - started,
-              "split" if args.stream else "read": time.perf_counter() - inspected}
-    job_id, identity = job_identity(info, args, fingerprint)
-    store = ResultStore(args.db, retry_for=args.db_retry_for)
+    store = None
     try:
+        # The identity must describe the bytes that were chunked: a file
+        # replaced while it was cut would give a resumed job two contents.
+        if file_fingerprint(info.path) != fingerprint:
+            raise InputError(f"{info.path}: the file changed while it was read; run again")
+        # "split": the scan that cuts the input into chunks (after a pass that
+        # measures compressed text).  "inspect" is the head check.
+        loaded = {"inspect": inspected - started, "split": time.perf_counter() - inspected}
+        job_id, identity = job_identity(info, args, fingerprint)
+        store = ResultStore(args.db, retry_for=args.db_retry_for)
         state = store.open_job(job_id, info.path, identity, len(chunks), fresh=args.fresh)
         if state.done:
             log.info("job %s: resuming, %d of %d chunks already done", job_id,
@@ -1371,9 +1843,13 @@ def run(args: argparse.Namespace) -> int:
                              f"{exc.strerror or exc}") from None
         for phase, seconds in loaded.items():
             server.timings.add(phase, seconds)
+        # The documented mode's producer starts parsing now ("parse" phase).
+        chunks.start(state.done, server.fail_job, server.timings)
         return serve(server, args)
     finally:
-        store.close()
+        chunks.close()
+        if store is not None:
+            store.close()
 
 
 def serve(server: JobServer, args: argparse.Namespace) -> int:
@@ -1427,6 +1903,7 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
         server.close_all()
+        server.chunks.close()   # wakes handlers waiting for a chunk to be parsed
         accept.join()
         server.server_close()   # joins the handler threads
     if server.fatal is not None:
@@ -1498,7 +1975,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=port_number(0), default=5000, help="TCP port (0: any free port)")
     p.add_argument("--chunks", type=_positive_int, default=200, help="number of chunks")
     p.add_argument("--chunk-rows", type=_positive_int, default=None,
-                   help="rows per chunk instead of --chunks (documented mode only)")
+                   help="about this many records per chunk instead of --chunks (documented "
+                        "mode only; exact where all lines have the same length)")
     p.add_argument("--db", default="results.sqlite",
                    help="results database: a SQLite file, or a PostgreSQL URL "
                         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME")
@@ -1531,7 +2009,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, BOM or not)")
     m = p.add_argument_group("transfer")
     m.add_argument("--stream", action="store_true",
-                   help="send byte ranges of the file for workers to parse, never load it whole")
+                   help="send the chunks' CSV bytes for the workers to parse (the server "
+                        "parses nothing)")
     m.add_argument("--compress", action="store_true", help="zlib-compress chunk payloads")
     s = p.add_argument_group("security and limits")
     s.add_argument("--secret", default=None,
@@ -1580,6 +2059,12 @@ def main(argv=None) -> int:
         return run(args)
     except KeyboardInterrupt:
         pass
+    except MemoryError:
+        # The documented mode's parser and the handlers say what they were
+        # doing (a failed job, exit 1); this is the main thread's version.
+        print("server.py: error: out of memory; try more --chunks, or --stream "
+              "(README, Troubleshooting)", file=sys.stderr)
+        return EXIT_FAILED
     except (InputError, OSError) as exc:  # OSError: e.g. the db folder is missing
         if not signals:
             print(f"server.py: error: {exc}", file=sys.stderr)

@@ -362,6 +362,7 @@ class JobHarness:
         self.store.open_job(self.JOB_ID, str(csv_path), "identity", len(self.chunks))
         self.server = server.JobServer(("127.0.0.1", 0), self.chunks, self.book, self.store,
                                        self.JOB_ID, self.info, wait_interval=wait_interval)
+        self.chunks.start((), self.server.fail_job, self.server.timings)
         self.port = self.server.server_address[1]
         self._clients: list[Client] = []
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
@@ -389,6 +390,7 @@ class JobHarness:
         self.server.close_all()
         self._thread.join(30)
         self.server.server_close()   # joins the handler threads
+        self.chunks.close()
         self.store.close()
 
 

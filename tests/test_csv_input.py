@@ -236,6 +236,7 @@ def run_in_process(csv_path, options=()) -> dict:
         return store.final_aggregate("job")
     finally:
         store.close()
+        chunks.close()
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -488,19 +489,22 @@ def latin1_far(tmp_path_factory) -> Path:
 
 @pytest.mark.timeout(120)
 def test_bad_byte_beyond_the_head(procs, tmp_path, latin1_far):
-    """A non-UTF-8 byte beyond the inspected head: documented mode stops before listening
-    with one line suggesting --encoding; --stream meets it in a worker, whose FAILED
-    attempt ends the job with exit 1 and a final line that still suggests --encoding.
-    With --encoding latin-1 the same file is read in both modes."""
+    """A non-UTF-8 byte beyond the inspected head: the documented mode's parser meets it
+    and stops the job (exit 1) naming the chunk; --stream meets it in a worker, whose
+    FAILED attempt ends the job with exit 1.  Either way the final line suggests
+    --encoding, and it is said once.  With --encoding latin-1 the same file is read in
+    both modes."""
     outcomes = run_modes(procs, tmp_path, latin1_far,
                          {"documented": [], "stream": ["--stream", "--chunks", "8"]},
                          ["--max-attempts", "1"])
-    assert_early_error(outcomes["documented"], latin1_far, ["--encoding"], "documented")
-    code, _, stderr, _ = outcomes["stream"]
-    final = [line for line in stderr.splitlines() if line.strip()][-1]
-    assert code == 1, stderr
-    assert final.startswith("server.py: error: job") and "not valid utf-8" in final
-    assert "--encoding" in final
+    for mode, (code, out, stderr, _) in outcomes.items():
+        final = [line for line in stderr.splitlines() if line.strip()][-1]
+        assert code == 1, f"{mode}: {stderr}"
+        assert final.startswith("server.py: error: job") and "not valid utf-8" in final, mode
+        assert "--encoding" in final and "{'total_rows'" not in out, mode
+    documented = outcomes["documented"][2]
+    assert "not valid utf-8-sig in chunk" in documented.splitlines()[-1]
+    assert documented.count("stopping the job") <= 1, documented
     for options in ([], ["--stream", "--chunks", "8"]):
         result = run_in_process(latin1_far, ["--encoding", "latin-1", *options])
         assert (result["total_rows"], result["rejected_rows"]) == (45_002, 1)
@@ -831,12 +835,22 @@ def test_regression_surplus_fields_are_an_error_in_both_readers():
 
 def test_regression_surplus_fields_beyond_the_head(tmp_path):
     """The same record after the 256 KiB head the server inspects: documented
-    mode refuses the file (exit 2 path), --stream fails that chunk's attempt."""
+    mode stops the job when its parser reaches the chunk (an InputError naming
+    the chunk and where it starts), --stream fails that chunk's attempt."""
     path = tmp_path / "late.csv"
     path.write_bytes(b"Price,Quantity\n" + b"1.00,1\n" * 40_000 + b"1,234.50,2\n")
     info = server.inspect_csv(str(path))
-    with pytest.raises(server.InputError, match="record 40001 has more fields"):
-        server.FrameChunks(info, 4, None, False)
+    frames = server.FrameChunks(info, 4, None, False, min_piece_bytes=0)  # parsed one by one
+    try:
+        for chunk_id in range(3):
+            frames.payload(chunk_id)
+        with pytest.raises(server.InputError, match="malformed CSV in chunk 3") as caught:
+            frames.payload(3)
+    finally:
+        frames.close()
+    first, record = map(int, re.search(r"from data record (\d+)\): data record (\d+) has more "
+                                       r"fields", str(caught.value)).groups())
+    assert first + record - 1 == 40_001     # the record's number in the whole file
     chunks = server.StreamChunks(info, 4, False)
     job = {"format": "csv", "data": chunks.payload(len(chunks) - 1), "price_col": "Price",
            "qty_col": "Quantity", "sep": ",", "decimal": ".", "encoding": info.encoding}

@@ -22,7 +22,7 @@ pandas-usecols  one process: ``pd.read_csv(path, usecols=[price, qty])``
 duckdb          one process: one DuckDB SQL query (only if ``import duckdb``
                 works; DuckDB is never a dependency of the project)
 frame           ``tools/local_cluster.py`` in the documented mode (the server
-                loads the CSV with pandas and sends pickled DataFrame slices)
+                parses the CSV chunk by chunk and sends pickled DataFrames)
 frame-zlib      the same with ``--compress``
 stream          ``tools/local_cluster.py --stream`` (the server sends the
                 header + a byte range; workers parse)

@@ -5,7 +5,10 @@
     sudo python tools/chaos.py --partitions --runs 10      # root: network namespaces
 
 Each run is one job on a generated sales CSV (made once in ``--data-dir``
-and reused), with a short lease.  While it runs, this script
+and reused), with a short lease, in one of three modes chosen at random:
+the documented mode on the CSV (``frame``) or on a gzip of it
+(``frame-gz``: the server decompresses as it parses), or ``--stream``.
+While it runs, this script
 
 * keeps 2 or 3 workers alive, SIGKILLs a random one now and then and
   starts replacements; the workers also stall past their lease on their own
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gzip
 import math
 import os
 import random
@@ -96,11 +100,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- input and the expected answer ----------------------------------------------
 
 def sales_csv(data_dir: Path, rows: int) -> Path:
-    """The CSV of ``rows`` rows in ``data_dir``, generated on first use."""
+    """The CSV of ``rows`` rows in ``data_dir``, generated on first use, with a
+    gzip copy beside it (the same name plus ``.gz``)."""
     path = data_dir / f"chaos_sales_{rows}.csv"
     if not path.exists():
         from tools.make_csv import write_csv
         write_csv(path, rows, seed=0)
+    packed = path.with_name(path.name + ".gz")
+    if not packed.exists():
+        partial = Path(f"{packed}.{os.getpid()}.tmp")   # complete files only, under that name
+        with open(path, "rb") as plain, gzip.open(partial, "wb", compresslevel=1) as out:
+            shutil.copyfileobj(plain, out, 1 << 20)
+        partial.replace(packed)
     return path
 
 
@@ -316,13 +327,15 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
     folder = Path(tempfile.mkdtemp(prefix=f"chaos-run{number}-"))
     db = folder / "results.sqlite"
     port = free_port()
-    stream = rng.random() < 0.5
+    mode = rng.choice(("frame", "frame-gz", "stream"))
+    stream = mode == "stream"
+    source = csv.with_name(csv.name + ".gz") if mode == "frame-gz" else csv
     net = None
     if args.partitions:
         from tools.netns import VirtualNetwork
         net = VirtualNetwork(LEAVES)
     host = net.server_address if net else "127.0.0.1"
-    server_cmd = [sys.executable, str(ROOT / "server.py"), "--csv", str(csv),
+    server_cmd = [sys.executable, str(ROOT / "server.py"), "--csv", str(source),
                   "--host", host, "--port", str(port), "--db", str(db),
                   "--chunks", str(args.chunks), "--lease-timeout", str(args.lease_timeout),
                   "--linger", "1"] + ["--stream"] * stream
@@ -336,7 +349,6 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
     kill_at = sorted(rng.randint(1, max(1, int(args.chunks * 0.9)))
                      for _ in range(rng.choice((1, 2))))
     started = time.monotonic()
-    mode = "stream" if stream else "frame"
     try:
         run.start_server()
         code = drive(run, db, kill_at, args)
@@ -354,7 +366,7 @@ def run_once(number: int, args, csv: Path, expected: dict) -> tuple[bool, str, P
     finally:
         run.stop_all()
     cuts = f"link cuts {run.cuts} (vanished {run.vanished}), " if net else ""
-    summary = (f"run {number + 1}: {'PASS' if passed else 'FAIL'} {mode:6} "
+    summary = (f"run {number + 1}: {'PASS' if passed else 'FAIL'} {mode:8} "
                f"{time.monotonic() - started:6.1f} s, server kills {run.server_kills}, "
                f"worker kills {run.worker_kills}, {cuts}workers started {run.started_workers}, "
                f"{detail}")
