@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 import protocol
 import server
 import worker
-from conftest import Server, db_rows, kill, make_sales_csv, pandas_oracle, parse_final, wait_for
+from conftest import Server, db_rows, kill, make_sales_csv, oracle as csv_oracle, parse_final, wait_for
 from db_utils import ResultStore
 
 PRICE, QTY = "Price", "Qty"
@@ -312,7 +312,7 @@ def test_gzip_job_killed_and_resumed_redoes_no_chunk(procs, tmp_path):
     procs.worker(second.port, "b0")
     code, out = second.finish(90)
     assert code == 0, second.stderr()
-    expected = pandas_oracle(plain, PRICE, QTY)
+    expected = csv_oracle(plain, PRICE, QTY)
     got = parse_final(out)
     assert (got["total_rows"], got["rejected_rows"]) == (20_000, 0)
     assert got["total_sales"] == pytest.approx(expected["total_sales"], rel=1e-9)
@@ -453,15 +453,16 @@ class _NoMemory:
 
 
 @pytest.mark.timeout(60)
-def test_out_of_memory_in_a_handler_stops_the_job(tmp_path):
-    """A MemoryError in a handler thread stops the job with one reason (no traceback
-    in the log): the server's fatal message says what ran out."""
+def test_out_of_memory_in_a_handler_is_a_lost_attempt_with_a_bound(tmp_path):
+    """A MemoryError while a handler builds a JOB is not the worker's fault: the
+    attempt counts as lost (no traceback), and once --max-lost is reached the
+    chunk fails naming the MemoryError; the worker then hears NO_JOB."""
     csv_path = write_forms(tmp_path, sales_text(10))["plain"]
     info = server.inspect_csv(str(csv_path))
     store = ResultStore(str(tmp_path / "r.sqlite"))
     store.open_job("job", str(csv_path), "identity", 1)
-    srv = server.JobServer(("127.0.0.1", 0), _NoMemory(), server.ChunkBook(1, 60.0, 4), store,
-                           "job", info)
+    book = server.ChunkBook(1, 60.0, 4, max_lost=1)
+    srv = server.JobServer(("127.0.0.1", 0), _NoMemory(), book, store, "job", info)
     serving = threading.Thread(target=srv.serve_forever, args=(0.05,))
     serving.start()
     try:
@@ -470,7 +471,7 @@ def test_out_of_memory_in_a_handler_stops_the_job(tmp_path):
         protocol.send_message(sock, protocol.HELLO, worker_id="w")
         assert protocol.recv_message(sock, protocol.WORKER_MAX_FRAME)["type"] == protocol.WELCOME
         protocol.send_message(sock, protocol.GET_JOB)
-        assert srv.stop.wait(30)
+        assert protocol.recv_message(sock, protocol.WORKER_MAX_FRAME)["type"] == protocol.NO_JOB
         sock.close()
     finally:
         srv.shutdown()
@@ -478,7 +479,8 @@ def test_out_of_memory_in_a_handler_stops_the_job(tmp_path):
         serving.join()
         srv.server_close()
         store.close()
-    assert srv.fatal.startswith("out of memory while serving w;")
+    assert book.finished.is_set()
+    assert "could not build its JOB (MemoryError" in book.failed_chunks()[0]
 
 
 def test_file_rewritten_during_the_job_stops_it(tmp_path):
