@@ -69,8 +69,9 @@ import pandas as pd
 
 import protocol
 from db_utils import DROPPED, EXPIRED, FAILED, ResultStore, StoreError
-from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, find_columns,
-                    normalize_name, port_number, positive_number, read_columns)
+from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, RecordScanner,
+                    byte_transparent, find_columns, normalize_name, number_readings, port_number,
+                    positive_number, read_columns, record_ends, show_names)
 
 log = logging.getLogger("server")
 
@@ -122,20 +123,110 @@ class CsvInfo:
     size: int
 
 
-def _open_decompressed(path: str, compression: str | None):
-    if compression == "gzip":
-        return gzip.open(path, "rb")
-    if compression == "bz2":
-        return bz2.open(path, "rb")
-    if compression == "xz":
-        return lzma.open(path, "rb")
-    if compression == "zip":
-        archive = zipfile.ZipFile(path)
-        names = [n for n in archive.namelist() if not n.endswith("/")]
-        if len(names) != 1:
-            raise InputError(f"{path}: a .zip input must hold exactly one file, found {len(names)}")
-        return archive.open(names[0])
-    return open(path, "rb")
+# What reading a damaged or unusual compressed file raises, by module: gzip
+# (BadGzipFile, an OSError; EOFError when cut short; zlib.error for corrupt
+# deflate data), bz2 (OSError), lzma (LZMAError), zipfile (BadZipFile; zlib.error;
+# NotImplementedError for a method it lacks, such as the Deflate64 that Windows
+# writes for large files; RuntimeError, at open, for an encrypted entry).
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
+                NotImplementedError)
+
+
+def _open_decompressed(path: str, compression: str | None) -> io.BufferedReader:
+    """Open ``path`` as a stream of (decompressed) bytes; its read errors are InputErrors.
+
+    ``compression`` is None or a key of :data:`_COMPRESSION`'s values.  Any
+    error of :data:`_READ_ERRORS`, here or later while reading, becomes an
+    :class:`InputError` naming the file, so a damaged archive found deep in
+    the file still ends with one line and exit 2 (exit 1 mid-job).
+    """
+    what = f"{compression} data" if compression else "the file"
+    try:
+        if compression == "zip":
+            archive = zipfile.ZipFile(path)
+            names = [n for n in archive.namelist() if not n.endswith("/")]
+            if len(names) != 1:
+                archive.close()
+                raise InputError(f"{path}: a .zip input must hold exactly one file, "
+                                 f"found {len(names)}")
+            try:
+                raw = archive.open(names[0])
+            except RuntimeError as exc:       # "File ... is encrypted, password required"
+                archive.close()
+                raise InputError(f"{path}: cannot read {names[0]!r} ({exc}); extract it "
+                                 f"with its password and pass the .csv") from None
+            except BaseException:
+                archive.close()
+                raise
+            closing = (raw, archive)
+        else:
+            opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression, open)
+            raw = opener(path, "rb")
+            closing = (raw,)
+    except _READ_ERRORS as exc:
+        hint = "; extract it with another tool and pass the .csv" \
+            if isinstance(exc, NotImplementedError) else ""
+        raise InputError(f"{path}: cannot read {what}: {exc}{hint}") from None
+    return io.BufferedReader(_Guarded(raw, closing, f"{path}: cannot read {what}"), 1 << 20)
+
+
+class _Guarded(io.RawIOBase):
+    """A read-only stream over ``raw`` whose read errors become InputError(``prefix: ...``)."""
+
+    def __init__(self, raw, closing, prefix: str):
+        self.raw, self.closing, self.prefix = raw, closing, prefix
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self.raw.readinto(buffer)
+        except _READ_ERRORS as exc:
+            hint = "; extract it with another tool and pass the .csv" \
+                if isinstance(exc, NotImplementedError) else ""
+            raise InputError(f"{self.prefix}: {exc}{hint}") from None
+
+    # Seeking lets read_columns read a stream twice (numbers, then text).
+    def seekable(self) -> bool:
+        return self.raw.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return self.raw.seek(offset, whence)
+        except _READ_ERRORS as exc:
+            raise InputError(f"{self.prefix}: {exc}") from None
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            for item in self.closing:
+                item.close()
+        super().close()
+
+
+def _text_encoding(encoding: str | None) -> str:
+    """``encoding`` checked to be a text encoding Python knows (default: UTF-8, BOM or not).
+
+    ``bytes.decode`` refuses the codecs that are not character encodings
+    (rot13, base64, hex, zlib...); they would hand pandas bytes or
+    scrambled text.  Raises :class:`InputError`.
+    """
+    if encoding is None:
+        return "utf-8-sig"
+    try:
+        b"".decode(encoding)
+    except LookupError:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise InputError(f"unknown --encoding {encoding!r}") from None
+        raise InputError(f"--encoding {encoding!r} is not a text encoding (it transforms "
+                         f"bytes or text); name a character set such as utf-8, cp1252 or "
+                         f"utf-16") from None
+    return encoding
 
 
 def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
@@ -143,20 +234,27 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
                 qty_col: str | None = None, group_col: str | None = None) -> CsvInfo:
     """Check the input before anything listens, and learn how to parse it.
 
-    Reads only the first 256 KiB (decompressed), cut at its last complete
-    record.  Detects the separator (the most frequent of ``, ; TAB |`` in
-    the header line) and the decimal mark (see :func:`_guess_decimal`)
-    unless given.  Raises :class:`InputError` with a one-line message for:
-    a missing or empty file, a Git LFS pointer, binary data (naming the
-    format when its first bytes tell), text that is not in the expected
-    encoding, a record in the head with more fields than the header (see
-    :func:`_read_sample`), and a missing or ambiguous price or quantity
-    column (the message lists the columns found and the accepted names).
+    Reads the head of the file (decompressed): the first 256 KiB, or more
+    if need be to hold the whole header (up to :data:`_MAX_HEADER`) and at
+    least 128 KiB of records, cut at the last complete record.  Detects the separator (the most frequent of
+    ``, ; TAB |`` in the header line) and the decimal mark (see
+    :func:`_guess_decimal`) unless given.  Raises :class:`InputError` with
+    a one-line message for: a missing or empty file, a Git LFS pointer,
+    binary data (naming the format when its first bytes tell), damaged or
+    unreadable compressed data, an unknown or non-text ``encoding``, text
+    that is not in the expected encoding, a header longer than
+    :data:`_MAX_HEADER`, a record in the head with more fields than the
+    header (see :func:`_read_sample`), a decimal mark that the sample
+    contradicts or leaves undecided, and a missing or ambiguous price or
+    quantity column (the message lists the columns found and the accepted
+    names).
     """
     if sep is not None:
         sep = _SEP_NAMES.get(sep, sep)
         if len(sep) != 1:
             raise InputError(f"--sep must be one character (or '\\t' for a tab), got {sep!r}")
+    given_encoding = encoding is not None
+    encoding = _text_encoding(encoding)
     if not os.path.isfile(path):
         raise InputError(f"{path}: " + ("a folder, not a file" if os.path.isdir(path)
                                           else "no such file"))
@@ -164,45 +262,38 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
     if size == 0:
         raise InputError(f"{path}: input CSV is empty (0 bytes, no header)")
     compression = _COMPRESSION.get(os.path.splitext(path)[1].lower())
-    try:
-        with _open_decompressed(path, compression) as f:
-            head = f.read(_HEAD_BYTES)
-    except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError) as exc:
-        raise InputError(f"{path}: cannot read {compression} data: {exc}") from None
-    if not head.strip():
-        raise InputError(f"{path}: input CSV is empty (no header)")
-    if head.startswith(b"version https://git-lfs.github.com/spec/"):
-        raise InputError(f"{path}: this is a Git LFS pointer, not the data; run 'git lfs pull'")
-    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) and encoding is None:
-        raise InputError(f"{path}: the file is UTF-16; pass --encoding utf-16")
-    kind = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
-    if kind is None and encoding is None and b"\x00" in head:
-        kind = "NUL bytes; UTF-16 text without a BOM needs --encoding utf-16-le or utf-16-be"
-    if kind is not None:
-        # Checked before decoding: "pass --encoding" would be the wrong advice.
-        raise InputError(f"{path}: binary data, not CSV text ({kind})")
-    encoding = encoding or "utf-8-sig"
-    try:
-        text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid {encoding} (byte 0x{head[exc.start]:02x} at "
-                         f"offset {exc.start}); pass --encoding, e.g. --encoding cp1252") from None
-    except LookupError:
-        raise InputError(f"unknown --encoding {encoding!r}") from None
-    # A BOM belongs to no column name, whatever --encoding says (pandas
-    # drops it too); a file of only a BOM and blank lines is empty.
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise InputError(f"{path}: input CSV is empty (no header)")
-    if len(head) == _HEAD_BYTES:
-        text = _complete_records(text)  # the head may end inside a quoted value
-    if "\x00" in text:
-        raise InputError(f"{path}: binary data, not CSV text")
-    if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
-        raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
-    # The header is the first line that is not blank (pandas skips blank lines).
-    first_line = next((line for line in text.splitlines() if line.strip()), "")
-    sep = sep or max(_SEPARATORS, key=first_line.count)
+    with _open_decompressed(path, compression) as f:
+        head = f.read(_HEAD_BYTES)
+        _refuse_non_text(path, head, given_encoding)
+        decoder = codecs.getincrementaldecoder(encoding)()
+        text = _decode(path, decoder, head, 0, encoding, final=len(head) < _HEAD_BYTES)
+        # A BOM belongs to no column name, whatever --encoding says (pandas
+        # drops it too); a file of only a BOM and blank lines is empty.
+        text = text.removeprefix("\ufeff")
+        if not text.strip():
+            raise InputError(f"{path}: input CSV is empty (no header)")
+        if "\x00" in text:
+            raise InputError(f"{path}: binary data, not CSV text")
+        if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
+            raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
+        # The header is the first line that is not blank (pandas skips blank lines).
+        first_line = next((line for line in text.splitlines() if line.strip()), "")
+        sep = sep or max(_SEPARATORS, key=first_line.count)
+        # Read on until the head holds the whole header and 128 KiB of records.
+        read, ended = len(head), len(head) < _HEAD_BYTES
+        while not ended:
+            header_end = _header_end(text, sep)
+            if header_end is not None and len(text) - header_end >= _HEAD_BYTES // 2:
+                break
+            if header_end is None and read >= _MAX_HEADER:
+                raise InputError(f"{path}: no end of the header in the first "
+                                 f"{_MAX_HEADER >> 20} MiB; is this a CSV file? (--sep?)")
+            more = f.read(read)       # doubling: the scans above stay linear overall
+            ended = len(more) < read
+            text += _decode(path, decoder, more, read, encoding, final=ended)
+            read += len(more)
+        if not ended:
+            text = _complete_records(text, sep)  # the head may end inside a quoted value
     try:
         columns = list(pd.read_csv(io.StringIO(text), sep=sep, nrows=0).columns)
         header, sample = _read_sample(text, sep, columns)
@@ -216,19 +307,47 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
     except ColumnError as exc:
         raise InputError(f"{path}: {exc}") from None
     if group_col is not None and group_col not in columns:
-        raise InputError(f"{path}: --group-by {group_col!r} is not a column; columns found: {columns}")
+        raise InputError(f"{path}: --group-by {group_col!r} is not a column; columns found: "
+                         f"{show_names(columns)}")
     if decimal is None:
-        decimal = "." if sep == "," else _guess_decimal(
-            pd.concat([sample[price_col], sample[qty_col]]), sep)
+        decimal, reason = _guess_decimal(path, pd.concat([sample[price_col], sample[qty_col]]))
+        log.info("decimal mark: %s", reason)
     return CsvInfo(path, columns, price_col, qty_col, group_col, sep, decimal,
                    encoding, compression, size)
 
 
+_MAX_HEADER = 64 * 1024 * 1024   # bytes of head read, at most, looking for the header's end
 _SAMPLE_RECORDS = 200   # records that must parse for the input to count as CSV
 
 
+def _refuse_non_text(path: str, head: bytes, given_encoding: bool) -> None:
+    """Refuse a head that is plainly not CSV text, saying what it is."""
+    if not head.strip():
+        raise InputError(f"{path}: input CSV is empty (no header)")
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise InputError(f"{path}: this is a Git LFS pointer, not the data; run 'git lfs pull'")
+    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) and not given_encoding:
+        raise InputError(f"{path}: the file is UTF-16; pass --encoding utf-16")
+    kind = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and not given_encoding and b"\x00" in head:
+        kind = "NUL bytes; UTF-16 text without a BOM needs --encoding utf-16-le or utf-16-be"
+    if kind is not None:
+        # Checked before decoding: "pass --encoding" would be the wrong advice.
+        raise InputError(f"{path}: binary data, not CSV text ({kind})")
+
+
+def _decode(path, decoder, data: bytes, offset: int, encoding: str, final: bool) -> str:
+    """``data`` (from byte ``offset`` of the file) decoded; a bad byte is an InputError."""
+    try:
+        return decoder.decode(data, final=final)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid {encoding} (byte 0x{data[exc.start]:02x} at "
+                         f"offset {offset + exc.start}); pass --encoding, e.g. "
+                         f"--encoding cp1252") from None
+
+
 class _ExtraFields(Exception):
-    """A record of the sample has a non-empty field beyond the header."""
+    """A record of the sample has more fields than the header."""
 
 
 def _read_sample(text: str, sep: str, columns: list) -> tuple[list, pd.DataFrame]:
@@ -236,22 +355,21 @@ def _read_sample(text: str, sep: str, columns: list) -> tuple[list, pd.DataFrame
 
     A record with more fields than the header means a value held an
     unquoted separator, typically a thousands comma ("1,234.50,2" under
-    "Price,Qty").  The fast readers (``usecols``) would quietly take the
-    first fields (pandas issue 40049), so the price would come from the
-    wrong field; here, on the head only, such a record raises
-    :class:`_ExtraFields` quoting it.  Empty extra fields (a trailing
-    separator) shift nothing and are dropped.  The python engine is slow
-    but this text is at most 256 KiB.  If the whole head does not parse
-    (say an unclosed quote at record 1500), only the first
+    "Price,Qty"), or a line ends with a separator.  The fast readers
+    (``usecols``) would quietly take the first fields (pandas issue 40049),
+    so the price could come from the wrong field; such a record raises
+    :class:`_ExtraFields` quoting it, even when the extra fields are empty
+    (``B,1,234.50,2,`` under four names shifts the price just the same).
+    The python engine is slow but this text is small.  If the whole head
+    does not parse (say an unclosed quote at record 1500), only the first
     :data:`_SAMPLE_RECORDS` records are checked: a broken record further
-    on is reported by the worker that meets it, as a failed chunk.
+    on is reported by the reader that meets it.
     """
     def extra_fields(fields):
-        if any(field.strip() for field in fields[len(columns):]):
-            raise _ExtraFields(f"a record has more fields ({len(fields)}) than the header "
-                               f"({len(columns)}): {sep.join(fields)[:80]!r}; a value with an "
-                               f"unquoted separator (like 1,234.50)? Quote it, or check --sep")
-        return fields[:len(columns)]
+        raise _ExtraFields(f"a record has more fields ({len(fields)}) than the header "
+                           f"({len(columns)}): {sep.join(fields)[:80]!r}; a value with an "
+                           f"unquoted separator (like 1,234.50), or a separator at the end "
+                           f"of the line? Quote the value or drop the separator, or check --sep")
 
     def parse(nrows):
         # header=None: the header is row 0, so a first data record with an
@@ -270,23 +388,26 @@ def _read_sample(text: str, sep: str, columns: list) -> tuple[list, pd.DataFrame
     return list(table.iloc[0]), table.iloc[1:].set_axis(columns, axis=1)
 
 
-def _complete_records(text: str) -> str:
-    """``text`` up to the end of its last complete record (or all of it, if none ends).
+def _header_end(text: str, sep: str) -> int | None:
+    """The offset in ``text`` just past its header record, or None if it does not end there.
 
-    Same rule as :func:`record_boundaries`: a newline ends a record when an
-    even number of quote characters precede it.  Walks back from the end,
-    so it reads each character about twice.
+    The header is the first record that is not blank; records end where
+    pandas ends them (:func:`worker.record_ends`).
     """
-    quotes = text.count('"')    # quote characters before `end`
-    end = len(text)
-    while True:
-        newline = text.rfind("\n", 0, end)
-        if newline == -1:
-            return text
-        quotes -= text.count('"', newline, end)
-        if quotes % 2 == 0:
-            return text[:newline + 1]
-        end = newline
+    data = text.encode()
+    start = 0
+    for end in record_ends(data, sep):
+        if data[start:end].strip(b" \t\r\n"):
+            return len(data[:end].decode())
+        start = end
+    return None
+
+
+def _complete_records(text: str, sep: str) -> str:
+    """``text`` up to the end of its last complete record (or all of it, if none ends)."""
+    data = text.encode()
+    ends = record_ends(data, sep)
+    return data[:ends[-1]].decode() if ends else text
 
 
 def _check_repeated_names(path: str, header: list, price_col, qty_col) -> None:
@@ -303,31 +424,50 @@ def _check_repeated_names(path: str, header: list, price_col, qty_col) -> None:
         if wanted is None and len(hits) > 1:
             repeated = len(set(hits)) < len(hits)
             hint = " (the second copy of a repeated name is NAME.1)" if repeated else ""
-            raise InputError(f"{path}: several {what} columns match: {hits}; choose one with "
+            raise InputError(f"{path}: several {what} columns match: {show_names(hits)}; choose one with "
                              f"{option}{hint}")
 
 
-# Evidence for the decimal mark in one cell of text.  "2,50", "0,1234" and
-# "1.234,50" have a decimal comma; "2.50", "0.1234" and "1,234.50" a decimal
-# point.  "1.234" and "2,125" could be either (a thousands mark, or three
-# decimals), so they count for neither.
-_COMMA_DECIMAL = r"\d,(?:\d{1,2}|\d{4,})\D*$|\d\.\d{3},\d|\d\.\d{3}\.\d{3}"
-_POINT_DECIMAL = r"\d\.(?:\d{1,2}|\d{4,})\D*$|\d,\d{3}\.\d|\d,\d{3},\d{3}"
+def _guess_decimal(path: str, cells: pd.Series) -> tuple[str | None, str]:
+    """The decimal mark that the sampled price and quantity ``cells`` show, and why.
 
+    Each cell is read both ways (:func:`worker.number_readings`).  One that
+    is a number only with a decimal point ("2.50", "0.125", "1,234.50")
+    shows a point; only with a comma ("2,50", "0,125", "1.234,50"), a comma.
+    One that is a different number each way ("1.234", "2,125": a thousands
+    mark or three decimals) shows neither.  The separator plays no part.
 
-def _guess_decimal(cells: pd.Series, sep: str) -> str:
-    """The decimal mark of ``cells`` (text) in a file separated by ``sep``.
+    * Only one mark shown: that mark; the other cells follow it.
+    * Both shown: :class:`InputError` (one of them would be misread).
+    * Neither shown, but some cell differs by the mark: :class:`InputError`
+      asking for ``--decimal``: the data cannot tell, and a guess could be
+      off by a factor of 1000.
+    * No cell depends on the mark (whole numbers only): None.  The reader
+      then refuses, with the same advice, any later cell that does
+      (:func:`worker.to_number` with ``decimal=None``).
 
-    ',' if more cells show a decimal comma than a decimal point, '.' if
-    fewer.  On a tie (only integers, or only cells like "1.234") the custom
-    that goes with the separator decides: ';' comes with ',' (spreadsheets
-    in much of Europe), any other separator with '.'.
+    Returns ``(mark or None, reason)``, the reason for the log.
     """
-    comma = cells.str.contains(_COMMA_DECIMAL, regex=True).sum()
-    point = cells.str.contains(_POINT_DECIMAL, regex=True).sum()
-    if comma != point:
-        return "," if comma > point else "."
-    return "," if sep == ";" else "."
+    point, comma = number_readings(cells)
+    shows_point = point.notna() & comma.isna()
+    shows_comma = comma.notna() & point.isna()
+    differs = point.notna() & comma.notna() & (point != comma)
+    if shows_point.any() and shows_comma.any():
+        raise InputError(f"{path}: the first records use both decimal marks ("
+                         f"{cells[shows_point].iloc[0]!r} and {cells[shows_comma].iloc[0]!r}); "
+                         f"pass --decimal . or --decimal , (cells that disagree are an error)")
+    for mark, shown in ((".", shows_point), (",", shows_comma)):
+        if shown.any():
+            return mark, (f"{mark!r}, shown by {int(shown.sum())} of {len(cells)} sampled cells, "
+                          f"e.g. {cells[shown].iloc[0]!r}")
+    if differs.any():
+        example = cells[differs].iloc[0]
+        raise InputError(
+            f"{path}: cannot tell the decimal mark: no cell of the first records shows it, and "
+            f"{example!r} is {point[differs].iloc[0]:g} with a decimal point but "
+            f"{comma[differs].iloc[0]:g} with a decimal comma; pass --decimal . or --decimal ,")
+    return None, ("none shown yet (whole numbers only); a later cell that needs one "
+                  "stops the job and asks for --decimal")
 
 
 # --- Chunk sources -------------------------------------------------------------
@@ -356,10 +496,6 @@ class FrameChunks:
         except UnicodeDecodeError as exc:
             raise InputError(f"{info.path}: not valid {info.encoding} ({exc.reason} at byte "
                              f"{exc.start} of a block); pass --encoding, e.g. --encoding cp1252") from None
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile) as exc:
-            # e.g. a .gz cut short: its head was fine, its end is missing.
-            raise InputError(f"{info.path}: cannot read {info.compression or 'the'} data: "
-                             f"{exc}") from None
         except (pd.errors.ParserError, ValueError) as exc:
             raise InputError(f"{info.path}: malformed CSV: {str(exc).strip()}") from None
         rows = len(self.frame)
@@ -367,6 +503,9 @@ class FrameChunks:
             self.bounds = list(range(0, rows, chunk_rows)) + [rows]
         else:
             parts = min(chunks, rows)
+            if 0 < parts < chunks:
+                log.info("--chunks %d: the file has %d records, so %d chunks of one record",
+                         chunks, rows, parts)
             self.bounds = [rows * i // parts for i in range(parts + 1)] if parts else [0]
         self.compress = compress
         self.rows = rows
@@ -394,25 +533,27 @@ class StreamChunks:
     """The ``--stream`` mode: byte ranges of the file, parsed by the workers.
 
     The server never loads the file; it scans it once, block by block, to
-    place chunk boundaries on record boundaries.  Under RFC 4180 a newline
-    ends a record exactly when an even number of quote characters precede
-    it (a quote inside a quoted field is doubled, which keeps the parity),
-    and ``bytes.count`` counts quotes at C speed.  ``ranges[i]`` is
-    ``(start, end)`` in bytes; every JOB carries the header line too.
-    Raises :class:`InputError` for compressed input or an encoding whose
-    newline is not the single byte 0x0A (UTF-16/32).
+    place chunk boundaries on record boundaries, found with the rules of
+    pandas' tokenizer (:func:`record_boundaries`).  ``ranges[i]`` is
+    ``(start, end)`` in bytes; every JOB carries the header too.  Raises
+    :class:`InputError` for compressed input, an encoding whose quotes,
+    separators or line breaks are not plain bytes (UTF-16, Shift-JIS: see
+    :func:`worker.byte_transparent`), and lines ended by CR alone.
     """
 
     format = "csv"
     BLOCK = 16 * 1024 * 1024
+    # Above this many chunks, the records are counted first, so that the
+    # list of cut targets is bounded by the records, not by --chunks.
+    COUNT_ABOVE = 100_000
 
     def __init__(self, info: CsvInfo, chunks: int, compress: bool):
         if info.compression:
             raise InputError(f"{info.path}: --stream needs an uncompressed file")
-        # Encoding a string with utf-8-sig (the default) prepends a BOM, yet
-        # its newline is still the single byte 0x0A: compare without it.
-        if "\n".encode(info.encoding).removeprefix(codecs.BOM_UTF8) != b"\n":
-            raise InputError(f"{info.path}: --stream cannot split {info.encoding} text")
+        if not byte_transparent(info.encoding):
+            raise InputError(f"{info.path}: --stream cannot split {info.encoding} text (its "
+                             f"quotes, separators or line ends are not single bytes); run "
+                             f"without --stream")
         self.path, self.compress = info.path, compress
         # Chunks are read from this descriptor, opened once: a file replaced
         # (renamed over) during the job is not seen, and one rewritten in
@@ -427,7 +568,7 @@ class StreamChunks:
         # so must the cut, or a lone "\n" becomes every chunk's header and
         # each chunk's first record its column names.
         blank = len(start) - len(start.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
-        header_end = record_boundaries(info.path, [blank])[0]
+        header_end = record_boundaries(info.path, [blank], sep=info.sep)[0]
         with open(info.path, "rb") as f:
             self.header = f.read(header_end)
         if b"\r" in self.header.replace(b"\r\n", b""):
@@ -439,10 +580,15 @@ class StreamChunks:
         # At most one target per byte; cuts are deduplicated, so a large
         # --chunks gives one record per chunk, never an empty chunk.
         parts = max(1, min(chunks, body))
+        if parts > self.COUNT_ABOVE:
+            parts = min(parts, _line_ends(info.path, header_end) + 1)
         targets = [header_end + body * i // parts for i in range(1, parts)]
-        cuts = [header_end] + record_boundaries(info.path, targets) + [size]
+        cuts = [header_end] + record_boundaries(info.path, targets, sep=info.sep) + [size]
         cuts = sorted(set(cuts))
         self.ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        if len(self.ranges) < chunks:
+            log.info("--chunks %d: the file has no more than %d records, so %d chunks",
+                     chunks, len(self.ranges), len(self.ranges))
         self.rows = None
 
     def __len__(self) -> int:
@@ -474,65 +620,73 @@ class StreamChunks:
         return zlib.compress(data, 1) if self.compress else data
 
 
-def record_boundaries(path: str, targets: list[int], block: int = StreamChunks.BLOCK) -> list[int]:
+def record_boundaries(path: str, targets: list[int], block: int = StreamChunks.BLOCK, *,
+                      sep: str = ",") -> list[int]:
     """For each offset in sorted ``targets``, the start of the next record.
 
-    The next record after offset ``t`` starts right after the first newline
-    at or after ``t`` that is preceded by an even number of quote characters
-    (RFC 4180), or at the end of the file.  A target that falls before the
-    boundary found for the previous one gets that same boundary, so a record
-    longer than a chunk makes one large chunk, never a cut record.  Reads the
-    file once, ``block`` bytes at a time.  Returns a list as long as
-    ``targets``.
+    The next record after offset ``t`` starts right after the first LF at
+    or after ``t`` that is outside quoted fields, or at the end of the
+    file.  Quoted fields are the ones pandas' tokenizer sees
+    (:class:`worker.RecordScanner`, for fields separated by ``sep``): a
+    quote inside an unquoted value, as in ``27" screen``, is a literal and
+    opens nothing.  A target that falls before the boundary found for the
+    previous one gets that same boundary, so a record longer than a chunk
+    makes one large chunk, never a cut record.  Reads the file once,
+    ``block`` bytes at a time.  Returns a list as long as ``targets``.
     """
     out = []
     pending = collections.deque(targets)
-    quotes = 0          # quote characters in the file before data[pos]
+    scanner = RecordScanner(sep)
     offset = 0          # file offset of data[0]
     with open(path, "rb") as f:
         while pending:
             data = f.read(block)
             if not data:
                 break
-            pos = 0
+            inside = scanner.inside
+            quotes = scanner.quotes(data)
             while pending:
                 if out and pending[0] <= out[-1]:
                     out.append(out[-1])
                     pending.popleft()
                     continue
-                want = max(pending[0] - offset, pos)
-                if want >= len(data):
-                    break
-                quotes += _count_quotes(data, pos, want)
-                pos = want
-                found = False
-                while not found:
-                    newline = data.find(b"\n", pos)
-                    if newline == -1:
-                        break
-                    quotes += _count_quotes(data, pos, newline)
-                    pos = newline + 1
-                    found = quotes % 2 == 0
-                if not found:
+                end = _next_record(data, max(pending[0] - offset, 0), quotes, inside)
+                if end is None:
                     break          # the record goes on in the next block
-                out.append(offset + pos)
+                out.append(offset + end)
                 pending.popleft()
-            quotes += _count_quotes(data, pos, len(data))
             offset += len(data)
     out.extend(offset for _ in pending)   # no boundary left: the end of the file
     return out
 
 
-def _count_quotes(data: bytes, start: int, end: int) -> int:
-    """``data.count(b'"', start, end)``, without counting when there is no quote.
+def _next_record(data: bytes, pos: int, quotes, inside: bool) -> int | None:
+    """The offset just past the first LF at or after ``pos`` outside quoted fields, or None.
 
-    ``find`` runs at ``memchr`` speed, several times faster than ``count``
-    (measured: 0.03 s against 0.12 s for 124 MB), and most files have no
-    quoted values at all; with quotes, ``find`` stops at the first one.
+    ``quotes`` are the block's delimiting quotes and ``inside`` the state
+    at its start (:meth:`worker.RecordScanner.quotes`).  An LF inside a
+    quoted field sends the search on past the quote that ends the field.
     """
-    if data.find(b'"', start, end) == -1:
-        return 0
-    return data.count(b'"', start, end)
+    while True:
+        newline = data.find(b"\n", pos)
+        if newline == -1:
+            return None
+        before = int(quotes.searchsorted(newline))   # delimiting quotes before the LF
+        if (before + inside) % 2 == 0:
+            return newline + 1
+        if before == len(quotes):
+            return None                 # the quoted field goes on past this block
+        pos = int(quotes[before]) + 1
+
+
+def _line_ends(path: str, start: int) -> int:
+    """The LF bytes in the file from offset ``start`` on: at least its records there."""
+    count = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while block := f.read(StreamChunks.BLOCK):
+            count += block.count(b"\n")
+    return count
 
 
 # --- Chunk bookkeeping (no sockets, no database) -------------------------------
