@@ -44,6 +44,7 @@ import argparse
 import bz2
 import codecs
 import collections
+import csv
 import gzip
 import hashlib
 import io
@@ -65,13 +66,15 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 import protocol
 from db_utils import DROPPED, EXPIRED, FAILED, ResultStore, StoreError
-from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, RecordScanner,
-                    byte_transparent, find_columns, normalize_name, number_readings, port_number,
-                    positive_number, read_columns, record_ends, show_names)
+from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, DecimalMarkError,
+                    RecordScanner, byte_transparent, find_columns, inside_mask, normalize_name,
+                    number_readings, port_number, positive_number, read_columns, record_ends,
+                    show_names)
 
 log = logging.getLogger("server")
 
@@ -151,9 +154,14 @@ def _open_decompressed(path: str, compression: str | None) -> io.BufferedReader:
                                  f"found {len(names)}")
             try:
                 raw = archive.open(names[0])
+            except NotImplementedError as exc:   # a subclass of RuntimeError: test it first
+                archive.close()
+                raise InputError(f"{path}: cannot read {names[0]!r}: {exc} (Deflate64, as "
+                                 f"Windows writes for large files?); extract it with another "
+                                 f"tool and pass the .csv") from None
             except RuntimeError as exc:       # "File ... is encrypted, password required"
                 archive.close()
-                raise InputError(f"{path}: cannot read {names[0]!r} ({exc}); extract it "
+                raise InputError(f"{path}: cannot read {names[0]!r}: {exc}; extract it "
                                  f"with its password and pass the .csv") from None
             except BaseException:
                 archive.close()
@@ -210,19 +218,19 @@ class _Guarded(io.RawIOBase):
 def _text_encoding(encoding: str | None) -> str:
     """``encoding`` checked to be a text encoding Python knows (default: UTF-8, BOM or not).
 
-    ``bytes.decode`` refuses the codecs that are not character encodings
-    (rot13, base64, hex, zlib...); they would hand pandas bytes or
-    scrambled text.  Raises :class:`InputError`.
+    ``str.encode`` refuses the codecs that are not character encodings
+    (rot13, base64, hex, zlib...); given to pandas, they would hand it
+    bytes, or scrambled text.  Raises :class:`InputError`.
     """
     if encoding is None:
         return "utf-8-sig"
     try:
-        b"".decode(encoding)
+        codecs.lookup(encoding)
     except LookupError:
-        try:
-            codecs.lookup(encoding)
-        except LookupError:
-            raise InputError(f"unknown --encoding {encoding!r}") from None
+        raise InputError(f"unknown --encoding {encoding!r}") from None
+    try:
+        "Price,Qty".encode(encoding)
+    except (LookupError, UnicodeError):
         raise InputError(f"--encoding {encoding!r} is not a text encoding (it transforms "
                          f"bytes or text); name a character set such as utf-8, cp1252 or "
                          f"utf-16") from None
@@ -251,8 +259,10 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
     """
     if sep is not None:
         sep = _SEP_NAMES.get(sep, sep)
-        if len(sep) != 1:
-            raise InputError(f"--sep must be one character (or '\\t' for a tab), got {sep!r}")
+        if len(sep) != 1 or not sep.isascii() or sep in '"\r\n':
+            # pandas' fast parser, and worker.RecordScanner, take a one-byte separator.
+            raise InputError(f"--sep must be one ASCII character other than a quote or a line "
+                             f"end (or '\\t' for a tab), got {sep!r}")
     given_encoding = encoding is not None
     encoding = _text_encoding(encoding)
     if not os.path.isfile(path):
@@ -276,18 +286,18 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
             raise InputError(f"{path}: binary data, not CSV text")
         if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
             raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
-        # The header is the first line that is not blank (pandas skips blank lines).
-        first_line = next((line for line in text.splitlines() if line.strip()), "")
-        sep = sep or max(_SEPARATORS, key=first_line.count)
+        sep = sep or _guess_sep(text)
         # Read on until the head holds the whole header and 128 KiB of records.
         read, ended = len(head), len(head) < _HEAD_BYTES
         while not ended:
-            header_end = _header_end(text, sep)
-            if header_end is not None and len(text) - header_end >= _HEAD_BYTES // 2:
+            header_end, records_end = _head_bounds(text, sep)
+            if header_end is not None and records_end - header_end >= _HEAD_BYTES // 2:
                 break
-            if header_end is None and read >= _MAX_HEADER:
-                raise InputError(f"{path}: no end of the header in the first "
-                                 f"{_MAX_HEADER >> 20} MiB; is this a CSV file? (--sep?)")
+            if read >= _MAX_HEADER:
+                if header_end is None:
+                    raise InputError(f"{path}: no end of the header in the first "
+                                     f"{_MAX_HEADER >> 20} MiB; is this a CSV file? (--sep?)")
+                break
             more = f.read(read)       # doubling: the scans above stay linear overall
             ended = len(more) < read
             text += _decode(path, decoder, more, read, encoding, final=ended)
@@ -295,12 +305,10 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
         if not ended:
             text = _complete_records(text, sep)  # the head may end inside a quoted value
     try:
-        columns = list(pd.read_csv(io.StringIO(text), sep=sep, nrows=0).columns)
-        header, sample = _read_sample(text, sep, columns)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        raise InputError(f"{path}: not CSV data ({exc})") from None
+        header, records = _read_sample(text, sep)
     except _ExtraFields as exc:
         raise InputError(f"{path}: malformed CSV: {exc}") from None
+    columns = _pandas_names(path, text, sep, header)
     _check_repeated_names(path, header, price_col, qty_col)
     try:
         price_col, qty_col = find_columns(columns, price_col, qty_col)
@@ -310,14 +318,15 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
         raise InputError(f"{path}: --group-by {group_col!r} is not a column; columns found: "
                          f"{show_names(columns)}")
     if decimal is None:
-        decimal, reason = _guess_decimal(path, pd.concat([sample[price_col], sample[qty_col]]))
+        at = [columns.index(price_col), columns.index(qty_col)]
+        cells = pd.Series([r[i] for i in at for r in records if i < len(r)], dtype=object)
+        decimal, reason = _guess_decimal(path, cells)
         log.info("decimal mark: %s", reason)
     return CsvInfo(path, columns, price_col, qty_col, group_col, sep, decimal,
                    encoding, compression, size)
 
 
 _MAX_HEADER = 64 * 1024 * 1024   # bytes of head read, at most, looking for the header's end
-_SAMPLE_RECORDS = 200   # records that must parse for the input to count as CSV
 
 
 def _refuse_non_text(path: str, head: bytes, given_encoding: bool) -> None:
@@ -344,63 +353,100 @@ def _decode(path, decoder, data: bytes, offset: int, encoding: str, final: bool)
         raise InputError(f"{path}: not valid {encoding} (byte 0x{data[exc.start]:02x} at "
                          f"offset {offset + exc.start}); pass --encoding, e.g. "
                          f"--encoding cp1252") from None
+    except UnicodeError as exc:     # e.g. "UTF-16 stream does not start with BOM"
+        raise InputError(f"{path}: not valid {encoding} ({exc}); check --encoding") from None
 
 
 class _ExtraFields(Exception):
     """A record of the sample has more fields than the header."""
 
 
-def _read_sample(text: str, sep: str, columns: list) -> tuple[list, pd.DataFrame]:
-    """The header as written and the records of ``text``, all as strings.
+def _read_sample(text: str, sep: str) -> tuple[list[str], list[list[str]]]:
+    """The header as written and the records of ``text``, as lists of strings.
 
-    A record with more fields than the header means a value held an
-    unquoted separator, typically a thousands comma ("1,234.50,2" under
-    "Price,Qty"), or a line ends with a separator.  The fast readers
-    (``usecols``) would quietly take the first fields (pandas issue 40049),
-    so the price could come from the wrong field; such a record raises
-    :class:`_ExtraFields` quoting it, even when the extra fields are empty
-    (``B,1,234.50,2,`` under four names shifts the price just the same).
-    The python engine is slow but this text is small.  If the whole head
-    does not parse (say an unclosed quote at record 1500), only the first
-    :data:`_SAMPLE_RECORDS` records are checked: a broken record further
-    on is reported by the reader that meets it.
+    Read with the csv module, whose quoting rules are pandas' (see
+    :class:`worker.RecordScanner`), and fast on any width: pandas takes
+    seconds to build a frame of 100,000 columns.  Blank lines are skipped,
+    as pandas skips them.  A record with more fields than the header means
+    a value held an unquoted separator, typically a thousands comma
+    ("1,234.50,2" under "Price,Qty"), or a line ends with a separator.  The
+    fast readers (``usecols``) would quietly take the first fields (pandas
+    issue 40049), so the price could come from the wrong field; such a
+    record raises :class:`_ExtraFields` quoting it, even when the extra
+    fields are empty (``B,1,234.50,2,`` under four names shifts the price
+    just the same).  A broken record further on is reported by the reader
+    that meets it.
     """
-    def extra_fields(fields):
-        raise _ExtraFields(f"a record has more fields ({len(fields)}) than the header "
-                           f"({len(columns)}): {sep.join(fields)[:80]!r}; a value with an "
-                           f"unquoted separator (like 1,234.50), or a separator at the end "
-                           f"of the line? Quote the value or drop the separator, or check --sep")
+    # A field may be as long as the head (a 10 MB header name); the csv
+    # module refuses fields over 128 KiB by default.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+            if row and (len(row) > 1 or row[0].strip(" \t"))]
+    header, records = (rows[0] if rows else []), rows[1:]
+    for record in records:
+        if len(record) > len(header):
+            raise _ExtraFields(
+                f"a record has more fields ({len(record)}) than the header ({len(header)}): "
+                f"{sep.join(record)[:80]!r}; a value with an unquoted separator (like "
+                f"1,234.50), or a separator at the end of the line? Quote the value or drop "
+                f"the separator, or check --sep")
+    return header, records
 
-    def parse(nrows):
-        # header=None: the header is row 0, so a first data record with an
-        # extra field is a bad line too, not silently made an index column.
-        # newline=None: the python engine splits lines ended by a lone CR too.
-        return pd.read_csv(io.StringIO(text, newline=None), sep=sep, header=None, dtype=str,
-                           keep_default_na=False, engine="python", on_bad_lines=extra_fields,
-                           nrows=nrows)
 
+def _pandas_names(path: str, text: str, sep: str, header: list[str]) -> list[str]:
+    """The column names as pandas will read them from ``text``.
+
+    They are ``header`` as written unless it has empty or repeated names,
+    which pandas renames ("Unnamed: 2", "Price.1") by rules of its own;
+    then pandas is asked.
+    """
+    if all(header) and len(set(header)) == len(header):
+        return header
     try:
-        table = parse(None)
-    except pd.errors.ParserError:
-        table = parse(_SAMPLE_RECORDS + 1)
-    if len(table.columns) != len(columns):
-        raise ValueError(f"the header has {len(columns)} names but {len(table.columns)} fields")
-    return list(table.iloc[0]), table.iloc[1:].set_axis(columns, axis=1)
+        return list(pd.read_csv(io.StringIO(text), sep=sep, nrows=0).columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise InputError(f"{path}: not CSV data ({exc})") from None
 
 
-def _header_end(text: str, sep: str) -> int | None:
-    """The offset in ``text`` just past its header record, or None if it does not end there.
+def _guess_sep(text: str) -> str:
+    """The most frequent of ``, ; TAB |`` in the header of ``text`` (the first on a tie).
 
-    The header is the first record that is not blank; records end where
-    pandas ends them (:func:`worker.record_ends`).
+    The header is the first record that is not blank (pandas skips blank
+    lines), read with each candidate's quoting rules; separators inside
+    quoted names, and a quoted name's line breaks, do not count.
     """
     data = text.encode()
-    start = 0
-    for end in record_ends(data, sep):
+    def count(sep):
+        start = 0
+        for end in record_ends(data, sep) + [len(data)]:
+            if data[start:end].strip(b" \t\r\n"):
+                break
+            start = end
+        header = data[start:end]
+        quotes = RecordScanner(sep).quotes(header)
+        seps = np.frombuffer(header, np.uint8) == ord(sep)
+        if quotes.size:
+            seps &= ~inside_mask(len(header), quotes, False)
+        return int(np.count_nonzero(seps))
+    return max(_SEPARATORS, key=count)
+
+
+def _head_bounds(text: str, sep: str) -> tuple[int | None, int]:
+    """Where in ``text`` the header ends (None if it does not) and the last record ends.
+
+    The header is the first record that is not blank; records end where
+    pandas ends them (:func:`worker.record_ends`).  Offsets are in
+    characters, just past the line break.
+    """
+    data = text.encode()
+    ends = record_ends(data, sep)
+    start, header_end = 0, None
+    for end in ends:
         if data[start:end].strip(b" \t\r\n"):
-            return len(data[:end].decode())
+            header_end = len(data[:end].decode())
+            break
         start = end
-    return None
+    return header_end, len(data[:ends[-1]].decode()) if ends else 0
 
 
 def _complete_records(text: str, sep: str) -> str:
@@ -496,6 +542,8 @@ class FrameChunks:
         except UnicodeDecodeError as exc:
             raise InputError(f"{info.path}: not valid {info.encoding} ({exc.reason} at byte "
                              f"{exc.start} of a block); pass --encoding, e.g. --encoding cp1252") from None
+        except DecimalMarkError as exc:
+            raise InputError(f"{info.path}: {exc}") from None
         except (pd.errors.ParserError, ValueError) as exc:
             raise InputError(f"{info.path}: malformed CSV: {str(exc).strip()}") from None
         rows = len(self.frame)
@@ -581,14 +629,18 @@ class StreamChunks:
         # --chunks gives one record per chunk, never an empty chunk.
         parts = max(1, min(chunks, body))
         if parts > self.COUNT_ABOVE:
-            parts = min(parts, _line_ends(info.path, header_end) + 1)
+            records = _line_ends(info.path, header_end) + 1   # at least the records
+            if records < parts:
+                log.info("--chunks %d: capped at %d, the line ends of the file (a chunk "
+                         "holds at least one record)", chunks, records)
+                parts = records
         targets = [header_end + body * i // parts for i in range(1, parts)]
         cuts = [header_end] + record_boundaries(info.path, targets, sep=info.sep) + [size]
         cuts = sorted(set(cuts))
         self.ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
         if len(self.ranges) < chunks:
-            log.info("--chunks %d: the file has no more than %d records, so %d chunks",
-                     chunks, len(self.ranges), len(self.ranges))
+            log.info("--chunks %d: %d chunks, each holding whole records", chunks,
+                     len(self.ranges))
         self.rows = None
 
     def __len__(self) -> int:

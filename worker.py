@@ -414,7 +414,7 @@ def _parse(stream, sep, decimal, encoding, wanted, numbers, number_type) -> pd.D
     if not byte_transparent(encoding):
         stream, encoding = _Utf8(stream, encoding), "utf-8"
     types = {column: number_type if column in numbers else str for column in wanted}
-    return pd.read_csv(io.BufferedReader(_FieldCheck(stream, sep), 1 << 20), sep=sep,
+    return pd.read_csv(_FieldCheck(stream, sep), sep=sep,
                        decimal=decimal or ".", encoding=encoding, usecols=wanted, dtype=types,
                        keep_default_na=False, na_values={column: [""] for column in wanted})
 
@@ -444,10 +444,13 @@ def byte_transparent(encoding: str) -> bool:
     return True
 
 
+READ_BLOCK = 1 << 22   # bytes read at a time by the reader's own streams
+
+
 class _Utf8(io.RawIOBase):
     """A read-only stream: the text of ``raw`` (bytes in ``encoding``) as UTF-8 bytes.
 
-    Decodes 1 MiB at a time with an incremental decoder, so a character cut
+    Decodes :data:`READ_BLOCK` bytes at a time with an incremental decoder, so a character cut
     by a block boundary is completed by the next block.  A byte that is not
     valid ``encoding`` raises ``UnicodeDecodeError`` from ``readinto``.
     """
@@ -462,7 +465,7 @@ class _Utf8(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while self.at == len(self.pending):
-            block = self.raw.read(1 << 20)
+            block = self.raw.read(READ_BLOCK)
             self.pending, self.at = self.decoder.decode(block, final=not block).encode(), 0
             if not block:
                 break
@@ -624,39 +627,58 @@ class _FieldCheck(io.RawIOBase):
         self.length = 0         # its bytes so far
         self.begin = b""        # its first bytes, to quote in a message
         self.records = 0        # non-empty records ended after the header
+        self.ahead, self.at = b"", 0   # read from raw and checked, not yet passed on
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        n = self.raw.readinto(buffer)
-        data = bytes(memoryview(buffer)[:n])
+        if self.at == len(self.ahead):
+            # Checked READ_BLOCK bytes at a time: numpy's cost per call is paid
+            # less often than per pandas read (256 KiB).
+            self.ahead, self.at = self.raw.read(max(len(buffer), READ_BLOCK)) or b"", 0
+            self._read(self.ahead)
+        n = min(len(buffer), len(self.ahead) - self.at)
+        buffer[:n] = self.ahead[self.at:self.at + n]
+        self.at += n
+        return n
+
+    def _read(self, data: bytes) -> None:
+        """Check the next block of the stream (``b""``: its end)."""
+        end = not data
         if self.limit is None:
             self.pending += data
-            if not self._found_header(final=not n):
-                return n
+            if not self._found_header(final=end):
+                return
             data, self.pending = self.pending, b""
         if data:
             self._check(data)
-        if not n and self.length and self.seps > self.limit:
+        if end and self.length and self.seps > self.limit:
             self._refuse(self.seps, self.begin)     # the last record, without a line end
-        return n
 
     def _found_header(self, final: bool) -> bool:
         """Find the header in what was read so far; False if it has not ended yet."""
         blank = (b" \t\r\n").replace(self.sep.encode(), b"")
-        start = 0
-        for end in record_ends(self.pending, self.sep) + ([len(self.pending)] if final else []):
-            record = self.pending[start:end]
-            if not (record.removeprefix(codecs.BOM_UTF8) if start == 0 else record).strip(blank):
-                start = end
-                continue
-            quotes = RecordScanner(self.sep).quotes(record)
-            seps = np.frombuffer(record, np.uint8) == ord(self.sep)
-            if quotes.size:
-                seps &= ~inside_mask(len(record), quotes, False)
-            self.limit, self.header_end = int(np.count_nonzero(seps)), end
-            return True
+        # Scan a prefix first: the header is usually a short first line.
+        size = 1 << 16
+        while True:
+            prefix = self.pending[:size]
+            whole = len(prefix) == len(self.pending)
+            start = 0
+            for end in record_ends(prefix, self.sep) + ([len(prefix)] if whole and final else []):
+                record = prefix[start:end]
+                if not (record.removeprefix(codecs.BOM_UTF8) if start == 0 else record).strip(blank):
+                    start = end
+                    continue
+                quotes = RecordScanner(self.sep).quotes(record)
+                seps = np.frombuffer(record, np.uint8) == ord(self.sep)
+                if quotes.size:
+                    seps &= ~inside_mask(len(record), quotes, False)
+                self.limit, self.header_end = int(np.count_nonzero(seps)), end
+                return True
+            if whole:
+                break
+            size *= 4
         if final:       # nothing but blank lines: no record to check
             self.limit, self.header_end = 0, len(self.pending)
         return final
@@ -682,7 +704,7 @@ class _FieldCheck(io.RawIOBase):
         starts = np.concatenate(([0], ends + 1))
         open_end = bool(starts[-1] < len(a))      # the block ends inside a record
         counts = np.add.reduceat(seps.view(np.uint8), starts if open_end else starts[:-1],
-                                 dtype=np.intp)
+                                 dtype=np.int32)
         counts[0] += self.seps
         lengths = np.diff(starts) - 1
         lengths[0] += self.length

@@ -312,12 +312,17 @@ def test_case_in_process_every_chunking(case):
 
 
 def test_own_cases_cover_every_fault_class():
-    """tests/cases keeps one case per fault class of issue 5, each with an expectation."""
+    """tests/cases keeps one case per fault class of issues 5, 12 and 17, each with an
+    expectation."""
     names = " ".join(p.name for p in case_files(OWN_CASES))
     for fault in ("bom", "header-spaces", "thousands", "currency", "semicolon", "tbd",
                   "quoted-newline", "blanks", "header-only", "empty", "latin1-with",
                   "latin1-without", "lfs", "binary", "html", "no-price", "two-price",
-                  "negative", ".gz", ".zip", "crlf"):
+                  "negative", ".gz", ".zip", "crlf",
+                  # issues 12 and 17
+                  "surplus-empty-trailing", "header-lone-quote", "semicolon-three-decimals",
+                  "semicolon-leading-zero", "encrypted-zip", "deflate64-zip", "corrupt-gzip",
+                  "text-transform-encoding", "utf16-surplus"):
         assert fault in names, f"no case for {fault!r} in {OWN_CASES}"
     for path in case_files(OWN_CASES):
         expected = expected_of(path)
@@ -629,8 +634,9 @@ def oracle_number(cell: str, decimal: str) -> float | None:
     """Our own cleaner: the cell's value, or None when it is not a finite number.
 
     Drops currency signs and codes, spaces and apostrophes; removes
-    thousands marks only when they group the integer part by three; then
-    the text must be a plain decimal number.
+    thousands marks only when they group the integer part by three (a first
+    group of "0" groups nothing: "0,125" is never 125); then the text must
+    be a plain decimal number.
     """
     text = cell
     for noise in ("USD", "EUR", "GBP", "$", "€", "£", " ", "\u00a0", "'"):
@@ -640,7 +646,7 @@ def oracle_number(cell: str, decimal: str) -> float | None:
     if thousands in whole:
         groups = whole.lstrip("+-").split(thousands)
         if not (1 <= len(groups[0]) <= 3 and all(g.isdigit() for g in groups)
-                and all(len(g) == 3 for g in groups[1:])):
+                and all(len(g) == 3 for g in groups[1:]) and not groups[0].startswith("0")):
             return None
         whole = whole.replace(thousands, "")
     text = whole + ("." + fraction if mark else "")
