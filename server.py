@@ -64,7 +64,7 @@ import threading
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -110,9 +110,11 @@ class CsvInfo:
     """What :func:`inspect_csv` learned from the head of the file.
 
     ``columns``: header names as pandas reads them.  ``price_col``,
-    ``qty_col``, ``group_col``: the chosen names.  ``sep``, ``decimal``,
-    ``encoding``: how to parse it.  ``compression``: None or a pandas
-    compression name.  ``size``: bytes on disk.
+    ``qty_col``, ``group_col``: the chosen names.  ``sep``, ``decimal``
+    (None: no mark shown yet, see :func:`_guess_decimal`), ``encoding``:
+    how to parse it.  ``compression``: None or a pandas compression name.
+    ``size``: bytes on disk.  ``notes``: what the log should say about these
+    choices once the server listens (an early error stays one line).
     """
     path: str
     columns: list
@@ -124,6 +126,7 @@ class CsvInfo:
     encoding: str
     compression: str | None
     size: int
+    notes: list = field(default_factory=list)
 
 
 # What reading a damaged or unusual compressed file raises, by module: gzip
@@ -321,9 +324,10 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
         at = [columns.index(price_col), columns.index(qty_col)]
         cells = pd.Series([r[i] for i in at for r in records if i < len(r)], dtype=object)
         decimal, reason = _guess_decimal(path, cells)
-        log.info("decimal mark: %s", reason)
+    else:
+        reason = f"{decimal!r} (--decimal)"
     return CsvInfo(path, columns, price_col, qty_col, group_col, sep, decimal,
-                   encoding, compression, size)
+                   encoding, compression, size, [f"decimal mark: {reason}"])
 
 
 _MAX_HEADER = 64 * 1024 * 1024   # bytes of head read, at most, looking for the header's end
@@ -552,8 +556,8 @@ class FrameChunks:
         else:
             parts = min(chunks, rows)
             if 0 < parts < chunks:
-                log.info("--chunks %d: the file has %d records, so %d chunks of one record",
-                         chunks, rows, parts)
+                info.notes.append(f"--chunks {chunks}: the file has {rows} records, so "
+                                  f"{parts} chunks of one record")
             self.bounds = [rows * i // parts for i in range(parts + 1)] if parts else [0]
         self.compress = compress
         self.rows = rows
@@ -631,16 +635,16 @@ class StreamChunks:
         if parts > self.COUNT_ABOVE:
             records = _line_ends(info.path, header_end) + 1   # at least the records
             if records < parts:
-                log.info("--chunks %d: capped at %d, the line ends of the file (a chunk "
-                         "holds at least one record)", chunks, records)
+                info.notes.append(f"--chunks {chunks}: capped at {records}, the line ends "
+                                  f"of the file (a chunk holds at least one record)")
                 parts = records
         targets = [header_end + body * i // parts for i in range(1, parts)]
         cuts = [header_end] + record_boundaries(info.path, targets, sep=info.sep) + [size]
         cuts = sorted(set(cuts))
         self.ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
         if len(self.ranges) < chunks:
-            log.info("--chunks %d: %d chunks, each holding whole records", chunks,
-                     len(self.ranges))
+            info.notes.append(f"--chunks {chunks}: {len(self.ranges)} chunks, each holding "
+                              f"whole records")
         self.rows = None
 
     def __len__(self) -> int:
@@ -1458,6 +1462,8 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
     log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
              job_id, len(book), server.chunks.format, server.info.price_col,
              server.info.qty_col, host, port)
+    for note in server.info.notes:
+        log.info("%s", note)
     stop = server.stop
     signals = []
 
