@@ -72,7 +72,7 @@ import pandas as pd
 import protocol
 from db_utils import DROPPED, EXPIRED, FAILED, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, DecimalMarkError,
-                    RecordScanner, byte_transparent, find_columns, inside_mask, normalize_name,
+                    RecordScanner, byte_transparent, find_columns, inside_mask, is_blank, normalize_name,
                     number_readings, port_number, positive_number, read_columns, record_ends,
                     show_names)
 
@@ -218,25 +218,25 @@ class _Guarded(io.RawIOBase):
         super().close()
 
 
-def _text_encoding(encoding: str | None) -> str:
+def _text_encoding(path: str, encoding: str | None) -> str:
     """``encoding`` checked to be a text encoding Python knows (default: UTF-8, BOM or not).
 
     ``str.encode`` refuses the codecs that are not character encodings
     (rot13, base64, hex, zlib...); given to pandas, they would hand it
-    bytes, or scrambled text.  Raises :class:`InputError`.
+    bytes, or scrambled text.  Raises :class:`InputError` naming ``path``.
     """
     if encoding is None:
         return "utf-8-sig"
     try:
         codecs.lookup(encoding)
     except LookupError:
-        raise InputError(f"unknown --encoding {encoding!r}") from None
+        raise InputError(f"{path}: unknown --encoding {encoding!r}") from None
     try:
         "Price,Qty".encode(encoding)
     except (LookupError, UnicodeError):
-        raise InputError(f"--encoding {encoding!r} is not a text encoding (it transforms "
-                         f"bytes or text); name a character set such as utf-8, cp1252 or "
-                         f"utf-16") from None
+        raise InputError(f"{path}: --encoding {encoding!r} is not a text encoding (it "
+                         f"transforms bytes or text); name a character set such as utf-8, "
+                         f"cp1252 or utf-16") from None
     return encoding
 
 
@@ -267,7 +267,7 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
             raise InputError(f"--sep must be one ASCII character other than a quote or a line "
                              f"end (or '\\t' for a tab), got {sep!r}")
     given_encoding = encoding is not None
-    encoding = _text_encoding(encoding)
+    encoding = _text_encoding(path, encoding)
     if not os.path.isfile(path):
         raise InputError(f"{path}: " + ("a folder, not a file" if os.path.isdir(path)
                                           else "no such file"))
@@ -423,7 +423,7 @@ def _guess_sep(text: str) -> str:
     def count(sep):
         start = 0
         for end in record_ends(data, sep) + [len(data)]:
-            if data[start:end].strip(b" \t\r\n"):
+            if not is_blank(data[start:end], sep):
                 break
             start = end
         header = data[start:end]
@@ -446,7 +446,7 @@ def _head_bounds(text: str, sep: str) -> tuple[int | None, int]:
     ends = record_ends(data, sep)
     start, header_end = 0, None
     for end in ends:
-        if data[start:end].strip(b" \t\r\n"):
+        if not is_blank(data[start:end], sep):
             header_end = len(data[:end].decode())
             break
         start = end
@@ -614,14 +614,17 @@ class StreamChunks:
         stat = os.fstat(self.fd)
         self.stamp = (stat.st_size, stat.st_mtime_ns)
         size = stat.st_size
+        # pandas skips blank lines (also of spaces) before the header, after a
+        # BOM if any; so must the cut, or a lone "\n" becomes every chunk's
+        # header and each chunk's first record its column names.
+        header_end = 0
         with open(info.path, "rb") as f:
-            start = f.read(4096)
-        # pandas skips blank lines before the header (after a BOM, if any);
-        # so must the cut, or a lone "\n" becomes every chunk's header and
-        # each chunk's first record its column names.
-        blank = len(start) - len(start.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
-        header_end = record_boundaries(info.path, [blank], sep=info.sep)[0]
-        with open(info.path, "rb") as f:
+            while header_end < size:
+                start, header_end = header_end, record_boundaries(info.path, [header_end],
+                                                                  sep=info.sep)[0]
+                if not is_blank(f.read(header_end - start), info.sep, at_start=start == 0):
+                    break
+            f.seek(0)
             self.header = f.read(header_end)
         if b"\r" in self.header.replace(b"\r\n", b""):
             # Lines ended by a lone CR (old Mac) hold no 0x0A to cut at: the

@@ -601,6 +601,18 @@ def record_ends(data: bytes, sep: str) -> list[int]:
     return (np.flatnonzero(breaks) + 1).tolist()
 
 
+def is_blank(record: bytes, sep: str, at_start: bool = False) -> bool:
+    """True if pandas skips ``record`` (bytes, with its line end) as a blank line.
+
+    That is a line of nothing but spaces and tabs, a tab counting only when
+    it is not the separator; ``at_start``: the record opens the data, so a
+    UTF-8 BOM before it is skipped too.
+    """
+    if at_start:
+        record = record.removeprefix(codecs.BOM_UTF8)
+    return not record.strip(b" \t\r\n".replace(sep.encode(), b""))
+
+
 class TooManyFields(ValueError):
     """A record has more fields than the header."""
 
@@ -658,7 +670,6 @@ class _FieldCheck(io.RawIOBase):
 
     def _found_header(self, final: bool) -> bool:
         """Find the header in what was read so far; False if it has not ended yet."""
-        blank = (b" \t\r\n").replace(self.sep.encode(), b"")
         # Scan a prefix first: the header is usually a short first line.
         size = 1 << 16
         while True:
@@ -667,7 +678,7 @@ class _FieldCheck(io.RawIOBase):
             start = 0
             for end in record_ends(prefix, self.sep) + ([len(prefix)] if whole and final else []):
                 record = prefix[start:end]
-                if not (record.removeprefix(codecs.BOM_UTF8) if start == 0 else record).strip(blank):
+                if is_blank(record, self.sep, at_start=start == 0):
                     start = end
                     continue
                 quotes = RecordScanner(self.sep).quotes(record)

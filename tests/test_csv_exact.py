@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 
 import server
 import worker
-from conftest import parse_final
+from conftest import parse_final, run_job
 from test_csv_input import (assert_early_error, assert_stats, input_error, oracle_number,
                             run_in_process, run_modes, totals, write)
 
@@ -194,6 +194,15 @@ def test_regression_stray_quote_in_a_value_never_cuts_a_record(tmp_path):
     for chunks in ("2", "7", "1000"):
         result = totals(tmp_path, data, ["--stream", "--chunks", chunks])
         assert (result["total_rows"], result["total_sales"]) == (52, pytest.approx(156.0))
+
+
+@pytest.mark.parametrize("options", [["--stream", "--chunks", "5"], ["--chunk-rows", "1"]])
+def test_regression_lines_of_spaces_before_the_header(tmp_path, options):
+    """pandas skips lines of spaces and tabs before the header, like empty ones; --stream
+    took such a line for the header, so every chunk read its first record as names."""
+    data = b"\xef\xbb\xbf\r\n  \n\t\nPrice;Qty\r\n1,5;2\r\n4;1\r\n"
+    result = totals(tmp_path, data, options)
+    assert (result["total_rows"], result["total_sales"]) == (2, pytest.approx(7.0))
 
 
 # --- 2. Surplus fields ------------------------------------------------------------------
@@ -665,3 +674,13 @@ def test_processes_large_inputs(procs, tmp_path):
     message = assert_early_error(run_modes(procs, Path(tempfile.mkdtemp(dir=tmp_path)), wide,
                                            {"d": []})["d"], wide, ["no price column"])
     assert len(message) < 1500
+
+
+@pytest.mark.timeout(120)
+def test_process_logs_the_decimal_mark(procs, tmp_path):
+    """A real server logs the mark it chose and the cell that showed it, once it listens
+    (issue 17), and reads the file with it."""
+    path = write(tmp_path, "comma.csv", b"Product;Price;Qty\nA;2,50;2\nB;1.234,50;1\n")
+    result, srv = run_job(procs, path, workers=1, server_args=["--chunks", "2"])
+    assert result["total_sales"] == pytest.approx(1239.5)
+    assert "decimal mark: ',', shown by" in srv.stderr() and "'2,50'" in srv.stderr()
