@@ -413,14 +413,19 @@ def _pandas_names(path: str, text: str, sep: str, header: list[str]) -> list[str
 
 
 def _guess_sep(text: str) -> str:
-    """The most frequent of ``, ; TAB |`` in the header of ``text`` (the first on a tie).
+    """The separator of ``text``: the one of ``, ; TAB |`` found most in its header.
 
     The header is the first record that is not blank (pandas skips blank
     lines), read with each candidate's quoting rules; separators inside
-    quoted names, and a quoted name's line breaks, do not count.
+    quoted names, and a quoted name's line breaks, do not count.  Among
+    candidates found at all, the one under whose rules fewest quotes of the
+    header are literal (not delimiting a quoted name) comes first
+    (``Price;Qty;",,"`` is ``;``-separated, though it holds as many
+    commas); then the count decides, and on a tie the order above.
     """
     data = text.encode()
-    def count(sep):
+
+    def score(sep):
         start = 0
         for end in record_ends(data, sep) + [len(data)]:
             if not is_blank(data[start:end], sep):
@@ -431,8 +436,11 @@ def _guess_sep(text: str) -> str:
         seps = np.frombuffer(header, np.uint8) == ord(sep)
         if quotes.size:
             seps &= ~inside_mask(len(header), quotes, False)
-        return int(np.count_nonzero(seps))
-    return max(_SEPARATORS, key=count)
+        literal = header.count(b'"') - quotes.size + quotes.size % 2   # an open quote too
+        count = int(np.count_nonzero(seps))
+        return count > 0, -literal, count
+
+    return max(_SEPARATORS, key=score)
 
 
 def _head_bounds(text: str, sep: str) -> tuple[int | None, int]:

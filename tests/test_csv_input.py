@@ -904,7 +904,7 @@ def test_regression_surplus_fields_are_an_error_in_both_readers():
     quantity 234.5.  An empty extra field (a trailing separator) is one too; a
     record with fewer fields is not (its missing cells are missing values)."""
     for data in (b"Price,Quantity\n1,234.50,2\n", b"Price,Quantity\n2.5,4,\n"):
-        with pytest.raises(ValueError, match="record 1 has more fields than the header"):
+        with pytest.raises(ValueError, match="record.* has more fields than the header"):
             worker.read_columns(io.BytesIO(data), ",", ".", "utf-8-sig", ["Price", "Quantity"])
     short = worker.read_columns(io.BytesIO(b"Price,Quantity\n2.5,4\n3\n"), ",", ".",
                                 "utf-8-sig", ["Price", "Quantity"])
