@@ -412,7 +412,12 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
 
 
 def _parse(stream, sep, decimal, encoding, wanted, numbers, number_type) -> pd.DataFrame:
-    if not byte_transparent(encoding):
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        # pandas reads UTF-8 bytes as they are (and drops a BOM), which is
+        # faster than the decoding it does for any other name, but then checks
+        # only the columns it keeps: _ValidUtf8 checks every byte.
+        stream, encoding = _ValidUtf8(stream), "utf-8"
+    elif not byte_transparent(encoding):
         stream, encoding = _Utf8(stream, encoding), "utf-8"
     columns = wanted + [SURPLUS]
     types = {column: number_type if column in numbers else str for column in wanted}
@@ -457,6 +462,37 @@ def byte_transparent(encoding: str) -> bool:
 
 
 READ_BLOCK = 1 << 20   # bytes read at a time by the reader's own streams
+
+
+class _ValidUtf8(io.RawIOBase):
+    """A read-only stream: ``raw`` unchanged, each block checked to be valid UTF-8.
+
+    An ASCII block (most of them) costs one ``bytes.isascii``; others go
+    through an incremental decoder, which also completes a character cut by
+    a block boundary.  A byte that is not valid UTF-8 raises
+    ``UnicodeDecodeError`` from :meth:`read`.
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.pending = False     # the decoder holds the start of a character
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.raw.read(size)
+        if block or self.pending:
+            if self.pending or not block.isascii():
+                self.decoder.decode(block, final=not block)
+                self.pending = self.decoder.getstate()[0] != b""
+        return block
+
+    def readinto(self, buffer) -> int:
+        block = self.read(len(buffer))
+        buffer[:len(block)] = block
+        return len(block)
 
 
 class _Utf8(io.RawIOBase):
