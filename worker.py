@@ -369,9 +369,9 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
       (the fast path, taken when the stream can be read twice and the mark
       is known; exact, since pandas then accepts only plain numbers in that
       mark), or it is read again as text and converted once.  Letting
-      pandas guess would parse the file in pieces of ~256 KiB, some numeric
-      and some text, and a numeric "0.125" turned back into text is read
-      as 125 under a decimal comma.
+      pandas guess would convert the file in pieces (2**20 / columns rows
+      each), some numeric and some text, and a numeric "0.125" turned back
+      into text is read as 125 under a decimal comma.
     * Only empty cells are missing values.  pandas' default list would turn
       the group "NA" (North America) into a missing group; a price "NA" is
       rejected either way, because it is not a number.
@@ -391,16 +391,16 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
 
     Returns a DataFrame with the ``wanted`` columns.  Raises ``ValueError``
     for malformed data (pandas' ``ParserError``, :class:`TooManyFields`,
-    :class:`DecimalMarkError`) and ``UnicodeDecodeError`` for bytes not in
-    ``encoding``.
+    :class:`MisreadRecord`, :class:`DecimalMarkError`) and
+    ``UnicodeDecodeError`` for bytes not in ``encoding``.
     """
     numbers = [c for c in wanted if c != group_col]
     start = stream.tell() if decimal is not None and stream.seekable() else None
     if start is not None:
         try:
             frame = _parse(stream, sep, decimal, encoding, wanted, numbers, "float64")
-        except (TooManyFields, pd.errors.ParserError):
-            raise
+        except (TooManyFields, MisreadRecord, UnicodeError, pd.errors.ParserError):
+            raise            # the same again as text
         except ValueError:   # a number column holds text ("$2.50", "TBD"): read it as text
             stream.seek(start)
             frame = None
@@ -564,12 +564,14 @@ class RecordScanner:
     is walked quote by quote in Python.
     """
 
-    def __init__(self, sep: str):
+    def __init__(self, sep: str, at_start: bool = True):
+        """``at_start``: the data is the start of the file (where a BOM is skipped);
+        otherwise it starts at a record start further on."""
         self.sep = ord(sep)
         self.inside = False   # the bytes seen so far end inside a quoted field
         self.prev = _LF       # the last byte seen: data starts as if after a line break
         self.closed = False   # ... and it is a quote that ended a quoted field
-        self.offset = 0       # bytes seen so far
+        self.offset = 0 if at_start else 3   # bytes seen (past a BOM's place if not at start)
         self.first = b""      # the first 3 bytes: a UTF-8 BOM there is skipped
 
     def quotes(self, data: bytes) -> np.ndarray:
@@ -758,7 +760,7 @@ class _FieldCheck(io.RawIOBase):
             return b""                   # the header goes on: read more before pandas does
         start, end = header
         text, self.open = self.open, b""
-        self.scanner = RecordScanner(self.sep)     # the header ends outside any quote
+        self.scanner = RecordScanner(self.sep, at_start=False)   # the header ended
         line = len(text[start:end].rstrip(b"\r\n"))
         self._check(text[end:])
         return text[:start + line] + (self.sep + SURPLUS).encode() + text[start + line:]
@@ -780,7 +782,7 @@ class _FieldCheck(io.RawIOBase):
                 if is_blank(record, self.sep, at_start=start == 0):
                     start = end
                     continue
-                self.limit = separators(record, self.sep)
+                self.limit = separators(record, self.sep, at_start=start == 0)
                 return start, end
             if whole:
                 if not final:
@@ -815,8 +817,7 @@ class _FieldCheck(io.RawIOBase):
     def _count(self, data: bytes) -> None:
         """Count the fields of each record of ``data`` (from a record's start) that has
         ended, and of the last one at the end of the stream."""
-        scanner = RecordScanner(self.sep)
-        quotes = scanner.quotes(data)
+        quotes = RecordScanner(self.sep, at_start=False).quotes(data)
         a = np.frombuffer(data, np.uint8)
         breaks = (a == _LF) | (a == _CR)        # CR LF also ends an empty record: harmless
         seps = a == ord(self.sep)
@@ -875,9 +876,11 @@ class MisreadRecord(ValueError):
     """A record that pandas' parser would read wrongly."""
 
 
-def separators(record: bytes, sep: str) -> int:
-    """The separators of one whole ``record`` outside quoted fields: its fields, less one."""
-    quotes = RecordScanner(sep).quotes(record)
+def separators(record: bytes, sep: str, at_start: bool = True) -> int:
+    """The separators of one whole ``record`` outside quoted fields: its fields, less one.
+
+    ``at_start``: the record opens the file (see :class:`RecordScanner`)."""
+    quotes = RecordScanner(sep, at_start).quotes(record)
     seps = np.frombuffer(record, np.uint8) == ord(sep)
     if quotes.size:
         seps &= ~inside_mask(len(record), quotes, False)
