@@ -722,6 +722,7 @@ class _FieldCheck(io.RawIOBase):
         self.doubt = False      # ... and it may hide an empty surplus field: count it
         self.blank_cr = False   # the data read ends with a blank line ended by a lone CR
         self.ready, self.at = b"", 0   # checked bytes, not yet handed to pandas
+        self.later = b""        # more of them, to hand over after ``ready``
         self.ended = False
 
     def readable(self) -> bool:
@@ -733,9 +734,13 @@ class _FieldCheck(io.RawIOBase):
         pandas calls this directly: a slice of the checked block is one copy,
         where RawIOBase's own read (a buffer, readinto, bytes) would make three.
         """
-        while self.at == len(self.ready) and not self.ended:
-            block = self.raw.read(max(size, READ_BLOCK)) or b""
-            self.ready, self.at = self._take(block), 0
+        while self.at == len(self.ready) and (self.later or not self.ended):
+            if self.later:
+                self.ready, self.later = self.later, b""
+            else:
+                block = self.raw.read(max(size, READ_BLOCK)) or b""
+                self.ready = self._take(block)
+            self.at = 0
         if self.at == 0 and (size < 0 or size >= len(self.ready)):
             chunk = self.ready
         else:
@@ -761,9 +766,10 @@ class _FieldCheck(io.RawIOBase):
         start, end = header
         text, self.open = self.open, b""
         self.scanner = RecordScanner(self.sep, at_start=False)   # the header ended
-        line = len(text[start:end].rstrip(b"\r\n"))
+        line = start + len(text[start:end].rstrip(b"\r\n"))
         self._check(text[end:])
-        return text[:start + line] + (self.sep + SURPLUS).encode() + text[start + line:]
+        self.later = text[line:]        # served after the header, without one more copy
+        return text[:line] + (self.sep + SURPLUS).encode()
 
     def _find_header(self, final: bool) -> tuple[int, int] | None:
         """The (start, end) of the header in ``self.open``, or None if it has not ended.
@@ -772,7 +778,7 @@ class _FieldCheck(io.RawIOBase):
         lines before it); a prefix is scanned first, since it is usually a
         short first line.  Sets :attr:`limit`.
         """
-        size = 1 << 16
+        size = 1 << 12
         while True:
             prefix = self.open[:size]
             whole = len(prefix) == len(self.open)

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 
 import server
 import worker
-from conftest import parse_final, run_job
+from conftest import parse_final, run_job, wait_for
 from test_csv_input import (assert_early_error, assert_stats, input_error, oracle_number,
                             run_in_process, run_modes, totals, write)
 
@@ -721,3 +721,14 @@ def test_process_logs_the_decimal_mark(procs, tmp_path):
     result, srv = run_job(procs, path, workers=1, server_args=["--chunks", "2"])
     assert result["total_sales"] == pytest.approx(1239.5)
     assert "decimal mark: ',', shown by" in srv.stderr() and "'2,50'" in srv.stderr()
+
+
+@pytest.mark.timeout(120)
+def test_process_caps_a_huge_chunk_count(procs, tmp_path):
+    """Issue 17: `--stream --chunks 1000000000` took memory in proportion to the file
+    and died.  A real server caps the count by the records and says so once it
+    listens (it is stopped there: 120,001 one-record chunks would take minutes)."""
+    path = write(tmp_path, "many.csv", b"Price,Qty\n" + b"1.50,2\n" * 120_000)
+    srv = procs.server(path, args=["--stream", "--chunks", "1000000000"])
+    wait_for(lambda: "capped at 120001" in srv.stderr(), 30, "the cap in the server log")
+    assert "Traceback" not in srv.stderr()
