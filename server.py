@@ -48,6 +48,7 @@ import bz2
 import codecs
 import collections
 import contextlib
+import csv
 import gzip
 import hashlib
 import io
@@ -67,15 +68,17 @@ import threading
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 import protocol
 from db_utils import DROPPED, EXPIRED, FAILED, AggregateOverflow, ResultStore, StoreError
-from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, HelpFormatter,
-                    find_columns, normalize_name, port_number, read_columns, seconds,
-                    seconds_or_zero)
+from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
+                    HelpFormatter, RecordScanner, byte_transparent, find_columns, inside_mask,
+                    is_blank, normalize_name, number_readings, port_number, read_columns,
+                    record_ends, seconds, seconds_or_zero, show_names)
 
 log = logging.getLogger("server")
 
@@ -111,9 +114,11 @@ class CsvInfo:
     """What :func:`inspect_csv` learned from the head of the file.
 
     ``columns``: header names as pandas reads them.  ``price_col``,
-    ``qty_col``, ``group_col``: the chosen names.  ``sep``, ``decimal``,
-    ``encoding``: how to parse it.  ``compression``: None or a pandas
-    compression name.  ``size``: bytes on disk.
+    ``qty_col``, ``group_col``: the chosen names.  ``sep``, ``decimal``
+    (None: no mark shown yet, see :func:`_guess_decimal`), ``encoding``:
+    how to parse it.  ``compression``: None or a pandas compression name.
+    ``size``: bytes on disk.  ``notes``: what the log should say about these
+    choices once the server listens (an early error stays one line).
     """
     path: str
     columns: list
@@ -125,22 +130,118 @@ class CsvInfo:
     encoding: str
     compression: str | None
     size: int
+    notes: list = field(default_factory=list)
 
 
-def _open_decompressed(path: str, compression: str | None):
-    if compression == "gzip":
-        return gzip.open(path, "rb")
-    if compression == "bz2":
-        return bz2.open(path, "rb")
-    if compression == "xz":
-        return lzma.open(path, "rb")
-    if compression == "zip":
-        archive = zipfile.ZipFile(path)
-        names = [n for n in archive.namelist() if not n.endswith("/")]
-        if len(names) != 1:
-            raise InputError(f"{path}: a .zip input must hold exactly one file, found {len(names)}")
-        return archive.open(names[0])
-    return open(path, "rb")
+# What reading a damaged or unusual compressed file raises, by module: gzip
+# (BadGzipFile, an OSError; EOFError when cut short; zlib.error for corrupt
+# deflate data), bz2 (OSError), lzma (LZMAError), zipfile (BadZipFile; zlib.error;
+# NotImplementedError for a method it lacks, such as the Deflate64 that Windows
+# writes for large files; RuntimeError, at open, for an encrypted entry).
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
+                NotImplementedError)
+
+
+def _open_decompressed(path: str, compression: str | None) -> io.BufferedReader:
+    """Open ``path`` as a stream of (decompressed) bytes; its read errors are InputErrors.
+
+    ``compression`` is None or a key of :data:`_COMPRESSION`'s values.  Any
+    error of :data:`_READ_ERRORS`, here or later while reading, becomes an
+    :class:`InputError` naming the file, so a damaged archive found deep in
+    the file still ends with one line and exit 2 (exit 1 mid-job).
+    """
+    what = f"{compression} data" if compression else "the file"
+    try:
+        if compression == "zip":
+            archive = zipfile.ZipFile(path)
+            names = [n for n in archive.namelist() if not n.endswith("/")]
+            if len(names) != 1:
+                archive.close()
+                raise InputError(f"{path}: a .zip input must hold exactly one file, "
+                                 f"found {len(names)}")
+            try:
+                raw = archive.open(names[0])
+            except NotImplementedError as exc:   # a subclass of RuntimeError: test it first
+                archive.close()
+                raise InputError(f"{path}: cannot read {names[0]!r}: {exc} (Deflate64, as "
+                                 f"Windows writes for large files?); extract it with another "
+                                 f"tool and pass the .csv") from None
+            except RuntimeError as exc:       # "File ... is encrypted, password required"
+                archive.close()
+                raise InputError(f"{path}: cannot read {names[0]!r}: {exc}; extract it "
+                                 f"with its password and pass the .csv") from None
+            except BaseException:
+                archive.close()
+                raise
+            closing = (raw, archive)
+        else:
+            opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression, open)
+            raw = opener(path, "rb")
+            closing = (raw,)
+    except _READ_ERRORS as exc:
+        hint = "; extract it with another tool and pass the .csv" \
+            if isinstance(exc, NotImplementedError) else ""
+        raise InputError(f"{path}: cannot read {what}: {exc}{hint}") from None
+    return io.BufferedReader(_Guarded(raw, closing, f"{path}: cannot read {what}"), 1 << 20)
+
+
+class _Guarded(io.RawIOBase):
+    """A read-only stream over ``raw`` whose read errors become InputError(``prefix: ...``)."""
+
+    def __init__(self, raw, closing, prefix: str):
+        self.raw, self.closing, self.prefix = raw, closing, prefix
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self.raw.readinto(buffer)
+        except _READ_ERRORS as exc:
+            hint = "; extract it with another tool and pass the .csv" \
+                if isinstance(exc, NotImplementedError) else ""
+            raise InputError(f"{self.prefix}: {exc}{hint}") from None
+
+    # Seeking lets read_columns read a stream twice (numbers, then text).
+    def seekable(self) -> bool:
+        return self.raw.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return self.raw.seek(offset, whence)
+        except _READ_ERRORS as exc:
+            raise InputError(f"{self.prefix}: {exc}") from None
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            for item in self.closing:
+                item.close()
+        super().close()
+
+
+def _text_encoding(path: str, encoding: str | None) -> str:
+    """``encoding`` checked to be a text encoding Python knows (default: UTF-8, BOM or not).
+
+    ``str.encode`` refuses the codecs that are not character encodings
+    (rot13, base64, hex, zlib...); given to pandas, they would hand it
+    bytes, or scrambled text.  Raises :class:`InputError` naming ``path``.
+    """
+    if encoding is None:
+        return "utf-8-sig"
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise InputError(f"{path}: unknown --encoding {encoding!r}") from None
+    try:
+        "Price,Qty".encode(encoding)
+    except (LookupError, UnicodeError):
+        raise InputError(f"{path}: --encoding {encoding!r} is not a text encoding (it "
+                         f"transforms bytes or text); name a character set such as utf-8, "
+                         f"cp1252 or utf-16") from None
+    return encoding
 
 
 def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
@@ -148,20 +249,29 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
                 qty_col: str | None = None, group_col: str | None = None) -> CsvInfo:
     """Check the input before anything listens, and learn how to parse it.
 
-    Reads only the first 256 KiB (decompressed), cut at its last complete
-    record.  Detects the separator (the most frequent of ``, ; TAB |`` in
-    the header line) and the decimal mark (see :func:`_guess_decimal`)
-    unless given.  Raises :class:`InputError` with a one-line message for:
-    a missing or empty file, a Git LFS pointer, binary data (naming the
-    format when its first bytes tell), text that is not in the expected
-    encoding, a record in the head with more fields than the header (see
-    :func:`_read_sample`), and a missing or ambiguous price or quantity
-    column (the message lists the columns found and the accepted names).
+    Reads the head of the file (decompressed): the first 256 KiB, or more
+    if need be to hold the whole header (up to :data:`_MAX_HEADER`) and at
+    least 128 KiB of records, cut at the last complete record.  Detects the separator (the most frequent of
+    ``, ; TAB |`` in the header line) and the decimal mark (see
+    :func:`_guess_decimal`) unless given.  Raises :class:`InputError` with
+    a one-line message for: a missing or empty file, a Git LFS pointer,
+    binary data (naming the format when its first bytes tell), damaged or
+    unreadable compressed data, an unknown or non-text ``encoding``, text
+    that is not in the expected encoding, a header longer than
+    :data:`_MAX_HEADER`, a record in the head with more fields than the
+    header (see :func:`_read_sample`), a decimal mark that the sample
+    contradicts or leaves undecided, and a missing or ambiguous price or
+    quantity column (the message lists the columns found and the accepted
+    names).
     """
     if sep is not None:
         sep = _SEP_NAMES.get(sep, sep)
-        if len(sep) != 1:
-            raise InputError(f"--sep must be one character (or '\\t' for a tab), got {sep!r}")
+        if len(sep) != 1 or not sep.isascii() or sep in '"\r\n':
+            # pandas' fast parser, and worker.RecordScanner, take a one-byte separator.
+            raise InputError(f"--sep must be one ASCII character other than a quote or a line "
+                             f"end (or '\\t' for a tab), got {sep!r}")
+    given_encoding = encoding is not None
+    encoding = _text_encoding(path, encoding)
     if not os.path.isfile(path):
         raise InputError(f"{path}: " + ("a folder, not a file" if os.path.isdir(path)
                                           else "no such file"))
@@ -169,129 +279,197 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
     if size == 0:
         raise InputError(f"{path}: input CSV is empty (0 bytes, no header)")
     compression = _COMPRESSION.get(os.path.splitext(path)[1].lower())
+    with _open_decompressed(path, compression) as f:
+        head = f.read(_HEAD_BYTES)
+        _refuse_non_text(path, head, given_encoding)
+        decoder = codecs.getincrementaldecoder(encoding)()
+        text = _decode(path, decoder, head, 0, encoding, final=len(head) < _HEAD_BYTES)
+        # A BOM belongs to no column name, whatever --encoding says (pandas
+        # drops it too); a file of only a BOM and blank lines is empty.
+        text = text.removeprefix("\ufeff")
+        if not text.strip():
+            raise InputError(f"{path}: input CSV is empty (no header)")
+        if "\x00" in text:
+            raise InputError(f"{path}: binary data, not CSV text")
+        if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
+            raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
+        sep = sep or _guess_sep(text)
+        # Read on until the head holds the whole header and 128 KiB of records.
+        read, ended = len(head), len(head) < _HEAD_BYTES
+        while not ended:
+            header_end, records_end = _head_bounds(text, sep)
+            if header_end is not None and records_end - header_end >= _HEAD_BYTES // 2:
+                break
+            if read >= _MAX_HEADER:
+                if header_end is None:
+                    raise InputError(f"{path}: no end of the header in the first "
+                                     f"{_MAX_HEADER >> 20} MiB; is this a CSV file? (--sep?)")
+                break
+            more = f.read(read)       # doubling: the scans above stay linear overall
+            ended = len(more) < read
+            text += _decode(path, decoder, more, read, encoding, final=ended)
+            read += len(more)
+        if not ended:
+            text = _complete_records(text, sep)  # the head may end inside a quoted value
     try:
-        with _open_decompressed(path, compression) as f:
-            head = f.read(_HEAD_BYTES)
-    except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError) as exc:
-        raise InputError(f"{path}: cannot read {compression} data: {exc}") from None
-    if not head.strip():
-        raise InputError(f"{path}: input CSV is empty (no header)")
-    if head.startswith(b"version https://git-lfs.github.com/spec/"):
-        raise InputError(f"{path}: this is a Git LFS pointer, not the data; run 'git lfs pull'")
-    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) and encoding is None:
-        raise InputError(f"{path}: the file is UTF-16; pass --encoding utf-16")
-    kind = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
-    if kind is None and encoding is None and b"\x00" in head:
-        kind = "NUL bytes; UTF-16 text without a BOM needs --encoding utf-16-le or utf-16-be"
-    if kind is not None:
-        # Checked before decoding: "pass --encoding" would be the wrong advice.
-        raise InputError(f"{path}: binary data, not CSV text ({kind})")
-    encoding = encoding or "utf-8-sig"
-    try:
-        text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid {encoding} (byte 0x{head[exc.start]:02x} at "
-                         f"offset {exc.start}); pass --encoding, e.g. --encoding cp1252") from None
-    except LookupError:
-        raise InputError(f"unknown --encoding {encoding!r}") from None
-    # A BOM belongs to no column name, whatever --encoding says (pandas
-    # drops it too); a file of only a BOM and blank lines is empty.
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise InputError(f"{path}: input CSV is empty (no header)")
-    if len(head) == _HEAD_BYTES:
-        text = _complete_records(text)  # the head may end inside a quoted value
-    if "\x00" in text:
-        raise InputError(f"{path}: binary data, not CSV text")
-    if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
-        raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
-    # The header is the first line that is not blank (pandas skips blank lines).
-    first_line = next((line for line in text.splitlines() if line.strip()), "")
-    sep = sep or max(_SEPARATORS, key=first_line.count)
-    try:
-        columns = list(pd.read_csv(io.StringIO(text), sep=sep, nrows=0).columns)
-        header, sample = _read_sample(text, sep, columns)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        raise InputError(f"{path}: not CSV data ({exc})") from None
+        header, records = _read_sample(text, sep)
     except _ExtraFields as exc:
         raise InputError(f"{path}: malformed CSV: {exc}") from None
+    columns = _pandas_names(path, text, sep, header)
     _check_repeated_names(path, header, price_col, qty_col)
     try:
         price_col, qty_col = find_columns(columns, price_col, qty_col)
     except ColumnError as exc:
         raise InputError(f"{path}: {exc}") from None
     if group_col is not None and group_col not in columns:
-        raise InputError(f"{path}: --group-by {group_col!r} is not a column; columns found: {columns}")
+        raise InputError(f"{path}: --group-by {group_col!r} is not a column; columns found: "
+                         f"{show_names(columns)}")
     if decimal is None:
-        decimal = "." if sep == "," else _guess_decimal(
-            pd.concat([sample[price_col], sample[qty_col]]), sep)
+        at = [columns.index(price_col), columns.index(qty_col)]
+        cells = pd.Series([r[i] for i in at for r in records if i < len(r)], dtype=object)
+        decimal, reason = _guess_decimal(path, cells)
+    else:
+        reason = f"{decimal!r} (--decimal)"
     return CsvInfo(path, columns, price_col, qty_col, group_col, sep, decimal,
-                   encoding, compression, size)
+                   encoding, compression, size, [f"decimal mark: {reason}"])
 
 
-_SAMPLE_RECORDS = 200   # records that must parse for the input to count as CSV
+_MAX_HEADER = 64 * 1024 * 1024   # bytes of head read, at most, looking for the header's end
+
+
+def _refuse_non_text(path: str, head: bytes, given_encoding: bool) -> None:
+    """Refuse a head that is plainly not CSV text, saying what it is."""
+    if not head.strip():
+        raise InputError(f"{path}: input CSV is empty (no header)")
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise InputError(f"{path}: this is a Git LFS pointer, not the data; run 'git lfs pull'")
+    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) and not given_encoding:
+        raise InputError(f"{path}: the file is UTF-16; pass --encoding utf-16")
+    kind = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and not given_encoding and b"\x00" in head:
+        kind = "NUL bytes; UTF-16 text without a BOM needs --encoding utf-16-le or utf-16-be"
+    if kind is not None:
+        # Checked before decoding: "pass --encoding" would be the wrong advice.
+        raise InputError(f"{path}: binary data, not CSV text ({kind})")
+
+
+def _decode(path, decoder, data: bytes, offset: int, encoding: str, final: bool) -> str:
+    """``data`` (from byte ``offset`` of the file) decoded; a bad byte is an InputError."""
+    try:
+        return decoder.decode(data, final=final)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid {encoding} (byte 0x{data[exc.start]:02x} at "
+                         f"offset {offset + exc.start}); pass --encoding, e.g. "
+                         f"--encoding cp1252") from None
+    except UnicodeError as exc:     # e.g. "UTF-16 stream does not start with BOM"
+        raise InputError(f"{path}: not valid {encoding} ({exc}); check --encoding") from None
 
 
 class _ExtraFields(Exception):
-    """A record of the sample has a non-empty field beyond the header."""
+    """A record of the sample has more fields than the header."""
 
 
-def _read_sample(text: str, sep: str, columns: list) -> tuple[list, pd.DataFrame]:
-    """The header as written and the records of ``text``, all as strings.
+def _read_sample(text: str, sep: str) -> tuple[list[str], list[list[str]]]:
+    """The header as written and the records of ``text``, as lists of strings.
 
-    A record with more fields than the header means a value held an
-    unquoted separator, typically a thousands comma ("1,234.50,2" under
-    "Price,Qty").  The fast readers (``usecols``) would quietly take the
-    first fields (pandas issue 40049), so the price would come from the
-    wrong field; here, on the head only, such a record raises
-    :class:`_ExtraFields` quoting it.  Empty extra fields (a trailing
-    separator) shift nothing and are dropped.  The python engine is slow
-    but this text is at most 256 KiB.  If the whole head does not parse
-    (say an unclosed quote at record 1500), only the first
-    :data:`_SAMPLE_RECORDS` records are checked: a broken record further
-    on is reported by the worker that meets it, as a failed chunk.
+    Read with the csv module, whose quoting rules are pandas' (see
+    :class:`worker.RecordScanner`), and fast on any width: pandas takes
+    seconds to build a frame of 100,000 columns.  Blank lines are skipped,
+    as pandas skips them.  A record with more fields than the header means
+    a value held an unquoted separator, typically a thousands comma
+    ("1,234.50,2" under "Price,Qty"), or a line ends with a separator.  The
+    fast readers (``usecols``) would quietly take the first fields (pandas
+    issue 40049), so the price could come from the wrong field; such a
+    record raises :class:`_ExtraFields` quoting it, even when the extra
+    fields are empty (``B,1,234.50,2,`` under four names shifts the price
+    just the same).  A broken record further on is reported by the reader
+    that meets it.
     """
-    def extra_fields(fields):
-        if any(field.strip() for field in fields[len(columns):]):
-            raise _ExtraFields(f"a record has more fields ({len(fields)}) than the header "
-                               f"({len(columns)}): {sep.join(fields)[:80]!r}; a value with an "
-                               f"unquoted separator (like 1,234.50)? Quote it, or check --sep")
-        return fields[:len(columns)]
+    # A field may be as long as the head (a 10 MB header name); the csv
+    # module refuses fields over 128 KiB by default.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+            if row and (len(row) > 1 or row[0].strip(" \t"))]
+    header, records = (rows[0] if rows else []), rows[1:]
+    for record in records:
+        if len(record) > len(header):
+            raise _ExtraFields(
+                f"a record has more fields ({len(record)}) than the header ({len(header)}): "
+                f"{sep.join(record)[:80]!r}; a value with an unquoted separator (like "
+                f"1,234.50), or a separator at the end of the line? Quote the value or drop "
+                f"the separator, or check --sep")
+    return header, records
 
-    def parse(nrows):
-        # header=None: the header is row 0, so a first data record with an
-        # extra field is a bad line too, not silently made an index column.
-        # newline=None: the python engine splits lines ended by a lone CR too.
-        return pd.read_csv(io.StringIO(text, newline=None), sep=sep, header=None, dtype=str,
-                           keep_default_na=False, engine="python", on_bad_lines=extra_fields,
-                           nrows=nrows)
 
+def _pandas_names(path: str, text: str, sep: str, header: list[str]) -> list[str]:
+    """The column names as pandas will read them from ``text``.
+
+    They are ``header`` as written unless it has empty or repeated names,
+    which pandas renames ("Unnamed: 2", "Price.1") by rules of its own;
+    then pandas is asked.
+    """
+    if all(header) and len(set(header)) == len(header):
+        return header
     try:
-        table = parse(None)
-    except pd.errors.ParserError:
-        table = parse(_SAMPLE_RECORDS + 1)
-    if len(table.columns) != len(columns):
-        raise ValueError(f"the header has {len(columns)} names but {len(table.columns)} fields")
-    return list(table.iloc[0]), table.iloc[1:].set_axis(columns, axis=1)
+        return list(pd.read_csv(io.StringIO(text), sep=sep, nrows=0).columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise InputError(f"{path}: not CSV data ({exc})") from None
 
 
-def _complete_records(text: str) -> str:
-    """``text`` up to the end of its last complete record (or all of it, if none ends).
+def _guess_sep(text: str) -> str:
+    """The separator of ``text``: the one of ``, ; TAB |`` found most in its header.
 
-    Same rule as :func:`record_boundaries`: a newline ends a record when an
-    even number of quote characters precede it.  Walks back from the end,
-    so it reads each character about twice.
+    The header is the first record that is not blank (pandas skips blank
+    lines), read with each candidate's quoting rules; separators inside
+    quoted names, and a quoted name's line breaks, do not count.  Among
+    candidates found at all, the one under whose rules fewest quotes of the
+    header are literal (not delimiting a quoted name) comes first
+    (``Price;Qty;",,"`` is ``;``-separated, though it holds as many
+    commas); then the count decides, and on a tie the order above.
     """
-    quotes = text.count('"')    # quote characters before `end`
-    end = len(text)
-    while True:
-        newline = text.rfind("\n", 0, end)
-        if newline == -1:
-            return text
-        quotes -= text.count('"', newline, end)
-        if quotes % 2 == 0:
-            return text[:newline + 1]
-        end = newline
+    data = text.encode()
+
+    def score(sep):
+        start = 0
+        for end in record_ends(data, sep) + [len(data)]:
+            if not is_blank(data[start:end], sep):
+                break
+            start = end
+        header = data[start:end]
+        quotes = RecordScanner(sep).quotes(header)
+        seps = np.frombuffer(header, np.uint8) == ord(sep)
+        if quotes.size:
+            seps &= ~inside_mask(len(header), quotes, False)
+        literal = header.count(b'"') - quotes.size + quotes.size % 2   # an open quote too
+        count = int(np.count_nonzero(seps))
+        return count > 0, -literal, count
+
+    return max(_SEPARATORS, key=score)
+
+
+def _head_bounds(text: str, sep: str) -> tuple[int | None, int]:
+    """Where in ``text`` the header ends (None if it does not) and the last record ends.
+
+    The header is the first record that is not blank; records end where
+    pandas ends them (:func:`worker.record_ends`).  Offsets are in
+    characters, just past the line break.
+    """
+    data = text.encode()
+    ends = record_ends(data, sep)
+    start, header_end = 0, None
+    for end in ends:
+        if not is_blank(data[start:end], sep):
+            header_end = len(data[:end].decode())
+            break
+        start = end
+    return header_end, len(data[:ends[-1]].decode()) if ends else 0
+
+
+def _complete_records(text: str, sep: str) -> str:
+    """``text`` up to the end of its last complete record (or all of it, if none ends)."""
+    data = text.encode()
+    ends = record_ends(data, sep)
+    return data[:ends[-1]].decode() if ends else text
 
 
 def _check_repeated_names(path: str, header: list, price_col, qty_col) -> None:
@@ -308,31 +486,50 @@ def _check_repeated_names(path: str, header: list, price_col, qty_col) -> None:
         if wanted is None and len(hits) > 1:
             repeated = len(set(hits)) < len(hits)
             hint = " (the second copy of a repeated name is NAME.1)" if repeated else ""
-            raise InputError(f"{path}: several {what} columns match: {hits}; choose one with "
+            raise InputError(f"{path}: several {what} columns match: {show_names(hits)}; choose one with "
                              f"{option}{hint}")
 
 
-# Evidence for the decimal mark in one cell of text.  "2,50", "0,1234" and
-# "1.234,50" have a decimal comma; "2.50", "0.1234" and "1,234.50" a decimal
-# point.  "1.234" and "2,125" could be either (a thousands mark, or three
-# decimals), so they count for neither.
-_COMMA_DECIMAL = r"\d,(?:\d{1,2}|\d{4,})\D*$|\d\.\d{3},\d|\d\.\d{3}\.\d{3}"
-_POINT_DECIMAL = r"\d\.(?:\d{1,2}|\d{4,})\D*$|\d,\d{3}\.\d|\d,\d{3},\d{3}"
+def _guess_decimal(path: str, cells: pd.Series) -> tuple[str | None, str]:
+    """The decimal mark that the sampled price and quantity ``cells`` show, and why.
 
+    Each cell is read both ways (:func:`worker.number_readings`).  One that
+    is a number only with a decimal point ("2.50", "0.125", "1,234.50")
+    shows a point; only with a comma ("2,50", "0,125", "1.234,50"), a comma.
+    One that is a different number each way ("1.234", "2,125": a thousands
+    mark or three decimals) shows neither.  The separator plays no part.
 
-def _guess_decimal(cells: pd.Series, sep: str) -> str:
-    """The decimal mark of ``cells`` (text) in a file separated by ``sep``.
+    * Only one mark shown: that mark; the other cells follow it.
+    * Both shown: :class:`InputError` (one of them would be misread).
+    * Neither shown, but some cell differs by the mark: :class:`InputError`
+      asking for ``--decimal``: the data cannot tell, and a guess could be
+      off by a factor of 1000.
+    * No cell depends on the mark (whole numbers only): None.  The reader
+      then refuses, with the same advice, any later cell that does
+      (:func:`worker.to_number` with ``decimal=None``).
 
-    ',' if more cells show a decimal comma than a decimal point, '.' if
-    fewer.  On a tie (only integers, or only cells like "1.234") the custom
-    that goes with the separator decides: ';' comes with ',' (spreadsheets
-    in much of Europe), any other separator with '.'.
+    Returns ``(mark or None, reason)``, the reason for the log.
     """
-    comma = cells.str.contains(_COMMA_DECIMAL, regex=True).sum()
-    point = cells.str.contains(_POINT_DECIMAL, regex=True).sum()
-    if comma != point:
-        return "," if comma > point else "."
-    return "," if sep == ";" else "."
+    point, comma = number_readings(cells)
+    shows_point = point.notna() & comma.isna()
+    shows_comma = comma.notna() & point.isna()
+    differs = point.notna() & comma.notna() & (point != comma)
+    if shows_point.any() and shows_comma.any():
+        raise InputError(f"{path}: the first records use both decimal marks ("
+                         f"{cells[shows_point].iloc[0]!r} and {cells[shows_comma].iloc[0]!r}); "
+                         f"pass --decimal . or --decimal , (cells that disagree are an error)")
+    for mark, shown in ((".", shows_point), (",", shows_comma)):
+        if shown.any():
+            return mark, (f"{mark!r}, shown by {int(shown.sum())} of {len(cells)} sampled cells, "
+                          f"e.g. {cells[shown].iloc[0]!r}")
+    if differs.any():
+        example = cells[differs].iloc[0]
+        raise InputError(
+            f"{path}: cannot tell the decimal mark: no cell of the first records shows it, and "
+            f"{example!r} is {point[differs].iloc[0]:g} with a decimal point but "
+            f"{comma[differs].iloc[0]:g} with a decimal comma; pass --decimal . or --decimal ,")
+    return None, ("none shown yet (whole numbers only); a later cell that needs one "
+                  "stops the job and asks for --decimal")
 
 
 # --- Chunk sources -------------------------------------------------------------
@@ -341,10 +538,14 @@ def _guess_decimal(cells: pd.Series, sep: str) -> str:
 # server (FrameChunks, the documented mode) or the worker (StreamChunks).
 
 _HEAD_SAMPLE = 256 * 1024   # bytes read to find the header and to estimate line lengths
+# Above this many chunks, the line ends are counted first, so that the list
+# of cut targets is bounded by the records, not by --chunks.
+_COUNT_ABOVE = 100_000
 
 
 def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
-             max_bytes: int | None = None) -> tuple[bytes, list[tuple[int, int]]]:
+             max_bytes: int | None = None, *, sep: str = ",",
+             notes: list | None = None) -> tuple[bytes, list[tuple[int, int]]]:
     """Cut a CSV text of ``size`` bytes into chunks of whole records.
 
     ``open_text()`` returns a new binary stream at the start of the text;
@@ -367,11 +568,19 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     """
     with open_text() as f:
         head = f.read(_HEAD_SAMPLE)
-    # pandas skips blank lines before the header (after a BOM, if any); so must the cut,
-    # or a lone "\n" becomes every chunk's header and each chunk's first record its column names.
     blank = len(head) - len(head.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
     eol = _line_end(head[blank:])
-    header_end = record_boundaries(open_text(), [blank], eol=eol)[0]
+    # pandas skips blank lines (also of spaces) before the header, after a BOM
+    # if any; so must the cut, or a lone "\n" becomes every chunk's header and
+    # each chunk's first record its column names.
+    header_end = 0
+    while header_end < size:
+        start = header_end
+        header_end = record_boundaries(open_text(), [start], sep=sep, eol=eol)[0]
+        with open_text() as f:
+            record = f.read(header_end)[start:]
+        if not is_blank(record, sep, at_start=start == 0):
+            break
     with open_text() as f:
         header = f.read(header_end)
     body = size - header_end
@@ -379,6 +588,15 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     # run).  At most one target per byte, and equal cuts merge below, so a
     # large --chunks gives one record per chunk, never an empty chunk.
     num, den, back = body, max(1, min(chunks, body)), 0
+    if den > _COUNT_ABOVE and not chunk_rows:
+        # A target list as long as --chunks 10**9 would not fit in memory:
+        # no more chunks than line ends (each chunk holds a whole record).
+        records = _line_ends(open_text(), header_end, eol) + 1
+        if records < den:
+            note = (f"--chunks {chunks}: capped at {records}, the line ends of the file "
+                    f"(a chunk holds at least one record)")
+            notes.append(note) if notes is not None else log.info("%s", note)
+            den = records
     if chunk_rows:
         sample = head[header_end:]
         sample = sample[:sample.rfind(eol) + 1]
@@ -411,13 +629,12 @@ class StreamChunks:
     """The ``--stream`` mode: byte ranges of the file, parsed by the workers.
 
     The server never loads the file; it scans it once, block by block, to
-    place chunk boundaries on record boundaries (:func:`cut_text`).  Under
-    RFC 4180 a newline ends a record exactly when an even number of quote
-    characters precede it (a quote inside a quoted field is doubled, which
-    keeps the parity), and ``bytes.count`` counts quotes at C speed.
+    place chunk boundaries on record boundaries (:func:`cut_text`), found
+    with the rules of pandas' tokenizer (:func:`record_boundaries`).
     ``ranges[i]`` is ``(start, end)`` in bytes; every JOB carries the header
-    line too.  Raises :class:`InputError` for compressed input or an
-    encoding whose newline is not the single byte 0x0A (UTF-16/32).
+    too.  Raises :class:`InputError` for compressed input, an encoding whose
+    quotes, separators or line breaks are not plain bytes (UTF-16, Shift-JIS:
+    see :func:`worker.byte_transparent`), and lines ended by CR alone.
     """
 
     format = "csv"
@@ -426,10 +643,10 @@ class StreamChunks:
     def __init__(self, info: CsvInfo, chunks: int, compress: bool):
         if info.compression:
             raise InputError(f"{info.path}: --stream needs an uncompressed file")
-        # Encoding a string with utf-8-sig (the default) prepends a BOM, yet
-        # its newline is still the single byte 0x0A: compare without it.
-        if "\n".encode(info.encoding).removeprefix(codecs.BOM_UTF8) != b"\n":
-            raise InputError(f"{info.path}: --stream cannot split {info.encoding} text")
+        if not byte_transparent(info.encoding):
+            raise InputError(f"{info.path}: --stream cannot split {info.encoding} text (its "
+                             f"quotes, separators or line ends are not single bytes); run "
+                             f"without --stream")
         self.path, self.compress = info.path, compress
         # Chunks are read from this descriptor, opened once: a file replaced
         # (renamed over) during the job is not seen, and one rewritten in
@@ -439,7 +656,7 @@ class StreamChunks:
         self.stamp = (stat.st_size, stat.st_mtime_ns)
         try:
             self.header, self.ranges = cut_text(lambda: open(info.path, "rb"), stat.st_size,
-                                                chunks)
+                                                chunks, sep=info.sep, notes=info.notes)
         except BaseException:
             self.close()
             raise
@@ -460,7 +677,7 @@ class StreamChunks:
                              f"workers' frame limit ({protocol.WORKER_MAX_FRAME} bytes)")
         if any(end - start > room // 2 for start, end in self.ranges):
             self.ranges = cut_text(lambda: open(info.path, "rb"), stat.st_size, chunks,
-                                   max_bytes=room // 2)[1]
+                                   max_bytes=room // 2, sep=info.sep)[1]
             log.info("--stream: %d chunks instead of %d, so that each fits the workers' "
                      "%d-byte frames", len(self.ranges), chunks, protocol.WORKER_MAX_FRAME)
         for start, end in self.ranges:
@@ -470,6 +687,9 @@ class StreamChunks:
                     f"{info.path}: a chunk of {end - start} bytes at byte {start} cannot fit the "
                     f"workers' {protocol.WORKER_MAX_FRAME}-byte frames: the file holds records "
                     f"of over {room // 2} bytes")
+        if len(self.ranges) < chunks:
+            info.notes.append(f"--chunks {chunks}: {len(self.ranges)} chunks, each holding "
+                              f"whole records")
         self.rows = None
 
     def __len__(self) -> int:
@@ -729,7 +949,8 @@ class FrameChunks:
         try:
             with self.text.reading():
                 self.header, self.ranges = cut_text(self.text.open, self.text.size, chunks,
-                                                    chunk_rows, max_chunk_bytes)
+                                                    chunk_rows, max_chunk_bytes,
+                                                    sep=info.sep, notes=info.notes)
         except BaseException:
             self.text.close()
             raise
@@ -958,68 +1179,77 @@ class FrameChunks:
                 for c, a, b in zip(range(first, end), bounds, bounds[1:])]
 
 
-def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOCK,
-                      eol: bytes = b"\n") -> list[int]:
+def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOCK, *,
+                      sep: str = ",", eol: bytes = b"\n") -> list[int]:
     """For each offset in sorted ``targets``, the start of the next record.
 
     ``source`` is a path, or a binary stream positioned at the start of the
     text (a decompressing reader, say; it is closed afterwards).  The next
     record after offset ``t`` starts right after the first newline (``eol``:
     ``b"\\r"`` for a file whose lines end with CR alone) at or after ``t``
-    that is preceded by an even number of quote characters (RFC 4180), or at
-    the end of the text.  A target that falls before the boundary found for
-    the previous one gets that same boundary, so a record longer than a
-    chunk makes one large chunk, never a cut record.  Reads the text once,
+    that is outside quoted fields, or at the end of the text.  Quoted fields
+    are the ones pandas' tokenizer sees (:class:`worker.RecordScanner`, for
+    fields separated by ``sep``): a quote inside an unquoted value, as in
+    ``27" screen``, is a literal and opens nothing.  A target that falls
+    before the boundary found for the previous one gets that same boundary,
+    so a record longer than a chunk makes one large chunk, never a cut
+    record.  Reads the text once,
     ``block`` bytes at a time.  Returns a list as long as ``targets``.
     """
     out = []
     pending = collections.deque(targets)
-    quotes = 0          # quote characters in the file before data[pos]
+    scanner = RecordScanner(sep)
     offset = 0          # file offset of data[0]
     with (open(source, "rb") if isinstance(source, (str, os.PathLike)) else source) as f:
         while pending:
             data = f.read(block)
             if not data:
                 break
-            pos = 0
+            inside = scanner.inside
+            quotes = scanner.quotes(data)
             while pending:
                 if out and pending[0] <= out[-1]:
                     out.append(out[-1])
                     pending.popleft()
                     continue
-                want = max(pending[0] - offset, pos)
-                if want >= len(data):
-                    break
-                quotes += _count_quotes(data, pos, want)
-                pos = want
-                found = False
-                while not found:
-                    newline = data.find(eol, pos)
-                    if newline == -1:
-                        break
-                    quotes += _count_quotes(data, pos, newline)
-                    pos = newline + 1
-                    found = quotes % 2 == 0
-                if not found:
+                end = _next_record(data, max(pending[0] - offset, 0), quotes, inside, eol)
+                if end is None:
                     break          # the record goes on in the next block
-                out.append(offset + pos)
+                out.append(offset + end)
                 pending.popleft()
-            quotes += _count_quotes(data, pos, len(data))
             offset += len(data)
     out.extend(offset for _ in pending)   # no boundary left: the end of the file
     return out
 
 
-def _count_quotes(data: bytes, start: int, end: int) -> int:
-    """``data.count(b'"', start, end)``, without counting when there is no quote.
+def _next_record(data: bytes, pos: int, quotes, inside: bool, eol: bytes = b"\n") -> int | None:
+    """The offset just past the first ``eol`` at or after ``pos`` outside quoted fields, or None.
 
-    ``find`` runs at ``memchr`` speed, several times faster than ``count``
-    (measured: 0.03 s against 0.12 s for 124 MB), and most files have no
-    quoted values at all; with quotes, ``find`` stops at the first one.
+    ``quotes`` are the block's delimiting quotes and ``inside`` the state
+    at its start (:meth:`worker.RecordScanner.quotes`).  An LF inside a
+    quoted field sends the search on past the quote that ends the field.
     """
-    if data.find(b'"', start, end) == -1:
-        return 0
-    return data.count(b'"', start, end)
+    while True:
+        newline = data.find(eol, pos)
+        if newline == -1:
+            return None
+        before = int(quotes.searchsorted(newline))   # delimiting quotes before the LF
+        if (before + inside) % 2 == 0:
+            return newline + 1
+        if before == len(quotes):
+            return None                 # the quoted field goes on past this block
+        pos = int(quotes[before]) + 1
+
+
+def _line_ends(stream, start: int, eol: bytes = b"\n") -> int:
+    """The ``eol`` bytes of a binary ``stream`` (closed afterwards) from offset
+    ``start`` on: at least its records there."""
+    count = 0
+    with stream as f:
+        f.read(start)
+        while block := f.read(StreamChunks.BLOCK):
+            count += block.count(eol)
+    return count
 
 
 def job_message(info: CsvInfo, chunks, job_id: str, chunk_id: int, attempt_id: int,
@@ -1863,6 +2093,8 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
     log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
              job_id, len(book), server.chunks.format, server.info.price_col,
              server.info.qty_col, host, port)
+    for note in server.info.notes:
+        log.info("%s", note)
     stop = server.stop
     signals = []
 

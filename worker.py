@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import functools
 import io
 import logging
 import math
@@ -40,7 +41,6 @@ import ssl
 import sys
 import threading
 import time
-import warnings
 import zlib
 
 import numpy as np
@@ -99,16 +99,35 @@ def _pick(columns, wanted, aliases, what, option):
         hits = [c for c in columns if c == wanted] or \
                [c for c in columns if normalize_name(c) == normalize_name(wanted)]
         if not hits:
-            raise ColumnError(f"{option} {wanted!r} is not a column; columns found: {columns}")
+            raise ColumnError(f"{option} {wanted!r} is not a column; columns found: "
+                              f"{show_names(columns)}")
         return hits[0]
     hits = [c for c in columns if normalize_name(c) in aliases]
     if len(hits) == 1:
         return hits[0]
     if not hits:
         raise ColumnError(
-            f"no {what} column; columns found: {columns}; accepted names "
+            f"no {what} column; columns found: {show_names(columns)}; accepted names "
             f"(case, spaces and punctuation ignored): {sorted(aliases)}; or pass {option}")
-    raise ColumnError(f"several {what} columns match: {hits}; choose one with {option}")
+    raise ColumnError(f"several {what} columns match: {show_names(hits)}; "
+                      f"choose one with {option}")
+
+
+def show_names(names, limit: int = 12) -> str:
+    """``names`` for a one-line message: all of them, or the first and last few and a count.
+
+    A header of 100,000 columns would otherwise make a message of 380 KB.
+    Each name is cut to 40 characters.
+    """
+    def one(name):
+        text = repr(name)
+        return text if len(text) <= 40 else text[:37] + "..."
+    names = list(names)
+    if len(names) <= limit:
+        return "[" + ", ".join(map(one, names)) + "]"
+    head, tail = names[:limit - 2], names[-2:]
+    return ("[" + ", ".join(map(one, head)) + f", ... ({len(names) - limit} more) ..., "
+            + ", ".join(map(one, tail)) + f"] ({len(names)} columns)")
 
 
 # --- Numbers -------------------------------------------------------------------
@@ -116,38 +135,95 @@ def _pick(columns, wanted, aliases, what, option):
 # (including no-break spaces), apostrophes used as thousands marks ("1'234"),
 # currency signs and ISO codes.
 _NOISE = re.compile(r"[\s\u00a0\u202f'\u2019$€£¥₹]|USD|EUR|GBP", re.IGNORECASE)
-# A number written with thousands separators: 1,234 or 12,345,678.90.
+# A number written with thousands marks, per decimal mark: 1,234 or
+# 12,345,678.90 (decimal point); 1.234 or 12.345.678,90 (decimal comma).  The
+# first group has no leading zero: "0.125" or "0,125" groups nothing.
 _GROUPED = {
-    ".": re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?"),
-    ",": re.compile(r"[+-]?\d{1,3}(?:\.\d{3})+(?:,\d*)?"),
+    ".": re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d*)?"),
+    ",": re.compile(r"[+-]?[1-9]\d{0,2}(?:\.\d{3})+(?:,\d*)?"),
 }
 
 
-def to_number(values: pd.Series, decimal: str = ".") -> pd.Series:
+class DecimalMarkError(ValueError):
+    """A cell whose value depends on a decimal mark that the data contradicts or never showed."""
+
+
+def number_readings(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """``values`` (text) read as numbers with a decimal point, and with a decimal comma.
+
+    Returns two float64 Series (NaN where a reading finds no number).  Per
+    reading, currency signs and codes, spaces and apostrophes are dropped;
+    the other mark is a thousands mark and is removed only where it groups
+    digits by three (``_GROUPED``), and any other use of it makes the cell
+    not a number.  So "2,50" is NaN read with a point and 2.5 with a comma;
+    "1.234" is 1.234 and 1234; "12" is 12 both ways.  This is the one
+    cleaning rule: :func:`to_number` converts with it and the server's
+    decimal-mark detection compares the two readings.
+    """
+    text = values.astype("string").str.replace(_NOISE, "", regex=True)
+    readings = []
+    for decimal, thousands in ((".", ","), (",", ".")):
+        grouped = text.str.fullmatch(_GROUPED[decimal]).fillna(False).astype(bool)
+        cleaned = text.mask(grouped, text.str.replace(thousands, "", regex=False))
+        stray = cleaned.str.contains(thousands, regex=False).fillna(False).astype(bool)
+        cleaned = cleaned.mask(stray, "")
+        if decimal == ",":
+            cleaned = cleaned.str.replace(",", ".", regex=False)
+        readings.append(pd.to_numeric(cleaned, errors="coerce").astype("float64"))
+    return readings[0], readings[1]
+
+
+def to_number(values: pd.Series, decimal: str | None = ".") -> pd.Series:
     """Convert a column to float64; anything that is not a finite number -> NaN.
 
-    Numeric columns pass through.  Text is cleaned first: currency signs and
-    codes, spaces and apostrophes are dropped; thousands separators are
-    removed only where they group digits by three; with ``decimal=","`` the
-    decimal comma becomes a point.  What is still not a number ("TBD", "",
-    "1,2,3", "inf") becomes NaN, never a string: string arithmetic
-    ("2.50" * 3 == "2.502.502.50") is what this function exists to prevent.
+    Numeric columns pass through (the reader parsed them already).  Text is
+    read with :func:`number_readings` under ``decimal`` ("." or ","), or,
+    with ``decimal=None`` (the data has not shown its mark), under both.
+    What is not a number either way ("TBD", "", "1,2,3", "inf") becomes NaN,
+    never a string: string arithmetic ("2.50" * 3 == "2.502.502.50") is
+    what this function exists to prevent.
+
+    Raises :class:`DecimalMarkError` (a ``ValueError``) naming the first
+    cell that is a number only under the other mark ("2,50" with
+    ``decimal="."``), or, with ``decimal=None``, whose value depends on the
+    mark ("2.50", "1.234"): such a cell says the mark in use is wrong or
+    unknown, and reading it either way could be off by a factor of 1000.
     """
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         # astype costs ~50 us even when it changes nothing; small chunks feel it.
         numbers = values if values.dtype == "float64" else values.astype("float64")
     else:
-        text = values.astype("string").str.replace(_NOISE, "", regex=True)
-        grouped = text.str.fullmatch(_GROUPED[decimal]).fillna(False).astype(bool)
-        thousands = "," if decimal == "." else "."
-        text = text.mask(grouped, text.str.replace(thousands, "", regex=False))
-        if decimal == ",":
-            text = text.str.replace(",", ".", regex=False)
-        numbers = pd.to_numeric(text, errors="coerce").astype("float64")
+        point, comma = number_readings(values)
+        if decimal == ".":
+            numbers, wrong = point, point.isna() & comma.notna()
+        elif decimal == ",":
+            numbers, wrong = comma, comma.isna() & point.notna()
+        else:
+            numbers, wrong = point, ~((point == comma) | (point.isna() & comma.isna()))
+        if wrong.any():
+            _refuse_cell(values, wrong, decimal, point, comma)
     finite = np.isfinite(numbers.to_numpy())
     # Series.where costs ~0.15 ms even when it changes nothing; a chunk
     # without infinities (the usual case) skips it.
     return numbers if finite.all() else numbers.where(finite)
+
+
+def _refuse_cell(values, wrong, decimal, point, comma):
+    at = int(wrong.to_numpy().argmax())
+    cell = values.iloc[at]
+    column = "a column" if values.name is None else f"column {values.name!r}"
+    if decimal is None:
+        def shown(x):
+            return "no number" if math.isnan(x) else f"{x:g}"
+        raise DecimalMarkError(
+            f"{column} holds {cell!r}: {shown(point.iloc[at])} with a decimal point, "
+            f"{shown(comma.iloc[at])} with a decimal comma, and the start of the file showed "
+            f"neither mark; pass --decimal . or --decimal ,")
+    other = "," if decimal == "." else "."
+    raise DecimalMarkError(
+        f"{column} holds {cell!r}, a number only with {other!r} as the decimal mark, but the "
+        f"mark in use is {decimal!r}; fix that cell, or pass --decimal {other} if the whole "
+        f"file uses it")
 
 
 # --- Metrics -------------------------------------------------------------------
@@ -279,101 +355,581 @@ def _inflate(data: bytes, limit: int = protocol.WORKER_MAX_FRAME) -> bytes:
     return out
 
 
-# A column name no real header can hold (the server refuses NUL bytes).
-SURPLUS = "\x00surplus"
-
-
-def read_columns(stream, sep: str, decimal: str, encoding: str, wanted: list,
+def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: list,
                  group_col: str | None = None) -> pd.DataFrame:
     """Parse CSV text from a binary ``stream``, keeping the ``wanted`` columns.
 
     Used by the server (documented mode) and by workers (``--stream``), so
-    both read records the same way:
+    both read records the same way.  ``stream`` holds a header and any
+    number of records; ``decimal`` is "." or ",", or None when the data
+    has not shown its decimal mark (see :func:`to_number`).
 
+    * Every wanted column but ``group_col`` is a number column, returned as
+      float64 through :func:`to_number`.  pandas never converts a piece of
+      it to numbers on its own: either the whole column parses as float64
+      (the fast path, taken when the stream can be read twice and the mark
+      is known; exact, since pandas then accepts only plain numbers in that
+      mark), or it is read again as text and converted once.  Letting
+      pandas guess would convert the file in pieces (2**20 / columns rows
+      each), some numeric and some text, and a numeric "0.125" turned back
+      into text is read as 125 under a decimal comma.
     * Only empty cells are missing values.  pandas' default list would turn
       the group "NA" (North America) into a missing group; a price "NA" is
       rejected either way, because it is not a number.
-    * The group column is read as text: "007" stays "007", and a chunk with
-      gaps never turns 7 into "7.0".
-    * A record with more non-empty fields than the header is an error.
-      With ``usecols``, pandas silently reads such a record by position
-      (pandas issue 40049): the unquoted ``1,234.50,2`` under
-      ``Price,Quantity`` would become price 1, quantity 234.5.  So the
-      header is extended by one :data:`SURPLUS` column, where the surplus
-      lands, and any value there raises ``ValueError`` naming the record.
+    * The group column is read as text: "007" stays "007".
+    * A record with more fields than the header is an error
+      (:class:`TooManyFields`), even if the extra fields are empty, so a
+      trailing separator is one too.  With ``usecols``, pandas silently
+      reads such a record by position (pandas issue 40049): the unquoted
+      ``1,234.50,2`` under ``Price,Quantity`` would become price 1,
+      quantity 234.5.  :class:`_FieldCheck` adds a marker column to the
+      header, where a surplus field lands, and counts the fields of the
+      records where an empty one could hide.
+    * Text in an encoding whose quotes, separators or line breaks are not
+      plain ASCII bytes (UTF-16, Shift-JIS, see :func:`byte_transparent`)
+      is transcoded to UTF-8 on the way in, so the same byte-level check
+      serves every encoding.
 
     Returns a DataFrame with the ``wanted`` columns.  Raises ``ValueError``
-    (and pandas' ``ParserError``, a subclass) for malformed data and
+    for malformed data (pandas' ``ParserError``, :class:`TooManyFields`,
+    :class:`MisreadRecord`, :class:`DecimalMarkError`) and
     ``UnicodeDecodeError`` for bytes not in ``encoding``.
     """
-    columns = wanted
-    if "\n".encode(encoding).removeprefix(codecs.BOM_UTF8) == b"\n":
-        stream = _with_surplus_column(stream, (sep + SURPLUS).encode(encoding)
-                                      .removeprefix(codecs.BOM_UTF8))
-        columns = wanted + [SURPLUS]
-    # The surplus column is read as "category": almost always empty, it then
-    # costs next to nothing, where the default type inference of an all-empty
-    # column costs as much as the price column itself.
-    types = {SURPLUS: "category"} if SURPLUS in columns else {}
-    if group_col:
-        types[group_col] = str
-    with warnings.catch_warnings():
-        # pandas parses large inputs in pieces; a price column that is text in
-        # one piece and numbers in another comes out mixed, which it warns
-        # about.  to_number() reads both kinds alike, so the warning is noise.
-        warnings.simplefilter("ignore", pd.errors.DtypeWarning)
-        frame = pd.read_csv(stream, sep=sep, decimal=decimal, encoding=encoding,
-                            usecols=columns, dtype=types, keep_default_na=False,
-                            na_values={c: [""] for c in columns})
-    if SURPLUS in frame:
-        surplus = frame.pop(SURPLUS).notna().to_numpy()
-        if surplus.any():
-            record = int(surplus.argmax()) + 1
-            raise ValueError(f"data record {record} has more fields than the header; "
-                             f"quote values that contain the separator {sep!r}")
+    numbers = [c for c in wanted if c != group_col]
+    start = stream.tell() if decimal is not None and stream.seekable() else None
+    if start is not None:
+        try:
+            frame = _parse(stream, sep, decimal, encoding, wanted, numbers, "float64")
+        except (TooManyFields, MisreadRecord, UnicodeError, pd.errors.ParserError):
+            raise            # the same again as text
+        except ValueError:   # a number column holds text ("$2.50", "TBD"): read it as text
+            stream.seek(start)
+            frame = None
+    if start is None or frame is None:
+        frame = _parse(stream, sep, decimal, encoding, wanted, numbers, str)
+    for column in numbers:
+        frame[column] = to_number(frame[column], decimal)
     return frame
 
 
-def _with_surplus_column(stream, suffix: bytes):
-    """``stream`` with ``suffix`` added at the end of its header record.
+def _parse(stream, sep, decimal, encoding, wanted, numbers, number_type) -> pd.DataFrame:
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        # pandas reads UTF-8 bytes as they are (and drops a BOM), which is
+        # faster than the decoding it does for any other name, but then checks
+        # only the columns it keeps: _ValidUtf8 checks every byte.
+        stream, encoding = _ValidUtf8(stream), "utf-8"
+    elif not byte_transparent(encoding):
+        stream, encoding = _Utf8(stream, encoding), "utf-8"
+    columns = wanted + [SURPLUS]
+    types = {column: number_type if column in numbers else str for column in wanted}
+    # Almost always empty, the marker column costs next to nothing as a
+    # category, where the default type inference would cost as much as a
+    # number column.
+    types[SURPLUS] = "category"
+    frame = pd.read_csv(_FieldCheck(stream, sep), sep=sep, decimal=decimal or ".",
+                        encoding=encoding, usecols=columns, dtype=types, keep_default_na=False,
+                        na_values={column: [""] for column in columns})
+    surplus = frame.pop(SURPLUS).notna().to_numpy()
+    if surplus.any():
+        raise TooManyFields(f"data record {int(surplus.argmax()) + 1} has more fields than the "
+                            f"header; quote values that contain the separator {sep!r}, and end "
+                            f"lines without a separator")
+    return frame
 
-    The header is the first record after any blank lines; its end is the
-    first newline preceded by an even number of quotes (RFC 4180).
+
+@functools.lru_cache(maxsize=None)
+def byte_transparent(encoding: str) -> bool:
+    """True if CSV structure can be found in the raw bytes of ``encoding`` text.
+
+    That holds for UTF-8 (its multi-byte characters use only bytes >= 0x80)
+    and for single-byte code pages such as cp1252 or latin-1 that write
+    quotes, separators and line breaks as their ASCII bytes.  It fails for
+    UTF-16/32 (two or four bytes per character) and for multi-byte code
+    pages whose second bytes can be 0x7C, a '|' (Shift-JIS, GBK, Big5):
+    an incremental decoder that waits for more after a single byte shows
+    such a code page.  Raises LookupError for an unknown encoding.
     """
-    head = stream.read(1 << 20)
-    start = len(head) - len(head.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
-    eol = b"\n" if b"\n" in head else b"\r"   # old Mac files end lines with CR alone
-    end, quotes = start, 0
-    while True:
-        newline = head.find(eol, end)
-        if newline == -1:
-            end = len(head)    # the header is the last line, or longer than the head
-            break
-        quotes += head.count(b'"', end, newline)
-        end = newline + 1
-        if quotes % 2 == 0:
-            break
-    line_end = len(head[:end]) - len(head[:end].rstrip(b"\r\n"))
-    head = head[:end - line_end] + suffix + head[end - line_end:]
-    return io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 20)
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        return True
+    if any(ch.encode(encoding) != ch.encode("ascii") for ch in '"\r\n,;\t|'):
+        return False
+    for byte in range(256):
+        try:
+            if codecs.getincrementaldecoder(encoding)().decode(bytes([byte])) == "":
+                return False      # the first byte of a multi-byte character
+        except UnicodeDecodeError:
+            pass                  # a byte the code page leaves undefined
+    return True
 
 
-class _Prefixed(io.RawIOBase):
-    """A read-only stream: ``prefix`` bytes, then whatever ``rest`` holds."""
+READ_BLOCK = 1 << 20   # bytes read at a time by the reader's own streams
 
-    def __init__(self, prefix: bytes, rest):
-        self.prefix, self.rest = memoryview(prefix), rest
+
+class _ValidUtf8(io.RawIOBase):
+    """A read-only stream: ``raw`` unchanged, each block checked to be valid UTF-8.
+
+    An ASCII block (most of them) costs one ``bytes.isascii``; others go
+    through an incremental decoder, which also completes a character cut by
+    a block boundary.  A byte that is not valid UTF-8 raises
+    ``UnicodeDecodeError`` from :meth:`read`.
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.pending = False     # the decoder holds the start of a character
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.raw.read(size)
+        if block or self.pending:
+            if self.pending or not block.isascii():
+                self.decoder.decode(block, final=not block)
+                self.pending = self.decoder.getstate()[0] != b""
+        return block
+
+    def readinto(self, buffer) -> int:
+        block = self.read(len(buffer))
+        buffer[:len(block)] = block
+        return len(block)
+
+
+class _Utf8(io.RawIOBase):
+    """A read-only stream: the text of ``raw`` (bytes in ``encoding``) as UTF-8 bytes.
+
+    Decodes :data:`READ_BLOCK` bytes at a time with an incremental decoder, so a character cut
+    by a block boundary is completed by the next block.  A byte that is not
+    valid ``encoding`` raises ``UnicodeDecodeError`` from ``readinto``.
+    """
+
+    def __init__(self, raw, encoding: str):
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder(encoding)()
+        self.pending, self.at = b"", 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        if self.prefix:
-            n = min(len(buffer), len(self.prefix))
-            buffer[:n] = self.prefix[:n]
-            self.prefix = self.prefix[n:]
-            return n
-        return self.rest.readinto(buffer)
+        while self.at == len(self.pending):
+            block = self.raw.read(READ_BLOCK)
+            self.pending, self.at = self.decoder.decode(block, final=not block).encode(), 0
+            if not block:
+                break
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = memoryview(self.pending)[self.at:self.at + n]
+        self.at += n
+        return n
+
+
+# --- Records: where they end, how many fields they have ------------------------
+
+_QUOTE, _CR, _LF = 0x22, 0x0D, 0x0A
+_NO_QUOTES = np.empty(0, np.intp)
+
+
+class RecordScanner:
+    """Follows pandas' C tokenizer through CSV bytes: which quotes delimit quoted fields.
+
+    The one rule for where records end, shared by the server (inspecting the
+    head, cutting ``--stream`` chunks) and :func:`read_columns` (counting
+    fields), so both agree with pandas, which parses the records.  The
+    rules of pandas' tokenizer (``tokenizer.c``; the csv module's are the
+    same):
+
+    * A quote opens a quoted field only where a field starts: at the start
+      of the data (after a UTF-8 BOM, which pandas skips), or right after a
+      separator, LF or CR.  Anywhere else it is an ordinary character:
+      ``Size (")`` and ``27" screen`` hold a literal quote.
+    * In a quoted field, separators and line breaks are data, and a quote
+      ends the field, unless the next byte is a quote too: a doubled quote
+      is one literal quote and the field goes on.  Bytes after the closing
+      quote, up to the next separator, belong to the field, and a quote
+      among them is literal (it is not at the start of a field).
+    * Outside quoted fields, LF, CR LF and a lone CR end a record.
+
+    Feed the bytes in order, in blocks of any size, to :meth:`quotes`: it
+    returns the offsets (within the block) of the quotes that open or close
+    a quoted field, a doubled quote counting as a close and a re-open.  A
+    byte is then inside a quoted field exactly when an odd number of those
+    quotes precede it, plus one if :attr:`inside` was True before the block
+    (see :func:`inside_mask`).  With every quote where RFC 4180 puts them,
+    that is plain quote parity.
+
+    Cost: a block without a quote costs one ``bytes.find``.  Otherwise numpy
+    checks at once that every quote met outside a quoted field follows a
+    separator, a line break or a closing quote; in well-formed files all
+    do, and then every quote counts.  Only a block holding a literal quote
+    is walked quote by quote in Python.
+    """
+
+    def __init__(self, sep: str, at_start: bool = True):
+        """``at_start``: the data is the start of the file (where a BOM is skipped);
+        otherwise it starts at a record start further on."""
+        self.sep = ord(sep)
+        self.inside = False   # the bytes seen so far end inside a quoted field
+        self.prev = _LF       # the last byte seen: data starts as if after a line break
+        self.closed = False   # ... and it is a quote that ended a quoted field
+        self.offset = 0 if at_start else 3   # bytes seen (past a BOM's place if not at start)
+        self.first = b""      # the first 3 bytes: a UTF-8 BOM there is skipped
+
+    def quotes(self, data: bytes) -> np.ndarray:
+        """The offsets in ``data`` of the quotes that open or close a quoted field."""
+        bom_end = None        # the offset in data right after a BOM that starts the stream
+        if self.offset < 3:
+            self.first += data[:3 - self.offset]
+            if self.first == codecs.BOM_UTF8 and self.offset + len(data) >= 3:
+                bom_end = 3 - self.offset
+        found = _NO_QUOTES if data.find(b'"') == -1 else self._structural(data, bom_end)
+        if found.size:
+            self.inside ^= bool(found.size % 2)
+            self.closed = int(found[-1]) == len(data) - 1 and not self.inside
+        elif data:
+            self.closed = False
+        if data:
+            self.prev = _LF if bom_end == len(data) else data[-1]
+        self.offset += len(data)
+        return found
+
+    def _structural(self, data: bytes, bom_end) -> np.ndarray:
+        a = np.frombuffer(data, np.uint8)
+        q = np.flatnonzero(a == _QUOTE)
+        left = a[q - 1]
+        if q[0] == 0:   # the byte before is the last one of the previous block
+            left[0] = self.prev if self.prev != _QUOTE or self.closed else 0
+        if bom_end is not None:
+            left[q == bom_end] = _LF
+        met_outside = (np.arange(q.size) & 1) == self.inside
+        at_start = (left == self.sep) | (left == _LF) | (left == _CR) | (left == _QUOTE)
+        if at_start[met_outside].all():
+            # Every quote delimits: parity is exact.  (A quote after a quote
+            # met outside is the second of a doubled quote, since the quote
+            # before it was met inside and closed the field.)
+            return q
+        # A literal quote somewhere: follow the tokenizer quote by quote.
+        found, inside, closed_at = [], self.inside, -1 if self.closed else -2
+        for p in q.tolist():
+            if inside:
+                found.append(p)           # closes the field, or starts a doubled quote
+                inside, closed_at = False, p
+                continue
+            before = self.prev if p == 0 else data[p - 1]
+            if before in (self.sep, _LF, _CR) or p == bom_end or \
+                    (before == _QUOTE and closed_at == p - 1):
+                found.append(p)           # opens a field (or ends a doubled quote)
+                inside = True
+        return np.array(found, np.intp)
+
+
+def inside_mask(size: int, quotes: np.ndarray, inside: bool) -> np.ndarray:
+    """Per byte of a block of ``size`` bytes: True inside a quoted field.
+
+    ``quotes`` and ``inside`` are :meth:`RecordScanner.quotes`' answer for
+    the block and :attr:`RecordScanner.inside` before it.
+    """
+    flips = np.zeros(size, np.uint8)
+    flips[quotes] = 1
+    if size:
+        flips[0] ^= inside
+    return np.bitwise_xor.accumulate(flips).view(bool)
+
+
+def record_ends(data: bytes, sep: str) -> list[int]:
+    """The offsets just past every record end in ``data``, CSV text held in memory.
+
+    A record ends at LF, CR LF or a lone CR outside quoted fields (see
+    :class:`RecordScanner`); ``data`` starts at the start of a record.
+    """
+    quotes = RecordScanner(sep).quotes(data)
+    a = np.frombuffer(data, np.uint8)
+    lf, cr = a == _LF, a == _CR
+    cr[:-1] &= ~lf[1:]          # in CR LF the LF ends the record
+    breaks = lf | cr
+    if quotes.size:
+        breaks &= ~inside_mask(len(a), quotes, False)
+    return (np.flatnonzero(breaks) + 1).tolist()
+
+
+def count_before(mask: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, int]:
+    """How many True values of ``mask`` come before each of ``positions``, and in all.
+
+    The same as ``np.cumsum(mask)[positions - 1]``, four times faster: the
+    mask is packed into 64-bit words, a prefix sum runs over the words'
+    bit counts, and a bit count within its word adds the rest.  (numpy's
+    ``reduceat`` pays for every record; this pays for every 64 bytes.)
+    ``positions`` must be below ``len(mask)``.
+    """
+    bits = np.packbits(mask, bitorder="little")
+    words = np.pad(bits, (0, -len(bits) % 8 + 8)).view(np.uint64)   # one spare word
+    per_word = np.cumsum(np.bitwise_count(words), dtype=np.int64)
+    word, bit = positions >> 6, (positions & 63).astype(np.uint64)
+    below = (np.uint64(1) << bit) - np.uint64(1)     # the bits before the position
+    before = np.bitwise_count(words[word] & below) + np.concatenate(([0], per_word))[word]
+    return before, int(per_word[-1])
+
+
+def is_blank(record: bytes, sep: str, at_start: bool = False) -> bool:
+    """True if pandas skips ``record`` (bytes, with its line end) as a blank line.
+
+    That is a line of nothing but spaces and tabs, a tab counting only when
+    it is not the separator; ``at_start``: the record opens the data, so a
+    UTF-8 BOM before it is skipped too.
+    """
+    if at_start:
+        record = record.removeprefix(codecs.BOM_UTF8)
+    return not record.strip(b" \t\r\n".replace(sep.encode(), b""))
+
+
+class TooManyFields(ValueError):
+    """A record has more fields than the header."""
+
+
+# The name of the marker column added to the header: no real header holds a
+# NUL byte (the server refuses them).
+SURPLUS = "\x00surplus"
+
+
+class _FieldCheck(io.RawIOBase):
+    """A read-only stream: ``raw`` with a marker column added to its header, checked for
+    records with more fields than the header.
+
+    Two checks share the work, because pandas, told to read some columns
+    (``usecols``), drops a record's surplus fields without a word:
+
+    * The header gets one more name, :data:`SURPLUS`, which
+      :func:`read_columns` reads like a wanted column.  A record with more
+      fields than the header puts its first surplus field there, so a
+      non-empty one shows in the parsed frame.  It costs pandas next to
+      nothing.
+    * An *empty* first surplus field shows nothing: pandas pads short
+      records with empty fields, so empty and missing look alike.  But
+      such a field needs two separators in a row, a separator right before
+      a line end or the end of the data, or a quoted empty field ``""``.
+      A block of the input with none of these cannot hide one; the other
+      blocks have the fields of each of their records counted, with
+      :class:`RecordScanner`'s rules, and the first record with more
+      separators than the header raises :class:`TooManyFields` from
+      :meth:`readinto`, which stops the parse there.  The screen costs a
+      tenth of pandas' parse; the count, where needed, about half.
+    """
+
+    def __init__(self, raw, sep: str):
+        self.raw, self.sep = raw, sep
+        self.scanner = RecordScanner(sep)   # the quote state at the end of the data read
+        self.limit = None       # the separators of the header: no record may hold more
+        self.open = b""         # the data read from the start of the record still open
+        self.doubt = False      # ... and it may hide an empty surplus field: count it
+        self.blank_cr = False   # the data read ends with a blank line ended by a lone CR
+        self.ready, self.at = b"", 0   # checked bytes, not yet handed to pandas
+        self.later = b""        # more of them, to hand over after ``ready``
+        self.ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` checked bytes (all that are ready if negative); b"" at the end.
+
+        pandas calls this directly: a slice of the checked block is one copy,
+        where RawIOBase's own read (a buffer, readinto, bytes) would make three.
+        """
+        while self.at == len(self.ready) and (self.later or not self.ended):
+            if self.later:
+                self.ready, self.later = self.later, b""
+            else:
+                block = self.raw.read(max(size, READ_BLOCK)) or b""
+                self.ready = self._take(block)
+            self.at = 0
+        if self.at == 0 and (size < 0 or size >= len(self.ready)):
+            chunk = self.ready
+        else:
+            chunk = self.ready[self.at:self.at + size if size >= 0 else None]
+        self.at += len(chunk)
+        return chunk
+
+    def readinto(self, buffer) -> int:
+        chunk = self.read(len(buffer))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+    def _take(self, block: bytes) -> bytes:
+        """Check the next ``block`` of the stream (``b""``: its end); return what pandas gets."""
+        self.ended = not block
+        if self.limit is not None:
+            self._check(block)
+            return block
+        self.open += block
+        header = self._find_header(final=self.ended)
+        if header is None:
+            return b""                   # the header goes on: read more before pandas does
+        start, end = header
+        text, self.open = self.open, b""
+        self.scanner = RecordScanner(self.sep, at_start=False)   # the header ended
+        line = start + len(text[start:end].rstrip(b"\r\n"))
+        self._check(text[end:])
+        self.later = text[line:]        # served after the header, without one more copy
+        return text[:line] + (self.sep + SURPLUS).encode()
+
+    def _find_header(self, final: bool) -> tuple[int, int] | None:
+        """The (start, end) of the header in ``self.open``, or None if it has not ended.
+
+        The header is the first record that is not blank (pandas skips blank
+        lines before it); a prefix is scanned first, since it is usually a
+        short first line.  Sets :attr:`limit`.
+        """
+        size = 1 << 12
+        while True:
+            prefix = self.open[:size]
+            whole = len(prefix) == len(self.open)
+            start = 0
+            for end in record_ends(prefix, self.sep) + ([len(prefix)] if whole and final else []):
+                record = prefix[start:end]
+                if is_blank(record, self.sep, at_start=start == 0):
+                    start = end
+                    continue
+                self.limit = separators(record, self.sep, at_start=start == 0)
+                return start, end
+            if whole:
+                if not final:
+                    return None
+                self.limit = 0           # nothing but blank lines: no record to check
+                return start, len(self.open)
+            size *= 4
+
+    def _check(self, block: bytes) -> None:
+        """Check ``block``, which follows ``self.open``; keep the record it leaves open."""
+        inside = self.scanner.inside
+        quotes = self.scanner.quotes(block)
+        sep = self.sep.encode()
+        # ``doubt``: the open record, or this block, may hide an empty
+        # surplus field; the pair of bytes across the boundary counts too.
+        doubt = self.doubt or _may_hide_empty_field(block, self.sep) or \
+            _may_hide_empty_field(self.open[-1:] + block[:1], self.sep) or \
+            self.ended and self.open.endswith(sep)
+        if self.blank_cr and block.startswith(sep):
+            self._refuse_misread(block)
+        if doubt:
+            self._count(self.open + block)
+        end = _last_record_end(block, quotes, inside)
+        self.blank_cr = self._ends_with_blank_cr_line(block, end)
+        if end is None:
+            self.open += block       # a record longer than a block
+            self.doubt = doubt
+        else:
+            self.open = block[end:]
+            self.doubt = _may_hide_empty_field(self.open, self.sep)
+
+    def _count(self, data: bytes) -> None:
+        """Count the fields of each record of ``data`` (from a record's start) that has
+        ended, and of the last one at the end of the stream."""
+        quotes = RecordScanner(self.sep, at_start=False).quotes(data)
+        a = np.frombuffer(data, np.uint8)
+        breaks = (a == _LF) | (a == _CR)        # CR LF also ends an empty record: harmless
+        seps = a == ord(self.sep)
+        if quotes.size:
+            outside = ~inside_mask(len(a), quotes, False)
+            breaks &= outside
+            seps &= outside
+        ends = np.flatnonzero(breaks)
+        self._refuse_pandas_cr_quirk(data, ends)
+        if self.ended and (not ends.size or ends[-1] + 1 < len(a)):
+            ends = np.append(ends, len(a))      # the last record, without a line end
+        before, _ = count_before(np.append(seps, False), ends)
+        over = np.flatnonzero(np.diff(before, prepend=0) > self.limit)
+        if over.size:
+            k = int(over[0])
+            start = int(ends[k - 1]) + 1 if k else 0
+            fields = int(before[k] - (before[k - 1] if k else 0)) + 1
+            raise TooManyFields(
+                f"a record has more fields than the header ({fields}, not {self.limit + 1}): "
+                f"{data[start:int(ends[k])][:80].decode('utf-8', 'replace')!r}; quote values "
+                f"that contain the separator {self.sep!r}, and end lines without a separator")
+
+
+    def _refuse_pandas_cr_quirk(self, data: bytes, ends: np.ndarray) -> None:
+        """Refuse a record that starts with the separator right after a blank line ended
+        by a lone CR: pandas' tokenizer (its EAT_CRNL_NOP state) drops that separator,
+        so the record's fields shift one column to the left ("Price;Qty;Note", a blank
+        line, ";5;2" reads as price 5, quantity 2).  Found by hypothesis."""
+        sep = ord(self.sep)
+        for p in ends.tolist():
+            if data[p] != _CR or data[p + 1:p + 2] != bytes([sep]):
+                continue
+            line_start = data.rfind(b"\n", 0, p) + 1, data.rfind(b"\r", 0, p) + 1
+            if is_blank(data[max(line_start):p], self.sep):
+                self._refuse_misread(data[p + 1:])
+
+    def _ends_with_blank_cr_line(self, block: bytes, end: int | None) -> bool:
+        """True if ``block`` ends with a CR, outside quotes, that ends a blank line: the
+        quirk of :meth:`_refuse_pandas_cr_quirk`, should the next block start with the
+        separator."""
+        if end != len(block) or not block.endswith(b"\r"):
+            return False
+        start = max(block.rfind(b"\n", 0, end - 1), block.rfind(b"\r", 0, end - 1)) + 1
+        return is_blank(block[start:-1] if start else self.open + block[:-1], self.sep)
+
+    def _refuse_misread(self, record: bytes) -> None:
+        record = record.split(b"\r")[0].split(b"\n")[0][:60]
+        raise MisreadRecord(
+            f"a blank line ended by CR alone comes before a record that starts with the "
+            f"separator {self.sep!r} ({record.decode('utf-8', 'replace')!r}): pandas would "
+            f"drop that first field and shift the others; remove the blank lines, or end "
+            f"lines with LF")
+
+
+class MisreadRecord(ValueError):
+    """A record that pandas' parser would read wrongly."""
+
+
+def separators(record: bytes, sep: str, at_start: bool = True) -> int:
+    """The separators of one whole ``record`` outside quoted fields: its fields, less one.
+
+    ``at_start``: the record opens the file (see :class:`RecordScanner`)."""
+    quotes = RecordScanner(sep, at_start).quotes(record)
+    seps = np.frombuffer(record, np.uint8) == ord(sep)
+    if quotes.size:
+        seps &= ~inside_mask(len(record), quotes, False)
+    return int(np.count_nonzero(seps))
+
+
+def _may_hide_empty_field(data: bytes, sep: str) -> bool:
+    """True if ``data`` holds a separator followed by a separator, CR or LF, or a ``""``:
+    what an empty field needs, except at the very end of the data (or a CR followed by
+    a separator)."""
+    if data.find(b'"') != -1 and data.find(b'""') != -1:   # the first is a fast memchr
+        return True
+    # The byte pairs as 16-bit little-endian words (first byte low), compared
+    # at even and at odd offsets: a third of the work of comparing bytes.
+    pairs = [ord(sep) | ord(ch) << 8 for ch in ("\n", sep)]
+    if data.find(b"\r") != -1:
+        # A CR after a separator; and a separator after a CR, which pandas can
+        # misread (see _FieldCheck._refuse_pandas_cr_quirk): count those blocks too.
+        pairs += [ord(sep) | _CR << 8, _CR | ord(sep) << 8]
+    for offset in (0, 1)[:len(data)]:
+        words = np.frombuffer(data, "<u2", count=(len(data) - offset) // 2, offset=offset)
+        if any((words == pair).any() for pair in pairs):
+            return True
+    return False
+
+
+def _last_record_end(block: bytes, quotes: np.ndarray, inside: bool) -> int | None:
+    """The offset just past the last line end in ``block`` outside quoted fields, or None.
+
+    ``quotes`` and ``inside``: :meth:`RecordScanner.quotes` for the block.
+    """
+    end = len(block)
+    while True:
+        pos = max(block.rfind(b"\n", 0, end), block.rfind(b"\r", 0, end))
+        if pos == -1:
+            return None
+        before = int(quotes.searchsorted(pos))      # delimiting quotes before the break
+        if (before + inside) % 2 == 0:
+            return pos + 1
+        if before == 0:
+            return None                 # in a quoted field opened before this block
+        end = int(quotes[before - 1])   # look before the quote that opened the field
 
 
 # --- Fault injection (off by default; for experiments and tests) ---------------

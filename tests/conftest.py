@@ -98,8 +98,8 @@ def clean_number(cell: str, decimal: str = ".") -> float | None:
     if thousands in whole:
         groups = whole.lstrip("+-").split(thousands)
         if not (1 <= len(groups[0]) <= 3 and all(g.isdigit() for g in groups)
-                and all(len(g) == 3 for g in groups[1:])):
-            return None
+                and all(len(g) == 3 for g in groups[1:]) and not groups[0].startswith("0")):
+            return None   # a first group of "0" groups nothing: "0,125" is never 125
         whole = whole.replace(thousands, "")
     text = whole + ("." + fraction if mark else "")
     if not _NUMBER.fullmatch(text):

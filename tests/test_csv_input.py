@@ -309,12 +309,17 @@ def test_case_in_process_every_chunking(case):
 
 
 def test_own_cases_cover_every_fault_class():
-    """tests/cases keeps one case per fault class of issue 5, each with an expectation."""
+    """tests/cases keeps one case per fault class of issues 5, 12 and 17, each with an
+    expectation."""
     names = " ".join(p.name for p in case_files(OWN_CASES))
     for fault in ("bom", "header-spaces", "thousands", "currency", "semicolon", "tbd",
                   "quoted-newline", "blanks", "header-only", "empty", "latin1-with",
                   "latin1-without", "lfs", "binary", "html", "no-price", "two-price",
-                  "negative", ".gz", ".zip", "crlf"):
+                  "negative", ".gz", ".zip", "crlf",
+                  # issues 12 and 17
+                  "surplus-empty-trailing", "header-lone-quote", "semicolon-three-decimals",
+                  "semicolon-leading-zero", "encrypted-zip", "deflate64-zip", "corrupt-gzip",
+                  "text-transform-encoding", "utf16-surplus"):
         assert fault in names, f"no case for {fault!r} in {OWN_CASES}"
     for path in case_files(OWN_CASES):
         expected = expected_of(path)
@@ -380,17 +385,34 @@ def test_column_options_on_the_server(tmp_path):
     ("1'234.00", ".", 1234.0), ("1 234.5", ".", 1234.5), ("-3", ".", -3.0),
     ("1.234,50", ",", 1234.5), ("2,5", ",", 2.5), ("1.234", ",", 1234.0), ("1,234", ".", 1234.0),
     ("TBD", ".", None), ("", ".", None), ("   ", ".", None), ("1,2,3", ".", None),
-    ("12,5", ".", None), ("inf", ".", None), ("nan", ".", None), ("1e999", ".", None),
+    ("inf", ".", None), ("nan", ".", None), ("1e999", ".", None),
     ("1_000", ".", None), ("(12.50)", ".", None),
+    ("0.125", ".", 0.125), ("0,125", ",", 0.125), ("-0.125", ".", -0.125),
+    ("12", None, 12.0), ("1e3", None, 1000.0), ("TBD", None, None), ("-4", None, -4.0),
 ])
 def test_to_number_cells(cell, decimal, value):
     """Currency, spaces, apostrophes and grouping marks are cleaned; what is still not
-    a finite number becomes NaN (a rejected row), never an exception."""
+    a finite number becomes NaN (a rejected row), never an exception.  A leading 0
+    never starts a thousands group ("0.125" is not 125 with a decimal comma)."""
     got = worker.to_number(pd.Series([cell, "1"], dtype=object), decimal).iloc[0]
     if value is None:
         assert math.isnan(got)
     else:
         assert got == pytest.approx(value, rel=1e-9)
+
+
+@pytest.mark.parametrize("cell, decimal", [
+    ("12,5", "."), ("0,125", "."), ("1.234,50", "."), ("1.234.567", "."),
+    ("2.50", ","), ("0.125", ","), ("1,234.50", ","), ("1,234,567", ","),
+    ("2.50", None), ("2,50", None), ("1.234", None), ("1,234", None), ("0.125", None),
+])
+def test_to_number_refuses_a_cell_against_the_mark(cell, decimal):
+    """A cell that is a number only under the other decimal mark, or (with no mark
+    known) whose value depends on the mark, is an error that asks for --decimal: read
+    either way it could be off by a factor of 1000."""
+    with pytest.raises(worker.DecimalMarkError, match="--decimal") as caught:
+        worker.to_number(pd.Series(["1", cell], name="Price", dtype=object), decimal)
+    assert repr(cell) in str(caught.value) and "'Price'" in str(caught.value)
 
 
 def test_text_prices_are_never_multiplied_as_strings():
@@ -406,11 +428,13 @@ def test_text_prices_are_never_multiplied_as_strings():
     (b"Price;Quantity\n2.50;4\n", ";", "."),
     (b"Price\tQuantity\n2,50\t4\n", "\t", ","),
     (b"Price|Quantity\n1,234.50|4\n", "|", "."),
-    (b"Price,Quantity\n\"2,50\",4\n", ",", "."),
+    (b"Price,Quantity\n\"2,50\",4\n", ",", ","),
+    (b"Price;Quantity\n0.125;4\n1.459;2\n", ";", "."),
+    (b"Price;Quantity\n12;4\n", ";", None),
 ])
 def test_separator_and_decimal_detection(tmp_path, data, sep, decimal):
     """The separator is the most frequent of , ; TAB | in the header; the decimal mark
-    is '.' with ',' as separator, otherwise what the sampled cells show."""
+    is what the sampled cells show, whatever the separator (None: whole numbers only)."""
     info = server.inspect_csv(str(write(tmp_path, "x.csv", data)))
     assert (info.sep, info.decimal) == (sep, decimal)
 
@@ -420,12 +444,11 @@ def test_separator_and_decimal_options(tmp_path):
     path = write(tmp_path, "x.csv", b"Price\tQuantity\n2.50\t4\n")
     assert server.inspect_csv(str(path), sep="\\t").sep == "\t"
     semi = b"Price;Quantity\n1.500;2\n"
-    assert totals(tmp_path, semi, ["--decimal", "."])["total_sales"] == \
-        pytest.approx(3.0, rel=1e-9)
-    assert totals(tmp_path, semi, ["--decimal", ","])["total_sales"] == \
-        pytest.approx(3000.0, rel=1e-9)
-    with pytest.raises(server.InputError, match="--sep must be one character"):
-        server.inspect_csv(str(path), sep=";;")
+    assert totals(tmp_path, semi, ["--decimal", "."])["total_sales"] == pytest.approx(3.0, rel=1e-9)
+    assert totals(tmp_path, semi, ["--decimal", ","])["total_sales"] == pytest.approx(3000.0, rel=1e-9)
+    for sep in (";;", "§", '"', "\n"):   # pandas' fast parser takes one ASCII byte
+        with pytest.raises(server.InputError, match="--sep must be one ASCII character"):
+            server.inspect_csv(str(path), sep=sep)
 
 
 # --- 5. Encodings, compression, early errors -------------------------------------
@@ -743,17 +766,27 @@ def test_regression_stream_large_chunks_gives_one_record_per_chunk(tmp_path):
         "total_sales"] == pytest.approx(44.0, rel=1e-9)
 
 
-@pytest.mark.parametrize("data, sales", [
-    (b"Price;Quantity\n2,125;1\n", 2.125),      # was 2125: three decimals read as grouping
-    (b"Price;Quantity\n1.234;1\n", 1234.0),     # was 1.234: a European thousands mark
-    (b"Price;Qty\n2,50;3;\n4,00;1;\n", 11.5),   # was 0 with 2 rejected: a trailing ';'
+@pytest.mark.parametrize("data, mark, sales", [
+    (b"Price;Quantity\n2,125;1\n", ",", 2.125),   # was 2125: three decimals read as grouping
+    (b"Price;Quantity\n1.234;1\n", ",", 1234.0),  # was 1.234: a European thousands mark
 ])
-def test_regression_decimal_mark_guess(tmp_path, data, sales):
+def test_regression_decimal_mark_guess(tmp_path, data, mark, sales):
     """Fault: the decimal guess counted only '2,50'-like cells, so a ';' file whose cells
-    were all ambiguous ('2,125', '1.234') fell back to '.', off by 1000; and a trailing
-    separator shifted the sample (pandas took the first field for an index), so the
-    guess read the wrong cells.  Ambiguous cells now follow the separator's custom."""
-    assert totals(tmp_path, data)["total_sales"] == pytest.approx(sales, rel=1e-9)
+    were all ambiguous ('2,125', '1.234') fell back to '.', off by 1000.  Then the
+    separator decided (issue 17 found the same fault the other way round).  Now cells
+    that could be read either way and nothing else are an error asking for --decimal,
+    and --decimal reads them."""
+    assert "pass --decimal" in input_error(tmp_path, data)
+    assert totals(tmp_path, data, ["--decimal", mark])["total_sales"] == pytest.approx(sales, rel=1e-9)
+
+
+def test_regression_trailing_separator_is_a_surplus_field(tmp_path):
+    """Fault: a trailing ';' shifted the sample (pandas took the first field for an
+    index).  Then it was read as an empty extra field and dropped, which let
+    'B,1,234.50,2,' under four names through (issue 12).  Now any extra field is an
+    error, empty or not."""
+    message = input_error(tmp_path, b"Price;Qty\n2,50;3;\n4,00;1;\n")
+    assert "more fields" in message and "2,50;3;" in message
 
 
 def test_regression_repeated_price_name(tmp_path):
@@ -797,11 +830,10 @@ def test_regression_truncated_gzip_is_a_clear_error(tmp_path):
 def test_regression_unquoted_thousands_separator(tmp_path):
     """Fault: '1,234.50,2' under 'Price,Quantity' has an extra field; pandas' column
     selection quietly read Price=1, Quantity=234.50.  Now the file is refused, quoting
-    the record; an empty extra field (a trailing separator) shifts nothing and passes."""
+    the record; an empty extra field (a trailing separator) is refused just the same."""
     message = input_error(tmp_path, b"Price,Quantity\n1,234.50,2\n")
     assert "more fields" in message and "1,234.50,2" in message
-    assert totals(tmp_path, b"Price,Quantity\n2.50,4,\n1.00,3,\n")["total_sales"] == \
-        pytest.approx(13.0, rel=1e-9)
+    assert "more fields" in input_error(tmp_path, b"Price,Quantity\n2.50,4,\n1.00,3,\n")
 
 
 @pytest.mark.parametrize("options", [["--chunk-rows", "1"], ["--stream", "--chunks", "100"]])
@@ -822,15 +854,17 @@ def test_regression_sep_typed_as_backslash_t(tmp_path):
 
 
 def test_regression_surplus_fields_are_an_error_in_both_readers():
-    """A record with more non-empty fields than the header is an error, not a
-    row read by position: pandas' usecols alone would read the unquoted
-    `1,234.50,2` as price 1, quantity 234.5.  A trailing empty field is fine."""
-    data = b"Price,Quantity\n1,234.50,2\n"
-    with pytest.raises(ValueError, match="record 1 has more fields than the header"):
-        worker.read_columns(io.BytesIO(data), ",", ".", "utf-8-sig", ["Price", "Quantity"])
-    trailing = worker.read_columns(io.BytesIO(b"Price,Quantity\n2.5,4,\n"), ",", ".",
-                                   "utf-8-sig", ["Price", "Quantity"])
-    assert trailing.to_dict("list") == {"Price": [2.5], "Quantity": [4]}
+    """A record with more fields than the header is an error, not a row read by
+    position: pandas' usecols alone would read the unquoted `1,234.50,2` as price 1,
+    quantity 234.5.  An empty extra field (a trailing separator) is one too; a
+    record with fewer fields is not (its missing cells are missing values)."""
+    for data in (b"Price,Quantity\n1,234.50,2\n", b"Price,Quantity\n2.5,4,\n"):
+        with pytest.raises(ValueError, match="record.* has more fields than the header"):
+            worker.read_columns(io.BytesIO(data), ",", ".", "utf-8-sig", ["Price", "Quantity"])
+    short = worker.read_columns(io.BytesIO(b"Price,Quantity\n2.5,4\n3\n"), ",", ".",
+                                "utf-8-sig", ["Price", "Quantity"])
+    assert short["Price"].tolist() == [2.5, 3.0] and short["Quantity"].isna().tolist() == \
+        [False, True]
 
 
 def test_regression_surplus_fields_beyond_the_head(tmp_path):
