@@ -44,9 +44,10 @@ from hypothesis import strategies as st
 
 import server
 import worker
+from conftest import clean_number as oracle_number
 from conftest import parse_final, run_job, wait_for
-from test_csv_input import (assert_early_error, assert_stats, input_error, oracle_number,
-                            run_in_process, run_modes, totals, write)
+from test_csv_input import (assert_early_error, assert_stats, input_error, run_in_process,
+                            run_modes, totals, write)
 
 MODES = {"documented": ["--chunk-rows", "2"], "stream": ["--stream", "--chunks", "5"]}
 
@@ -687,8 +688,8 @@ def test_processes_large_inputs(procs, tmp_path):
     """The regressions that need more than a head's worth of data, through real server
     and worker processes: decimal-comma pieces (issue 12, item 2) and a lone quote in
     the header (issue 17, item 1) give the exact answer in both modes; a UTF-16 surplus
-    past the head (issue 12, item 3) and a wide header without a price column (issue 17,
-    item 7) end with one line and exit 2."""
+    past the head (issue 12, item 3) ends the job with one line and exit 1, and a wide
+    header without a price column (issue 17, item 7) with one line and exit 2."""
     filler = ";" + ";".join(["x"] * 198)
     pieces = write(tmp_path, "pieces.csv", ("\n".join(
         ["Price;Qty;" + ";".join(f"c{i}" for i in range(198))]
@@ -705,9 +706,14 @@ def test_processes_large_inputs(procs, tmp_path):
             code, out, stderr, _ = outcome_
             assert code == 0, f"{path.name} [{mode}]: {stderr}"
             assert parse_final(out)["total_sales"] == pytest.approx(sales, rel=1e-9)
-    message = assert_early_error(run_modes(procs, Path(tempfile.mkdtemp(dir=tmp_path)), utf16,
-                                           {"d": ["--encoding", "utf-16"]})["d"], utf16)
-    assert "more fields" in message and "'1.5,2,'" in message
+    # The documented mode parses as it goes (issue 16): a fault past the head is
+    # found mid-job, so the job stops with exit 1 and one line naming it.
+    code, out, stderr, _ = run_modes(procs, Path(tempfile.mkdtemp(dir=tmp_path)), utf16,
+                                     {"d": ["--encoding", "utf-16"]})["d"]
+    last = stderr.strip().splitlines()[-1]
+    assert code == 1 and "total_rows" not in out and "Traceback" not in stderr
+    assert last.startswith("server.py: error: ") and str(utf16) in last
+    assert "more fields" in last and "'1.5,2,'" in last
     message = assert_early_error(run_modes(procs, Path(tempfile.mkdtemp(dir=tmp_path)), wide,
                                            {"d": []})["d"], wide, ["no price column"])
     assert len(message) < 1500
