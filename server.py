@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 import protocol
-from db_utils import DROPPED, EXPIRED, FAILED, AggregateOverflow, ResultStore, StoreError
+from db_utils import AggregateOverflow, Outcome, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError, HelpFormatter,
                     find_columns, normalize_name, port_number, read_columns, seconds,
                     seconds_or_zero)
@@ -1055,7 +1055,14 @@ def job_data_room(info: CsvInfo, chunks) -> int:
 
 # --- Chunk bookkeeping (no sockets, no database) -------------------------------
 
-PENDING, LEASED, DONE, FAILED_CHUNK = "PENDING", "LEASED", "DONE", "FAILED"
+class ChunkState:
+    """Where a chunk is in :class:`ChunkBook` (in memory; the database keeps
+    :class:`db_utils.Outcome` per attempt instead)."""
+
+    PENDING = "PENDING"   # waiting in the queue for a lease
+    LEASED = "LEASED"     # at least one live lease, no result yet
+    DONE = "DONE"         # a result is committed (final)
+    FAILED = "FAILED"     # cannot succeed: --max-attempts/--max-lost reached, or unsendable
 
 
 @dataclass
@@ -1092,10 +1099,11 @@ class ChunkBook:
                  clock=time.monotonic, max_lost: int = 10):
         self.lease_timeout, self.max_attempts, self.clock = lease_timeout, max_attempts, clock
         self.max_lost = max_lost
-        self.state = [PENDING] * chunks
+        self.state = [ChunkState.PENDING] * chunks
         for chunk_id in done:
-            self.state[chunk_id] = DONE
-        self.queue = collections.deque(c for c in range(chunks) if self.state[c] == PENDING)
+            self.state[chunk_id] = ChunkState.DONE
+        self.queue = collections.deque(
+            c for c in range(chunks) if self.state[c] == ChunkState.PENDING)
         self.leases: dict[int, Lease] = {}
         self.attempt_owner = dict(known_attempts or {})  # attempt_id -> (chunk_id, worker_id)
         self.next_attempt_id = self.first_attempt_id = next_attempt_id
@@ -1120,14 +1128,14 @@ class ChunkBook:
         with self._lock:
             while self.queue:
                 chunk_id = self.queue.popleft()
-                if self.state[chunk_id] == PENDING:
+                if self.state[chunk_id] == ChunkState.PENDING:
                     break
             else:
                 return None
             lease = Lease(self.next_attempt_id, chunk_id, worker_id, conn,
                           self.clock() + self.lease_timeout)
             self.next_attempt_id += 1
-            self.state[chunk_id] = LEASED
+            self.state[chunk_id] = ChunkState.LEASED
             self.leases[lease.attempt_id] = lease
             self.attempt_owner[lease.attempt_id] = (chunk_id, worker_id)
             self.dispatches += 1
@@ -1148,7 +1156,7 @@ class ChunkBook:
         """A result for the chunk is committed: it is DONE (idempotent)."""
         with self._lock:
             self.leases.pop(attempt_id, None)
-            self.state[chunk_id] = DONE
+            self.state[chunk_id] = ChunkState.DONE
             self._check_finished()
 
     def fail(self, chunk_id: int, attempt_id: int, error: str) -> bool:
@@ -1159,7 +1167,8 @@ class ChunkBook:
         with self._lock:
             self.leases.pop(attempt_id, None)
             self.last_error[chunk_id] = error
-            if self.state[chunk_id] in (DONE, FAILED_CHUNK) or attempt_id in self.failed_attempts:
+            if (self.state[chunk_id] in (ChunkState.DONE, ChunkState.FAILED)
+                    or attempt_id in self.failed_attempts):
                 return False
             self.failed_attempts.add(attempt_id)
             self.failures[chunk_id] += 1
@@ -1174,7 +1183,7 @@ class ChunkBook:
         workers' frame limit): end the attempt and FAIL the chunk at once."""
         with self._lock:
             self.leases.pop(attempt_id, None)
-            if self.state[chunk_id] == LEASED:
+            if self.state[chunk_id] == ChunkState.LEASED:
                 self._give_up(chunk_id, reason)
 
     def release(self, conn: int) -> list[Lease]:
@@ -1206,7 +1215,7 @@ class ChunkBook:
             del self.leases[lease.attempt_id]
         for lease in gone:
             chunk_id = lease.chunk_id
-            if self.state[chunk_id] != LEASED:
+            if self.state[chunk_id] != ChunkState.LEASED:
                 continue   # a result or a reported failure already decided it
             self.losses[chunk_id] += 1
             still_held = any(l.chunk_id == chunk_id for l in self.leases.values())
@@ -1219,7 +1228,7 @@ class ChunkBook:
                 self._requeue(chunk_id)
 
     def _give_up(self, chunk_id: int, why: str) -> None:
-        self.state[chunk_id] = FAILED_CHUNK
+        self.state[chunk_id] = ChunkState.FAILED
         self.why_failed[chunk_id] = why
         log.error("chunk %d FAILED: %s", chunk_id, why)
         self._check_finished()
@@ -1227,11 +1236,11 @@ class ChunkBook:
     def _requeue(self, chunk_id: int) -> None:
         # Another live lease may still hold the chunk (it was re-leased after
         # an expiry): then it stays LEASED and is not queued twice.
-        if self.state[chunk_id] != LEASED:
+        if self.state[chunk_id] != ChunkState.LEASED:
             return
         if any(lease.chunk_id == chunk_id for lease in self.leases.values()):
             return
-        self.state[chunk_id] = PENDING
+        self.state[chunk_id] = ChunkState.PENDING
         self.queue.appendleft(chunk_id)  # retry first: it is what the job waits for
 
     def _check_finished(self) -> None:
@@ -1239,7 +1248,8 @@ class ChunkBook:
         # nothing leaves them), so the scan resumes where it last stopped:
         # linear over the whole job instead of per completed chunk, which
         # made a job of 10,000 chunks spend seconds here under the lock.
-        while self._scanned < len(self.state) and self.state[self._scanned] in (DONE, FAILED_CHUNK):
+        while (self._scanned < len(self.state)
+               and self.state[self._scanned] in (ChunkState.DONE, ChunkState.FAILED)):
             self._scanned += 1
         if self._scanned == len(self.state):
             self.finished.set()
@@ -1248,13 +1258,14 @@ class ChunkBook:
         """``{'PENDING': n, 'LEASED': n, 'DONE': n, 'FAILED': n}``."""
         with self._lock:
             tally = collections.Counter(self.state)
-        return {s: tally.get(s, 0) for s in (PENDING, LEASED, DONE, FAILED_CHUNK)}
+        return {s: tally.get(s, 0) for s in (ChunkState.PENDING, ChunkState.LEASED,
+                                             ChunkState.DONE, ChunkState.FAILED)}
 
     def failed_chunks(self) -> dict[int, str]:
         """``{chunk_id: why it failed}`` of the FAILED chunks (one line each)."""
         with self._lock:
             return {c: self.why_failed.get(c, "") for c, s in enumerate(self.state)
-                    if s == FAILED_CHUNK}
+                    if s == ChunkState.FAILED}
 
 
 # --- Validating what workers send ----------------------------------------------
@@ -1352,7 +1363,7 @@ class JobServer(socketserver.ThreadingTCPServer):
         self.io_timeout, self.idle_timeout = io_timeout, idle_timeout
         self.max_connections, self.wait_interval = max_connections, wait_interval
         self.timings = Timings()
-        self.progress = Progress(len(chunks), len(book) - book.counts()[PENDING])
+        self.progress = Progress(len(chunks), len(book) - book.counts()[ChunkState.PENDING])
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self.stop = threading.Event()     # set by a signal, or by fail_job()
@@ -1485,7 +1496,7 @@ class Handler(socketserver.BaseRequestHandler):
                 log.info("chunk %d back in the queue: %s's connection closed (attempt %d)",
                          lease.chunk_id, lease.worker_id, lease.attempt_id)
                 try:
-                    srv.store.end_attempt(srv.job_id, lease.attempt_id, DROPPED)
+                    srv.store.end_attempt(srv.job_id, lease.attempt_id, Outcome.DROPPED)
                 except OSError as exc:  # StoreError: the history misses one line, no result is lost
                     log.warning("cannot record the end of attempt %d: %s", lease.attempt_id, exc)
 
@@ -1636,7 +1647,7 @@ class Handler(socketserver.BaseRequestHandler):
         """Record a failed attempt; the chunk FAILS after --max-attempts of them
         (the book logs that)."""
         srv = self.server
-        srv.store.end_attempt(srv.job_id, attempt_id, FAILED, error)
+        srv.store.end_attempt(srv.job_id, attempt_id, Outcome.FAILED, error)
         if srv.book.fail(chunk_id, attempt_id, error):
             srv.chunks.forget(chunk_id)
 
@@ -1729,7 +1740,7 @@ class Progress:
             if now - self._last < 1.0 and not book.finished.is_set():
                 return
             left = book.counts()
-            left = left[PENDING] + left[LEASED]
+            left = left[ChunkState.PENDING] + left[ChunkState.LEASED]
             self._last = now
             earlier = self.resumed + self.late
             line = "progress: %d/%d chunks done (%.0f%%%s), %d rows in this run" % (
@@ -1883,7 +1894,7 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
                 log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
                             lease.chunk_id, lease.worker_id, lease.attempt_id)
                 try:
-                    store.end_attempt(job_id, lease.attempt_id, EXPIRED)
+                    store.end_attempt(job_id, lease.attempt_id, Outcome.EXPIRED)
                 except StoreError as exc:
                     server.fail_job(str(exc))
         waited = time.perf_counter()
@@ -1913,7 +1924,7 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
     if not completed:
         counts = book.counts()
         log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
-                    "again to resume", signals[0], counts[DONE], len(book))
+                    "again to resume", signals[0], counts[ChunkState.DONE], len(book))
         return 128 + signals[0]
     return report(server)
 

@@ -36,7 +36,7 @@ import server as server_mod
 import worker as worker_mod
 from conftest import (ROOT, FakeClock, FakeServer, RunsCode, WorkerThread, assert_aggregate,
                       db_rows, job_message, oracle, parse_final, wait_for)
-from db_utils import COUNTED, DUPLICATE, EXPIRED, FAILED, ResultStore, StoreError
+from db_utils import Outcome, ResultStore, StoreError
 
 JOB = "job"
 
@@ -281,7 +281,7 @@ def test_first_committed_result_wins_and_later_ones_are_duplicates(store):
     assert stored(store, "chunk_results", "chunk_id, worker_id, total_sales") == [(0, "w1", 10.0)]
     assert stored(store, "worker_results", "worker_id, total_sales") == [("w1", 10.0), ("w2", 99.0)]
     assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
-        {1: COUNTED, 2: DUPLICATE}
+        {1: Outcome.COUNTED, 2: Outcome.DUPLICATE}
     assert store.final_aggregate(JOB)["total_sales"] == 10.0
 
 
@@ -352,7 +352,7 @@ def test_open_job_again_resumes_what_the_database_knows(store):
     assert state.attempts == {1: (0, "w1"), 2: (1, "w2")}
     assert state.next_attempt_id == 3
     assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
-        {1: COUNTED, 2: "interrupted"}
+        {1: Outcome.COUNTED, 2: "interrupted"}
 
 
 # --- 3. Results are checked before they are stored ---------------------------------
@@ -566,12 +566,13 @@ def test_late_result_after_a_re_lease_is_acked_but_not_counted(job_server):
     late = slow.take()
     job.clock.now = 10.0
     (expired,) = job.book.expire()            # what the server's main loop does
-    job.store.end_attempt(JOB, expired.attempt_id, EXPIRED)
+    job.store.end_attempt(JOB, expired.attempt_id, Outcome.EXPIRED)
     again = fast.take()
     assert (again["chunk_id"], again["attempt_id"]) == (late["chunk_id"], late["attempt_id"] + 1)
     assert fast.send_result(again) == {"type": protocol.ACK, "chunk_id": 0, "counted": True}
     assert slow.send_result(late) == {"type": protocol.ACK, "chunk_id": 0, "counted": False}
-    assert [a[2:] for a in job.attempts()] == [("slow", DUPLICATE), ("fast", COUNTED)]
+    assert [a[2:] for a in job.attempts()] == [
+        ("slow", Outcome.DUPLICATE), ("fast", Outcome.COUNTED)]
     assert_aggregate(job.store.final_aggregate(JOB), oracle(job.info.path, "Price", "Qty"))
 
 
@@ -609,7 +610,7 @@ def test_result_with_the_wrong_row_count_is_a_failed_attempt(job_server):
     bad.update(rows_processed=bad["rows_processed"] + 1, price_count=bad["price_count"] + 1)
     reply = client.ask(bad)
     assert reply["type"] == protocol.ERROR and "result says" in reply["reason"]
-    assert job.attempts()[0][3] == FAILED and job.book.failures[work["chunk_id"]] == 1
+    assert job.attempts()[0][3] == Outcome.FAILED and job.book.failures[work["chunk_id"]] == 1
     assert job.store.final_aggregate(JOB)["total_rows"] == 0
 
 
