@@ -1029,12 +1029,11 @@ def job_message(info: CsvInfo, chunks, job_id: str, chunk_id: int, attempt_id: i
     ``chunks`` is the chunk source (:class:`FrameChunks` or
     :class:`StreamChunks`); ``data`` its payload for ``chunk_id``.
     """
-    return {"type": protocol.JOB, "job_id": job_id, "chunk_id": chunk_id,
-            "attempt_id": attempt_id, "rows": chunks.rows_of(chunk_id),
-            "format": chunks.format, "data": data, "compressed": chunks.compress,
-            "price_col": info.price_col, "qty_col": info.qty_col,
-            "group_col": info.group_col, "sep": info.sep, "decimal": info.decimal,
-            "encoding": info.encoding}
+    return protocol.make(
+        protocol.JOB, job_id=job_id, chunk_id=chunk_id, attempt_id=attempt_id,
+        rows=chunks.rows_of(chunk_id), format=chunks.format, data=data,
+        compressed=chunks.compress, price_col=info.price_col, qty_col=info.qty_col,
+        group_col=info.group_col, sep=info.sep, decimal=info.decimal, encoding=info.encoding)
 
 
 def job_data_room(info: CsvInfo, chunks) -> int:
@@ -1476,7 +1475,7 @@ class Handler(socketserver.BaseRequestHandler):
             log.debug("%s (%s) disconnected", self.peer, self.worker_id)
         except protocol.ProtocolError as exc:
             log.warning("dropping %s (%s): %s", self.peer, self.worker_id or "no HELLO", exc)
-            self.try_send({"type": protocol.ERROR, "reason": str(exc)[:200]})
+            self.try_send(protocol.make(protocol.ERROR, reason=str(exc)[:200]))
         except (InputError, StoreError) as exc:
             # Not this peer's doing: the input file or the results database
             # broke under the job.  Retrying would fail the same way, forever.
@@ -1524,18 +1523,17 @@ class Handler(socketserver.BaseRequestHandler):
     # --- one method per message type ----------------------------------------
 
     def handle_hello(self, msg: dict) -> None:
-        worker_id = msg.get("worker_id")
+        worker_id = protocol.check(msg)["worker_id"]
         # Printable only: the id is printed in the final table and logged, and
         # a newline or an escape sequence in it could forge those lines.
-        if not (isinstance(worker_id, str) and 0 < len(worker_id) <= 200
-                and worker_id.isprintable()):
+        if not (0 < len(worker_id) <= 200 and worker_id.isprintable()):
             raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 printable characters")
         self.worker_id = worker_id
         self.server.hello(worker_id)
         log.info("worker %s connected from %s", worker_id, self.peer)
-        self.send({"type": protocol.WELCOME, "job_id": self.server.job_id,
-                   "max_frame": self.server.max_frame,
-                   "chunks": len(self.server.book), "lease_timeout": self.server.book.lease_timeout})
+        self.send(protocol.make(protocol.WELCOME, job_id=self.server.job_id,
+                                max_frame=self.server.max_frame, chunks=len(self.server.book),
+                                lease_timeout=self.server.book.lease_timeout))
 
     def handle_get_job(self, msg: dict) -> None:
         srv = self.server
@@ -1594,10 +1592,10 @@ class Handler(socketserver.BaseRequestHandler):
         """Answer a GET_JOB that gets no chunk: NO_JOB if the job is over, else WAIT."""
         srv = self.server
         if srv.book.finished.is_set():
-            self.send({"type": protocol.NO_JOB})
+            self.send(protocol.make(protocol.NO_JOB))
             srv.told_done(self.worker_id)
         else:
-            self.send({"type": protocol.WAIT, "retry_after": srv.wait_interval})
+            self.send(protocol.make(protocol.WAIT, retry_after=srv.wait_interval))
 
     def handle_result(self, msg: dict) -> None:
         srv = self.server
@@ -1606,6 +1604,7 @@ class Handler(socketserver.BaseRequestHandler):
                   "max_price", "avg_price", "price_count")
         values = [msg.get(f) for f in fields]
         try:
+            protocol.check(msg)
             check_stats(f"chunk {chunk_id}", *values)
             fewest, most = srv.chunks.row_bounds(chunk_id)
             if not fewest <= msg["rows_processed"] <= most:
@@ -1632,7 +1631,7 @@ class Handler(socketserver.BaseRequestHandler):
         else:
             log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
                      chunk_id, self.worker_id, attempt_id)
-        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": counted})
+        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted))
 
     def handle_failed(self, msg: dict) -> None:
         chunk_id, attempt_id = self.check_ids(msg)
@@ -1641,7 +1640,7 @@ class Handler(socketserver.BaseRequestHandler):
         log.warning("chunk %d attempt %d failed on %s: %s", chunk_id, attempt_id,
                     self.worker_id, error)
         self.fail_attempt(chunk_id, attempt_id, error)
-        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": False})
+        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=False))
 
     def fail_attempt(self, chunk_id: int, attempt_id: int, error: str) -> None:
         """Record a failed attempt; the chunk FAILS after --max-attempts of them
@@ -1657,12 +1656,19 @@ class Handler(socketserver.BaseRequestHandler):
     # --- validation ------------------------------------------------------------
 
     def check_ids(self, msg: dict) -> tuple[int, int]:
-        """The message's (chunk_id, attempt_id), if they belong to this job."""
+        """The message's (chunk_id, attempt_id), if they belong to this job.
+
+        Checks only the four id fields against the schema: a FAILED report's
+        ``error`` is recorded even when it is not text (see handle_failed),
+        and a RESULT's other fields are checked once the attempt is known,
+        so that a bad one fails that attempt.
+        """
         srv = self.server
-        chunk_id, attempt_id = msg.get("chunk_id"), msg.get("attempt_id")
-        if msg.get("job_id") != srv.job_id:
-            raise protocol.ProtocolError(f"result of another job ({_brief(msg.get('job_id'))})")
-        if msg.get("worker_id") != self.worker_id:
+        protocol.check(msg, ("job_id", "worker_id", "chunk_id", "attempt_id"))
+        chunk_id, attempt_id = msg["chunk_id"], msg["attempt_id"]
+        if msg["job_id"] != srv.job_id:
+            raise protocol.ProtocolError(f"result of another job ({_brief(msg['job_id'])})")
+        if msg["worker_id"] != self.worker_id:
             raise protocol.ProtocolError("worker_id differs from the one in HELLO")
         if not (_is_int(chunk_id) and 0 <= chunk_id < len(srv.book)):
             raise protocol.ProtocolError(f"unknown chunk {_brief(chunk_id)}")
@@ -1672,20 +1678,20 @@ class Handler(socketserver.BaseRequestHandler):
         return chunk_id, attempt_id
 
     def check_groups(self, msg: dict, chunk_id: int) -> list[tuple]:
-        """Validate the per-group rows of a RESULT; they must add up to its rows."""
+        """Validate the per-group rows of a RESULT; they must add up to its rows.
+
+        Their shape and types were checked with the rest of the message
+        (``protocol.GROUP_ROW``); what is left is what the schema cannot say.
+        """
         groups = msg.get("groups", [])
         if self.server.info.group_col is None:
             if groups:
                 raise protocol.ProtocolError("groups sent but no --group-by is set")
             return []
-        if not isinstance(groups, list):
-            raise protocol.ProtocolError("groups must be a list")
         seen, total = set(), 0
         for group in groups:
-            if not (isinstance(group, (list, tuple)) and len(group) == 8):
-                raise protocol.ProtocolError("a group row must have 8 fields")
             key = group[0]
-            if not (key is None or isinstance(key, str)) or key in seen:
+            if key in seen:
                 raise protocol.ProtocolError("group values must be distinct strings or None")
             seen.add(key)
             check_stats(f"chunk {chunk_id} group {key!r}", *group[1:])

@@ -458,7 +458,7 @@ class Worker:
                 if self.stopping.is_set():
                     log.info("%s: stopping after %d chunks", self.worker_id, self.chunks_done)
                     return 0
-                reply = self.request({"type": protocol.GET_JOB})
+                reply = self.request(protocol.make(protocol.GET_JOB))
                 if reply["type"] == protocol.NO_JOB:
                     log.info("%s: job finished, %d results delivered from here",
                              self.worker_id, self.chunks_done)
@@ -513,17 +513,17 @@ class Worker:
             try:
                 self.sock = self._open()
                 try:
-                    welcome = self.request({"type": protocol.HELLO, "worker_id": self.worker_id})
+                    welcome = self.request(protocol.make(protocol.HELLO, worker_id=self.worker_id))
                 except protocol.ServerRefused as exc:
                     # Saying HELLO again would be refused again: stop, do not spin.
                     raise GiveUp(f"server refused HELLO: {exc}") from None
                 if welcome["type"] != protocol.WELCOME:
                     raise protocol.ProtocolError(f"expected WELCOME, got {welcome['type']}")
-                limit = welcome.get("max_frame")
-                if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-                    self.server_max_frame = limit
-                log.info("%s: connected to %s:%d, job %s (%s chunks)", self.worker_id,
-                         self.host, self.port, welcome.get("job_id"), welcome.get("chunks"))
+                protocol.check(welcome)
+                if welcome["max_frame"] > 0:
+                    self.server_max_frame = welcome["max_frame"]
+                log.info("%s: connected to %s:%d, job %s (%d chunks)", self.worker_id,
+                         self.host, self.port, welcome["job_id"], welcome["chunks"])
                 return
             except ssl.SSLCertVerificationError:
                 # An OSError, but no network hiccup: this server is not one the
@@ -579,27 +579,25 @@ class Worker:
 
         Any exception from parsing or computing becomes a FAILED message
         (a failure recorded as data), so one bad chunk never kills the
-        worker.  A JOB without a usable chunk and attempt id cannot even be
-        reported and raises ProtocolError.
+        worker.  A JOB that does not match the schema (``protocol.MESSAGES``)
+        cannot even be reported and raises ProtocolError.
         """
-        try:
-            chunk_id, attempt_id = int(job["chunk_id"]), int(job["attempt_id"])
-        except (KeyError, TypeError, ValueError):
-            raise protocol.ProtocolError("malformed JOB: no chunk_id/attempt_id") from None
-        ids = {"job_id": job.get("job_id"), "worker_id": self.worker_id,
+        protocol.check(job)
+        chunk_id, attempt_id = job["chunk_id"], job["attempt_id"]
+        ids = {"job_id": job["job_id"], "worker_id": self.worker_id,
                "chunk_id": chunk_id, "attempt_id": attempt_id}
         started = time.perf_counter()
         try:
             self.faults.before_compute(chunk_id)
-            metrics = compute_metrics(load_chunk(job), job.get("price_col"), job.get("qty_col"),
-                                      job.get("decimal", "."), job.get("group_col"))
+            metrics = compute_metrics(load_chunk(job), job["price_col"], job["qty_col"],
+                                      job["decimal"], job["group_col"])
         except Exception as exc:
             log.warning("%s: chunk %d attempt %d failed: %s: %s", self.worker_id,
                         chunk_id, attempt_id, type(exc).__name__, exc)
-            return {"type": protocol.FAILED, **ids, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            return protocol.make(protocol.FAILED, **ids, error=f"{type(exc).__name__}: {exc}"[:500])
         log.debug("%s: chunk %d: %d rows in %.1f ms", self.worker_id, chunk_id,
                   metrics["rows_processed"], 1000 * (time.perf_counter() - started))
-        return {"type": protocol.RESULT, **ids, **metrics}
+        return protocol.make(protocol.RESULT, **ids, **metrics)
 
     def deliver(self, message: dict) -> None:
         """Send a RESULT/FAILED and wait for its ACK (the commit receipt).
@@ -612,12 +610,14 @@ class Worker:
         if message["type"] == protocol.RESULT and \
                 len(protocol.encode(message)) > self.server_max_frame:
             ids = {k: message[k] for k in ("job_id", "worker_id", "chunk_id", "attempt_id")}
-            message = {"type": protocol.FAILED, **ids, "error": (
+            message = protocol.make(protocol.FAILED, **ids, error=(
                 f"the result has {len(message['groups'])} groups and does not fit in the "
                 f"server's {self.server_max_frame}-byte frames; --group-by a column with "
-                f"fewer values, or raise the server's --max-frame")}
+                f"fewer values, or raise the server's --max-frame"))
         reply = self.request(message)
-        if reply["type"] != protocol.ACK or reply.get("chunk_id") != message["chunk_id"]:
+        if reply["type"] == protocol.ACK:
+            protocol.check(reply)
+        if reply["type"] != protocol.ACK or reply["chunk_id"] != message["chunk_id"]:
             raise protocol.ProtocolError(f"expected ACK for chunk {message['chunk_id']}, "
                                          f"got {reply['type']}")
         if message["type"] == protocol.RESULT:

@@ -51,3 +51,16 @@ def test_readme_shows_the_attempt_outcome_diagram():
     assert [line.strip() for line in ("leased --+" + shown).splitlines() if line.strip()] == diagram
     for outcome, sources in db_utils.TRANSITIONS.items():
         assert all(state in "\n".join(diagram) for state in (outcome, *sources))
+
+
+def test_readme_protocol_table_is_the_schema():
+    """The README's Protocol table lists exactly protocol.MESSAGES: the same
+    types in the same order, each with the same field names (backticked
+    names outside parentheses in its third column)."""
+    import protocol
+    table = README.split("| type | direction | fields |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|") for line in table.strip().splitlines()[1:]]
+    documented = {re.findall(r"`(\w+)`", cells[1])[0]:
+                  re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", cells[3])) for cells in rows}
+    assert list(documented) == list(protocol.MESSAGES)
+    assert documented == {type_: list(spec) for type_, spec in protocol.MESSAGES.items()}

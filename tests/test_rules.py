@@ -413,7 +413,8 @@ def handler(book=None, group_col=None, worker_id="w"):
 
 
 def ids(**changes) -> dict:
-    return dict({"job_id": JOB, "worker_id": "w", "chunk_id": 1, "attempt_id": 2}, **changes)
+    return dict({"type": protocol.RESULT, "job_id": JOB, "worker_id": "w", "chunk_id": 1,
+                 "attempt_id": 2}, **changes)
 
 
 BAD_IDS = {
@@ -421,7 +422,7 @@ BAD_IDS = {
     "another worker's name": (dict(worker_id="x"), "worker_id differs"),
     "negative chunk": (dict(chunk_id=-1), "unknown chunk"),
     "chunk past the end": (dict(chunk_id=3), "unknown chunk"),
-    "chunk id as text": (dict(chunk_id="1"), "unknown chunk"),
+    "chunk id as text": (dict(chunk_id="1"), "chunk_id must be int"),
     "attempt never issued": (dict(attempt_id=99), "unknown attempt"),
     "attempt of another chunk": (dict(attempt_id=1), "unknown attempt"),
     "attempt of another worker": (dict(attempt_id=3, chunk_id=2), "unknown attempt"),
@@ -448,9 +449,9 @@ def group(key, rows=2, rejected=0, sales=5.0, low=1.0, high=4.0, mean=2.5, count
 
 
 BAD_GROUPS = {
-    "not a list": ("North", "must be a list"),
+    "not a list": ("North", "groups must be list"),
     "a row of 7 fields": ([group("North")[:7]], "8 fields"),
-    "a number as group value": ([group(7), group("South", rows=1)], "distinct strings or None"),
+    "a number as group value": ([group(7), group("South", rows=1)], "wrong type"),
     "the same group twice": ([group("North"), group("North", rows=1)], "distinct strings"),
     "bad stats in a group": ([group("North", count=1), group("South", rows=1)],
                              "group 'North': inconsistent"),
@@ -462,14 +463,21 @@ BAD_GROUPS = {
 def test_check_groups_refuses(case):
     """Rule: with --group-by, a RESULT's groups are a list of 8-field rows with
     distinct string (or None) values, each valid metrics, adding up to the
-    chunk's rows."""
+    chunk's rows.  The shape is the schema's (protocol.check), the rest
+    check_groups'; handle_result runs both, in this order."""
+    def result(groups):
+        return ids(rows_processed=3, rejected_rows=0, total_sales=15.0, min_price=1.0,
+                   max_price=4.0, avg_price=2.5, price_count=3, groups=groups)
+
+    def both(msg):
+        protocol.check(msg)
+        return server_mod.Handler.check_groups(handler(group_col="Region"), msg, 0)
+
     groups, words = BAD_GROUPS[case]
     with pytest.raises(protocol.ProtocolError, match=words):
-        server_mod.Handler.check_groups(handler(group_col="Region"),
-                                        {"rows_processed": 3, "groups": groups}, 0)
+        both(result(groups))
     good = [group("North"), group(None, rows=1)]
-    assert server_mod.Handler.check_groups(handler(group_col="Region"),
-                                           {"rows_processed": 3, "groups": good}, 0) == good
+    assert both(result(good)) == good
 
 
 def test_groups_without_group_by_are_refused():
