@@ -1924,7 +1924,8 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
         accept.join()
         server.server_close()   # joins the handler threads
     if server.fatal is not None:
-        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {book.counts()[DONE]} "
+        done = book.counts()[ChunkState.DONE]
+        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {done} "
               f"of {len(book)} chunks are safely stored", file=sys.stderr)
         return EXIT_FAILED
     if not completed:
