@@ -137,14 +137,62 @@ CREATE TABLE IF NOT EXISTS group_results (
 CREATE INDEX IF NOT EXISTS group_results_job ON group_results (job_id, chunk_id);
 """
 
-# Attempt outcomes, as stored in attempts.outcome.
-LEASED = "leased"          # handed out, not ended yet
-COUNTED = "counted"        # its RESULT was the first for the chunk
-DUPLICATE = "duplicate"    # its RESULT came after another one had counted
-FAILED = "failed"          # the worker reported an error (counts toward --max-attempts)
-EXPIRED = "expired"        # the lease ran out before a RESULT arrived
-DROPPED = "dropped"        # the connection closed while the chunk was leased
-INTERRUPTED = "interrupted"  # the server stopped while the chunk was leased
+
+class Outcome:
+    """How an attempt ended, as stored in ``attempts.outcome`` (lowercase text).
+
+    One attempt is one lease of one chunk to one worker.  Its row starts
+    ``leased`` and moves along :data:`TRANSITIONS`::
+
+        leased --+-- RESULT, first for its chunk ------> counted      (final)
+                 +-- RESULT, another one counted ------> duplicate    (final)
+                 +-- the worker's FAILED report -------> failed
+                 +-- the lease ran out ----------------> expired
+                 +-- the connection closed ------------> dropped
+                 +-- the server stopped ---------------> interrupted
+
+        expired | dropped | interrupted  -- FAILED report -->  failed
+        failed | expired | dropped | interrupted  -- RESULT -->  counted | duplicate
+
+    The server infers ``expired``, ``dropped`` and ``interrupted``; what the
+    worker says afterwards is better evidence and replaces them.  A
+    ``failed`` attempt that still delivers its RESULT counts (the chunk was
+    computed after all).  ``counted`` and ``duplicate`` never change again.
+    """
+
+    LEASED = "leased"            # handed out, not ended yet
+    COUNTED = "counted"          # its RESULT was the first for the chunk
+    DUPLICATE = "duplicate"      # its RESULT came after another one had counted
+    FAILED = "failed"            # the worker reported an error (counts toward --max-attempts)
+    EXPIRED = "expired"          # the lease ran out before a RESULT arrived
+    DROPPED = "dropped"          # the connection closed while the chunk was leased
+    INTERRUPTED = "interrupted"  # the server stopped while the chunk was leased
+
+
+_O = Outcome
+_NOT_FINAL = (_O.LEASED, _O.FAILED, _O.EXPIRED, _O.DROPPED, _O.INTERRUPTED)
+# The diagram above as data: outcome -> the outcomes it may replace.  Every
+# UPDATE of attempts.outcome builds its WHERE clause from this table
+# (:func:`_replaceable`), so the guard that makes a re-run transaction
+# harmless and the picture a student reads cannot drift apart.
+TRANSITIONS = {
+    _O.COUNTED: _NOT_FINAL,
+    _O.DUPLICATE: _NOT_FINAL,
+    _O.FAILED: (_O.LEASED, _O.EXPIRED, _O.DROPPED, _O.INTERRUPTED),
+    _O.EXPIRED: (_O.LEASED,),
+    _O.DROPPED: (_O.LEASED,),
+    _O.INTERRUPTED: (_O.LEASED,),
+}
+
+
+def _replaceable(outcome: str) -> tuple[str, tuple]:
+    """``("outcome IN (?, ...)", states)``: the WHERE guard for moving to ``outcome``.
+
+    Raises ``KeyError`` for an outcome nothing moves to (``leased``).
+    """
+    states = TRANSITIONS[outcome]
+    return f"outcome IN ({', '.join('?' * len(states))})", states
+
 
 _UPSERT_RESULT = f"""
 INSERT INTO worker_results ({", ".join(_NAMES)})
@@ -670,6 +718,7 @@ class ResultStore:
         their results are still accepted if a worker re-sends them.
         """
         now = time.time()
+        guard, states = _replaceable(Outcome.INTERRUPTED)
         statements = []
         if fresh:
             for table in ("jobs", "attempts", "worker_results", "chunk_results", "group_results"):
@@ -679,7 +728,7 @@ class ResultStore:
              "VALUES (?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
              (job_id, csv_path, identity, chunks, now)),
             ("UPDATE attempts SET outcome = ?, ended_at = ? "
-             "WHERE job_id = ? AND outcome = ?", (INTERRUPTED, now, job_id, LEASED)),
+             f"WHERE job_id = ? AND {guard}", (Outcome.INTERRUPTED, now, job_id, *states)),
         ]
         self._transaction(statements)
         done = {row["chunk_id"] for row in self._query(
@@ -696,7 +745,7 @@ class ResultStore:
         self._transaction([(
             "INSERT INTO attempts (job_id, attempt_id, chunk_id, worker_id, leased_at, outcome) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt_id) DO NOTHING",
-            (job_id, attempt_id, chunk_id, worker_id, leased_at, LEASED))])
+            (job_id, attempt_id, chunk_id, worker_id, leased_at, Outcome.LEASED))])
 
     def end_attempt(self, job_id: str, attempt_id: int, outcome: str,
                     error: str | None = None) -> None:
@@ -708,12 +757,11 @@ class ResultStore:
         inferred (expired, dropped, interrupted): the failure is counted
         toward ``--max-attempts``, so the table must show it too.
         """
-        replaceable = (LEASED, EXPIRED, DROPPED, INTERRUPTED) if outcome == FAILED else (LEASED,)
-        marks = ", ".join("?" * len(replaceable))
+        guard, states = _replaceable(outcome)
         self._transaction([(
             "UPDATE attempts SET outcome = ?, error = ?, ended_at = ? "
-            f"WHERE job_id = ? AND attempt_id = ? AND outcome IN ({marks})",
-            (outcome, error, time.time(), job_id, attempt_id, *replaceable))])
+            f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
+            (outcome, error, time.time(), job_id, attempt_id, *states))])
 
     def record_result(self, job_id: str, result: dict, groups=()) -> bool:
         """Commit one RESULT; return True if it is the one that counts.
@@ -746,11 +794,12 @@ class ResultStore:
                             "AND chunk_id = ?", (job_id, result["chunk_id"]))
                 claimed = cur.fetchone()
                 counted = claimed is not None and claimed[0] == result["attempt_id"]
+            outcome = Outcome.COUNTED if counted else Outcome.DUPLICATE
+            guard, states = _replaceable(outcome)
             cur.execute(
                 "UPDATE attempts SET outcome = ?, ended_at = ?, error = NULL "
-                "WHERE job_id = ? AND attempt_id = ? AND outcome NOT IN (?, ?)",
-                (COUNTED if counted else DUPLICATE, now, job_id,
-                 result["attempt_id"], COUNTED, DUPLICATE))
+                f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
+                (outcome, now, job_id, result["attempt_id"], *states))
             return counted
 
         return self._backend.transaction(commit_result)

@@ -93,7 +93,7 @@ __all__ = [
     "ProtocolError", "FrameTooLarge", "TruncatedFrame", "ConnectionClosed",
     "AuthenticationError", "ServerRefused",
     "send_frame", "recv_frame", "send_message", "recv_message",
-    "encode", "decode_safe",
+    "encode", "decode_safe", "MESSAGES", "OPTIONAL", "GROUP_ROW", "make", "check",
     "server_handshake", "client_handshake",
     "SERVER_MAX_FRAME", "WORKER_MAX_FRAME",
 ]
@@ -111,6 +111,95 @@ ACK = "ACK"
 ERROR = "ERROR"
 MESSAGE_TYPES = frozenset(
     {HELLO, WELCOME, GET_JOB, JOB, WAIT, NO_JOB, RESULT, FAILED, ACK, ERROR})
+
+# --- The message schema: every field of every message, and its types. ---
+# A field's spec is a tuple of the exact types it may hold (``type(v) in
+# spec``, not isinstance: bool is not an int here, and numpy's float64,
+# a float subclass, is refused where it is made rather than pickled as a
+# numpy object that the peer's unpickler refuses).  A name in OPTIONAL may
+# be left out.  ``groups`` is the one nested field: a list of GROUP_ROW
+# rows, checked row by row, one level deep (see :func:`check`).
+NUMBER = (float, int)
+GROUP_ROW = ((str, type(None)), (int,), (int,), NUMBER,            # group_value, rows, rejected, sales
+             NUMBER + (type(None),), NUMBER + (type(None),),       # min_price, max_price
+             NUMBER + (type(None),), (int,))                       # avg_price, price_count
+_IDS = {"job_id": (str,), "worker_id": (str,), "chunk_id": (int,), "attempt_id": (int,)}
+MESSAGES = {
+    HELLO: {"worker_id": (str,)},
+    WELCOME: {"job_id": (str,), "chunks": (int,), "lease_timeout": NUMBER, "max_frame": (int,)},
+    GET_JOB: {},
+    JOB: {"job_id": (str,), "chunk_id": (int,), "attempt_id": (int,),
+          "rows": (int, type(None)), "format": (str,), "data": (bytes,), "compressed": (bool,),
+          "price_col": (str,), "qty_col": (str,), "group_col": (str, type(None)),
+          "sep": (str,), "decimal": (str,), "encoding": (str,)},
+    WAIT: {"retry_after": NUMBER},
+    NO_JOB: {},
+    RESULT: {**_IDS, "rows_processed": (int,), "rejected_rows": (int,), "total_sales": NUMBER,
+             "min_price": NUMBER + (type(None),), "max_price": NUMBER + (type(None),),
+             "avg_price": NUMBER + (type(None),), "price_count": (int,), "groups": (list,)},
+    FAILED: {**_IDS, "error": (str,)},
+    ACK: {"chunk_id": (int,), "counted": (bool,)},
+    ERROR: {"reason": (str,)},
+}
+OPTIONAL = {RESULT: {"groups"}}   # absent: no --group-by
+
+
+def _field_problem(type_: str, name: str, value) -> str | None:
+    """Why ``value`` cannot be field ``name`` of a ``type_`` message (None: it can)."""
+    allowed = MESSAGES[type_][name]
+    if type(value) not in allowed:
+        return (f"{name} must be {' or '.join(t.__name__ for t in allowed)}, "
+                f"not {type(value).__name__}")
+    if name == "groups":
+        for row in value:
+            if type(row) not in (list, tuple) or len(row) != len(GROUP_ROW):
+                return f"each row of groups must be a list or tuple of {len(GROUP_ROW)} fields"
+            if any(type(v) not in kinds for v, kinds in zip(row, GROUP_ROW)):
+                return "a row of groups holds a value of the wrong type"
+    return None
+
+
+def make(type_: str, **fields) -> dict:
+    """Build a ``type_`` message from ``fields``, checked against :data:`MESSAGES`.
+
+    Raises ``ValueError`` for an unknown type, an unknown or missing field,
+    or a value of a type the schema does not list (say, a numpy scalar):
+    a bug on the sending side, caught before anything is sent.
+    """
+    spec = MESSAGES.get(type_)
+    if spec is None:
+        raise ValueError(f"unknown message type {type_!r}")
+    missing = set(spec) - set(fields) - OPTIONAL.get(type_, set())
+    unknown = set(fields) - set(spec)
+    if missing or unknown:
+        raise ValueError(f"{type_}: missing fields {sorted(missing)}, unknown {sorted(unknown)}")
+    for name, value in fields.items():
+        problem = _field_problem(type_, name, value)
+        if problem:
+            raise ValueError(f"{type_}: {problem}")
+    return {"type": type_, **fields}
+
+
+def check(message: dict, fields=None) -> dict:
+    """Check a received message (from :func:`decode_safe`) against :data:`MESSAGES`.
+
+    Checks ``fields`` (names; default: every field of its type) for
+    presence and type, at a fixed depth: the message's own fields, and for
+    ``groups`` each row's values.  Extra fields are ignored.  Returns
+    ``message``; raises :class:`ProtocolError` naming the first bad field.
+    """
+    type_ = message["type"]
+    names = MESSAGES[type_] if fields is None else fields
+    for name in names:
+        if name not in message:
+            if name in OPTIONAL.get(type_, ()):
+                continue
+            raise ProtocolError(f"malformed {type_}: no {name}")
+        problem = _field_problem(type_, name, message[name])
+        if problem:
+            raise ProtocolError(f"malformed {type_}: {problem}")
+    return message
+
 
 HEADER = struct.Struct("!I")
 # Worker messages are a few hundred bytes (a little more with --group-by);
@@ -386,7 +475,8 @@ def _check_envelope(message) -> dict:
 
 
 def send_message(sock: socket.socket, type_: str, **fields) -> None:
-    """Encode ``{"type": type_, **fields}`` and send it as one frame."""
+    """Encode ``{"type": type_, **fields}`` and send it as one frame (unchecked:
+    the tests use it to send what a broken peer would; code uses :func:`make`)."""
     send_frame(sock, encode({"type": type_, **fields}))
 
 

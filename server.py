@@ -74,7 +74,7 @@ import numpy as np
 import pandas as pd
 
 import protocol
-from db_utils import DROPPED, EXPIRED, FAILED, AggregateOverflow, ResultStore, StoreError
+from db_utils import AggregateOverflow, Outcome, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
                     HelpFormatter, RecordScanner, byte_transparent, find_columns, inside_mask,
                     is_blank, normalize_name, number_readings, port_number, read_columns,
@@ -1259,12 +1259,11 @@ def job_message(info: CsvInfo, chunks, job_id: str, chunk_id: int, attempt_id: i
     ``chunks`` is the chunk source (:class:`FrameChunks` or
     :class:`StreamChunks`); ``data`` its payload for ``chunk_id``.
     """
-    return {"type": protocol.JOB, "job_id": job_id, "chunk_id": chunk_id,
-            "attempt_id": attempt_id, "rows": chunks.rows_of(chunk_id),
-            "format": chunks.format, "data": data, "compressed": chunks.compress,
-            "price_col": info.price_col, "qty_col": info.qty_col,
-            "group_col": info.group_col, "sep": info.sep, "decimal": info.decimal,
-            "encoding": info.encoding}
+    return protocol.make(
+        protocol.JOB, job_id=job_id, chunk_id=chunk_id, attempt_id=attempt_id,
+        rows=chunks.rows_of(chunk_id), format=chunks.format, data=data,
+        compressed=chunks.compress, price_col=info.price_col, qty_col=info.qty_col,
+        group_col=info.group_col, sep=info.sep, decimal=info.decimal, encoding=info.encoding)
 
 
 def job_data_room(info: CsvInfo, chunks) -> int:
@@ -1285,7 +1284,14 @@ def job_data_room(info: CsvInfo, chunks) -> int:
 
 # --- Chunk bookkeeping (no sockets, no database) -------------------------------
 
-PENDING, LEASED, DONE, FAILED_CHUNK = "PENDING", "LEASED", "DONE", "FAILED"
+class ChunkState:
+    """Where a chunk is in :class:`ChunkBook` (in memory; the database keeps
+    :class:`db_utils.Outcome` per attempt instead)."""
+
+    PENDING = "PENDING"   # waiting in the queue for a lease
+    LEASED = "LEASED"     # at least one live lease, no result yet
+    DONE = "DONE"         # a result is committed (final)
+    FAILED = "FAILED"     # cannot succeed: --max-attempts/--max-lost reached, or unsendable
 
 
 @dataclass
@@ -1322,10 +1328,11 @@ class ChunkBook:
                  clock=time.monotonic, max_lost: int = 10):
         self.lease_timeout, self.max_attempts, self.clock = lease_timeout, max_attempts, clock
         self.max_lost = max_lost
-        self.state = [PENDING] * chunks
+        self.state = [ChunkState.PENDING] * chunks
         for chunk_id in done:
-            self.state[chunk_id] = DONE
-        self.queue = collections.deque(c for c in range(chunks) if self.state[c] == PENDING)
+            self.state[chunk_id] = ChunkState.DONE
+        self.queue = collections.deque(
+            c for c in range(chunks) if self.state[c] == ChunkState.PENDING)
         self.leases: dict[int, Lease] = {}
         self.attempt_owner = dict(known_attempts or {})  # attempt_id -> (chunk_id, worker_id)
         self.next_attempt_id = self.first_attempt_id = next_attempt_id
@@ -1350,14 +1357,14 @@ class ChunkBook:
         with self._lock:
             while self.queue:
                 chunk_id = self.queue.popleft()
-                if self.state[chunk_id] == PENDING:
+                if self.state[chunk_id] == ChunkState.PENDING:
                     break
             else:
                 return None
             lease = Lease(self.next_attempt_id, chunk_id, worker_id, conn,
                           self.clock() + self.lease_timeout)
             self.next_attempt_id += 1
-            self.state[chunk_id] = LEASED
+            self.state[chunk_id] = ChunkState.LEASED
             self.leases[lease.attempt_id] = lease
             self.attempt_owner[lease.attempt_id] = (chunk_id, worker_id)
             self.dispatches += 1
@@ -1378,7 +1385,7 @@ class ChunkBook:
         """A result for the chunk is committed: it is DONE (idempotent)."""
         with self._lock:
             self.leases.pop(attempt_id, None)
-            self.state[chunk_id] = DONE
+            self.state[chunk_id] = ChunkState.DONE
             self._check_finished()
 
     def fail(self, chunk_id: int, attempt_id: int, error: str) -> bool:
@@ -1389,7 +1396,8 @@ class ChunkBook:
         with self._lock:
             self.leases.pop(attempt_id, None)
             self.last_error[chunk_id] = error
-            if self.state[chunk_id] in (DONE, FAILED_CHUNK) or attempt_id in self.failed_attempts:
+            if (self.state[chunk_id] in (ChunkState.DONE, ChunkState.FAILED)
+                    or attempt_id in self.failed_attempts):
                 return False
             self.failed_attempts.add(attempt_id)
             self.failures[chunk_id] += 1
@@ -1404,7 +1412,7 @@ class ChunkBook:
         workers' frame limit): end the attempt and FAIL the chunk at once."""
         with self._lock:
             self.leases.pop(attempt_id, None)
-            if self.state[chunk_id] == LEASED:
+            if self.state[chunk_id] == ChunkState.LEASED:
                 self._give_up(chunk_id, reason)
 
     def release(self, conn: int) -> list[Lease]:
@@ -1436,7 +1444,7 @@ class ChunkBook:
             del self.leases[lease.attempt_id]
         for lease in gone:
             chunk_id = lease.chunk_id
-            if self.state[chunk_id] != LEASED:
+            if self.state[chunk_id] != ChunkState.LEASED:
                 continue   # a result or a reported failure already decided it
             self.losses[chunk_id] += 1
             still_held = any(l.chunk_id == chunk_id for l in self.leases.values())
@@ -1449,7 +1457,7 @@ class ChunkBook:
                 self._requeue(chunk_id)
 
     def _give_up(self, chunk_id: int, why: str) -> None:
-        self.state[chunk_id] = FAILED_CHUNK
+        self.state[chunk_id] = ChunkState.FAILED
         self.why_failed[chunk_id] = why
         log.error("chunk %d FAILED: %s", chunk_id, why)
         self._check_finished()
@@ -1457,11 +1465,11 @@ class ChunkBook:
     def _requeue(self, chunk_id: int) -> None:
         # Another live lease may still hold the chunk (it was re-leased after
         # an expiry): then it stays LEASED and is not queued twice.
-        if self.state[chunk_id] != LEASED:
+        if self.state[chunk_id] != ChunkState.LEASED:
             return
         if any(lease.chunk_id == chunk_id for lease in self.leases.values()):
             return
-        self.state[chunk_id] = PENDING
+        self.state[chunk_id] = ChunkState.PENDING
         self.queue.appendleft(chunk_id)  # retry first: it is what the job waits for
 
     def _check_finished(self) -> None:
@@ -1469,7 +1477,8 @@ class ChunkBook:
         # nothing leaves them), so the scan resumes where it last stopped:
         # linear over the whole job instead of per completed chunk, which
         # made a job of 10,000 chunks spend seconds here under the lock.
-        while self._scanned < len(self.state) and self.state[self._scanned] in (DONE, FAILED_CHUNK):
+        while (self._scanned < len(self.state)
+               and self.state[self._scanned] in (ChunkState.DONE, ChunkState.FAILED)):
             self._scanned += 1
         if self._scanned == len(self.state):
             self.finished.set()
@@ -1478,13 +1487,14 @@ class ChunkBook:
         """``{'PENDING': n, 'LEASED': n, 'DONE': n, 'FAILED': n}``."""
         with self._lock:
             tally = collections.Counter(self.state)
-        return {s: tally.get(s, 0) for s in (PENDING, LEASED, DONE, FAILED_CHUNK)}
+        return {s: tally.get(s, 0) for s in (ChunkState.PENDING, ChunkState.LEASED,
+                                             ChunkState.DONE, ChunkState.FAILED)}
 
     def failed_chunks(self) -> dict[int, str]:
         """``{chunk_id: why it failed}`` of the FAILED chunks (one line each)."""
         with self._lock:
             return {c: self.why_failed.get(c, "") for c, s in enumerate(self.state)
-                    if s == FAILED_CHUNK}
+                    if s == ChunkState.FAILED}
 
 
 # --- Validating what workers send ----------------------------------------------
@@ -1582,7 +1592,7 @@ class JobServer(socketserver.ThreadingTCPServer):
         self.io_timeout, self.idle_timeout = io_timeout, idle_timeout
         self.max_connections, self.wait_interval = max_connections, wait_interval
         self.timings = Timings()
-        self.progress = Progress(len(chunks), len(book) - book.counts()[PENDING])
+        self.progress = Progress(len(chunks), len(book) - book.counts()[ChunkState.PENDING])
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self.stop = threading.Event()     # set by a signal, or by fail_job()
@@ -1695,7 +1705,7 @@ class Handler(socketserver.BaseRequestHandler):
             log.debug("%s (%s) disconnected", self.peer, self.worker_id)
         except protocol.ProtocolError as exc:
             log.warning("dropping %s (%s): %s", self.peer, self.worker_id or "no HELLO", exc)
-            self.try_send({"type": protocol.ERROR, "reason": str(exc)[:200]})
+            self.try_send(protocol.make(protocol.ERROR, reason=str(exc)[:200]))
         except (InputError, StoreError) as exc:
             # Not this peer's doing: the input file or the results database
             # broke under the job.  Retrying would fail the same way, forever.
@@ -1715,7 +1725,7 @@ class Handler(socketserver.BaseRequestHandler):
                 log.info("chunk %d back in the queue: %s's connection closed (attempt %d)",
                          lease.chunk_id, lease.worker_id, lease.attempt_id)
                 try:
-                    srv.store.end_attempt(srv.job_id, lease.attempt_id, DROPPED)
+                    srv.store.end_attempt(srv.job_id, lease.attempt_id, Outcome.DROPPED)
                 except OSError as exc:  # StoreError: the history misses one line, no result is lost
                     log.warning("cannot record the end of attempt %d: %s", lease.attempt_id, exc)
 
@@ -1743,18 +1753,17 @@ class Handler(socketserver.BaseRequestHandler):
     # --- one method per message type ----------------------------------------
 
     def handle_hello(self, msg: dict) -> None:
-        worker_id = msg.get("worker_id")
+        worker_id = protocol.check(msg)["worker_id"]
         # Printable only: the id is printed in the final table and logged, and
         # a newline or an escape sequence in it could forge those lines.
-        if not (isinstance(worker_id, str) and 0 < len(worker_id) <= 200
-                and worker_id.isprintable()):
+        if not (0 < len(worker_id) <= 200 and worker_id.isprintable()):
             raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 printable characters")
         self.worker_id = worker_id
         self.server.hello(worker_id)
         log.info("worker %s connected from %s", worker_id, self.peer)
-        self.send({"type": protocol.WELCOME, "job_id": self.server.job_id,
-                   "max_frame": self.server.max_frame,
-                   "chunks": len(self.server.book), "lease_timeout": self.server.book.lease_timeout})
+        self.send(protocol.make(protocol.WELCOME, job_id=self.server.job_id,
+                                max_frame=self.server.max_frame, chunks=len(self.server.book),
+                                lease_timeout=self.server.book.lease_timeout))
 
     def handle_get_job(self, msg: dict) -> None:
         srv = self.server
@@ -1813,10 +1822,10 @@ class Handler(socketserver.BaseRequestHandler):
         """Answer a GET_JOB that gets no chunk: NO_JOB if the job is over, else WAIT."""
         srv = self.server
         if srv.book.finished.is_set():
-            self.send({"type": protocol.NO_JOB})
+            self.send(protocol.make(protocol.NO_JOB))
             srv.told_done(self.worker_id)
         else:
-            self.send({"type": protocol.WAIT, "retry_after": srv.wait_interval})
+            self.send(protocol.make(protocol.WAIT, retry_after=srv.wait_interval))
 
     def handle_result(self, msg: dict) -> None:
         srv = self.server
@@ -1825,6 +1834,7 @@ class Handler(socketserver.BaseRequestHandler):
                   "max_price", "avg_price", "price_count")
         values = [msg.get(f) for f in fields]
         try:
+            protocol.check(msg)
             check_stats(f"chunk {chunk_id}", *values)
             fewest, most = srv.chunks.row_bounds(chunk_id)
             if not fewest <= msg["rows_processed"] <= most:
@@ -1851,7 +1861,7 @@ class Handler(socketserver.BaseRequestHandler):
         else:
             log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
                      chunk_id, self.worker_id, attempt_id)
-        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": counted})
+        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted))
 
     def handle_failed(self, msg: dict) -> None:
         chunk_id, attempt_id = self.check_ids(msg)
@@ -1860,13 +1870,13 @@ class Handler(socketserver.BaseRequestHandler):
         log.warning("chunk %d attempt %d failed on %s: %s", chunk_id, attempt_id,
                     self.worker_id, error)
         self.fail_attempt(chunk_id, attempt_id, error)
-        self.send({"type": protocol.ACK, "chunk_id": chunk_id, "counted": False})
+        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=False))
 
     def fail_attempt(self, chunk_id: int, attempt_id: int, error: str) -> None:
         """Record a failed attempt; the chunk FAILS after --max-attempts of them
         (the book logs that)."""
         srv = self.server
-        srv.store.end_attempt(srv.job_id, attempt_id, FAILED, error)
+        srv.store.end_attempt(srv.job_id, attempt_id, Outcome.FAILED, error)
         if srv.book.fail(chunk_id, attempt_id, error):
             srv.chunks.forget(chunk_id)
 
@@ -1876,12 +1886,19 @@ class Handler(socketserver.BaseRequestHandler):
     # --- validation ------------------------------------------------------------
 
     def check_ids(self, msg: dict) -> tuple[int, int]:
-        """The message's (chunk_id, attempt_id), if they belong to this job."""
+        """The message's (chunk_id, attempt_id), if they belong to this job.
+
+        Checks only the four id fields against the schema: a FAILED report's
+        ``error`` is recorded even when it is not text (see handle_failed),
+        and a RESULT's other fields are checked once the attempt is known,
+        so that a bad one fails that attempt.
+        """
         srv = self.server
-        chunk_id, attempt_id = msg.get("chunk_id"), msg.get("attempt_id")
-        if msg.get("job_id") != srv.job_id:
-            raise protocol.ProtocolError(f"result of another job ({_brief(msg.get('job_id'))})")
-        if msg.get("worker_id") != self.worker_id:
+        protocol.check(msg, ("job_id", "worker_id", "chunk_id", "attempt_id"))
+        chunk_id, attempt_id = msg["chunk_id"], msg["attempt_id"]
+        if msg["job_id"] != srv.job_id:
+            raise protocol.ProtocolError(f"result of another job ({_brief(msg['job_id'])})")
+        if msg["worker_id"] != self.worker_id:
             raise protocol.ProtocolError("worker_id differs from the one in HELLO")
         if not (_is_int(chunk_id) and 0 <= chunk_id < len(srv.book)):
             raise protocol.ProtocolError(f"unknown chunk {_brief(chunk_id)}")
@@ -1891,20 +1908,20 @@ class Handler(socketserver.BaseRequestHandler):
         return chunk_id, attempt_id
 
     def check_groups(self, msg: dict, chunk_id: int) -> list[tuple]:
-        """Validate the per-group rows of a RESULT; they must add up to its rows."""
+        """Validate the per-group rows of a RESULT; they must add up to its rows.
+
+        Their shape and types were checked with the rest of the message
+        (``protocol.GROUP_ROW``); what is left is what the schema cannot say.
+        """
         groups = msg.get("groups", [])
         if self.server.info.group_col is None:
             if groups:
                 raise protocol.ProtocolError("groups sent but no --group-by is set")
             return []
-        if not isinstance(groups, list):
-            raise protocol.ProtocolError("groups must be a list")
         seen, total = set(), 0
         for group in groups:
-            if not (isinstance(group, (list, tuple)) and len(group) == 8):
-                raise protocol.ProtocolError("a group row must have 8 fields")
             key = group[0]
-            if not (key is None or isinstance(key, str)) or key in seen:
+            if key in seen:
                 raise protocol.ProtocolError("group values must be distinct strings or None")
             seen.add(key)
             check_stats(f"chunk {chunk_id} group {key!r}", *group[1:])
@@ -1959,7 +1976,7 @@ class Progress:
             if now - self._last < 1.0 and not book.finished.is_set():
                 return
             left = book.counts()
-            left = left[PENDING] + left[LEASED]
+            left = left[ChunkState.PENDING] + left[ChunkState.LEASED]
             self._last = now
             earlier = self.resumed + self.late
             line = "progress: %d/%d chunks done (%.0f%%%s), %d rows in this run" % (
@@ -2115,7 +2132,7 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
                 log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
                             lease.chunk_id, lease.worker_id, lease.attempt_id)
                 try:
-                    store.end_attempt(job_id, lease.attempt_id, EXPIRED)
+                    store.end_attempt(job_id, lease.attempt_id, Outcome.EXPIRED)
                 except StoreError as exc:
                     server.fail_job(str(exc))
         waited = time.perf_counter()
@@ -2139,13 +2156,14 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
         accept.join()
         server.server_close()   # joins the handler threads
     if server.fatal is not None:
-        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {book.counts()[DONE]} "
+        done = book.counts()[ChunkState.DONE]
+        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {done} "
               f"of {len(book)} chunks are safely stored", file=sys.stderr)
         return EXIT_FAILED
     if not completed:
         counts = book.counts()
         log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
-                    "again to resume", signals[0], counts[DONE], len(book))
+                    "again to resume", signals[0], counts[ChunkState.DONE], len(book))
         return 128 + signals[0]
     return report(server)
 

@@ -932,41 +932,6 @@ def _last_record_end(block: bytes, quotes: np.ndarray, inside: bool) -> int | No
         end = int(quotes[before - 1])   # look before the quote that opened the field
 
 
-# --- Fault injection (off by default; for experiments and tests) ---------------
-
-class Faults:
-    """Decides, per attempt, whether this worker misbehaves on purpose.
-
-    ``crash_rate``: probability of exiting abruptly (``os._exit``, no
-    goodbye, exactly like a SIGKILL) after taking a chunk.  ``stall_rate``:
-    probability of sleeping ``stall_seconds`` first (past the lease).
-    ``error_rate``: probability of reporting a failure instead of a result.
-    ``delay``: seconds of extra work per chunk (a slow worker).  All draws
-    come from one ``random.Random(seed)`` so a run can be repeated.
-    """
-
-    def __init__(self, crash_rate=0.0, stall_rate=0.0, stall_seconds=5.0,
-                 error_rate=0.0, delay=0.0, seed=None):
-        self.crash_rate, self.stall_rate, self.error_rate = crash_rate, stall_rate, error_rate
-        self.stall_seconds, self.delay = stall_seconds, delay
-        self.rng = random.Random(seed)
-
-    def before_compute(self, chunk_id: int) -> None:
-        """Maybe crash, stall or slow down; raise RuntimeError to inject an error."""
-        draw = self.rng.random()
-        if draw < self.crash_rate:
-            log.warning("fault injection: crashing on chunk %d", chunk_id)
-            logging.shutdown()
-            os._exit(3)
-        if draw < self.crash_rate + self.stall_rate:
-            log.warning("fault injection: stalling %.1f s on chunk %d", self.stall_seconds, chunk_id)
-            time.sleep(self.stall_seconds)
-        if self.delay:
-            time.sleep(self.delay)
-        if self.rng.random() < self.error_rate:
-            raise RuntimeError(f"fault injection: error on chunk {chunk_id}")
-
-
 # --- The worker ----------------------------------------------------------------
 
 class GiveUp(Exception):
@@ -984,12 +949,11 @@ class Worker:
 
     def __init__(self, host: str, port: int, worker_id: str, secret: bytes = b"",
                  tls_ca: str | None = None, give_up_after: float = 60.0,
-                 io_timeout: float = 60.0, faults: Faults | None = None):
+                 io_timeout: float = 60.0):
         self.host, self.port, self.worker_id = host, port, worker_id
         self.secret = secret
         self.tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
         self.give_up_after, self.io_timeout = give_up_after, io_timeout
-        self.faults = faults or Faults()
         self.sock: socket.socket | None = None
         self.server_max_frame = protocol.SERVER_MAX_FRAME  # until WELCOME says otherwise
         self.stopping = threading.Event()
@@ -1014,7 +978,7 @@ class Worker:
                 if self.stopping.is_set():
                     log.info("%s: stopping after %d chunks", self.worker_id, self.chunks_done)
                     return 0
-                reply = self.request({"type": protocol.GET_JOB})
+                reply = self.request(protocol.make(protocol.GET_JOB))
                 if reply["type"] == protocol.NO_JOB:
                     log.info("%s: job finished, %d results delivered from here",
                              self.worker_id, self.chunks_done)
@@ -1069,17 +1033,17 @@ class Worker:
             try:
                 self.sock = self._open()
                 try:
-                    welcome = self.request({"type": protocol.HELLO, "worker_id": self.worker_id})
+                    welcome = self.request(protocol.make(protocol.HELLO, worker_id=self.worker_id))
                 except protocol.ServerRefused as exc:
                     # Saying HELLO again would be refused again: stop, do not spin.
                     raise GiveUp(f"server refused HELLO: {exc}") from None
                 if welcome["type"] != protocol.WELCOME:
                     raise protocol.ProtocolError(f"expected WELCOME, got {welcome['type']}")
-                limit = welcome.get("max_frame")
-                if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-                    self.server_max_frame = limit
-                log.info("%s: connected to %s:%d, job %s (%s chunks)", self.worker_id,
-                         self.host, self.port, welcome.get("job_id"), welcome.get("chunks"))
+                protocol.check(welcome)
+                if welcome["max_frame"] > 0:
+                    self.server_max_frame = welcome["max_frame"]
+                log.info("%s: connected to %s:%d, job %s (%d chunks)", self.worker_id,
+                         self.host, self.port, welcome["job_id"], welcome["chunks"])
                 return
             except ssl.SSLCertVerificationError:
                 # An OSError, but no network hiccup: this server is not one the
@@ -1135,27 +1099,28 @@ class Worker:
 
         Any exception from parsing or computing becomes a FAILED message
         (a failure recorded as data), so one bad chunk never kills the
-        worker.  A JOB without a usable chunk and attempt id cannot even be
-        reported and raises ProtocolError.
+        worker.  A JOB that does not match the schema (``protocol.MESSAGES``)
+        cannot even be reported and raises ProtocolError.
         """
-        try:
-            chunk_id, attempt_id = int(job["chunk_id"]), int(job["attempt_id"])
-        except (KeyError, TypeError, ValueError):
-            raise protocol.ProtocolError("malformed JOB: no chunk_id/attempt_id") from None
-        ids = {"job_id": job.get("job_id"), "worker_id": self.worker_id,
+        protocol.check(job)
+        chunk_id, attempt_id = job["chunk_id"], job["attempt_id"]
+        ids = {"job_id": job["job_id"], "worker_id": self.worker_id,
                "chunk_id": chunk_id, "attempt_id": attempt_id}
         started = time.perf_counter()
         try:
-            self.faults.before_compute(chunk_id)
-            metrics = compute_metrics(load_chunk(job), job.get("price_col"), job.get("qty_col"),
-                                      job.get("decimal", "."), job.get("group_col"))
+            metrics = self.compute(job)
         except Exception as exc:
             log.warning("%s: chunk %d attempt %d failed: %s: %s", self.worker_id,
                         chunk_id, attempt_id, type(exc).__name__, exc)
-            return {"type": protocol.FAILED, **ids, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            return protocol.make(protocol.FAILED, **ids, error=f"{type(exc).__name__}: {exc}"[:500])
         log.debug("%s: chunk %d: %d rows in %.1f ms", self.worker_id, chunk_id,
                   metrics["rows_processed"], 1000 * (time.perf_counter() - started))
-        return {"type": protocol.RESULT, **ids, **metrics}
+        return protocol.make(protocol.RESULT, **ids, **metrics)
+
+    def compute(self, job: dict) -> dict:
+        """The metrics of one JOB's chunk (tools/flaky_worker.py wraps this)."""
+        return compute_metrics(load_chunk(job), job["price_col"], job["qty_col"],
+                               job["decimal"], job["group_col"])
 
     def deliver(self, message: dict) -> None:
         """Send a RESULT/FAILED and wait for its ACK (the commit receipt).
@@ -1168,12 +1133,14 @@ class Worker:
         if message["type"] == protocol.RESULT and \
                 len(protocol.encode(message)) > self.server_max_frame:
             ids = {k: message[k] for k in ("job_id", "worker_id", "chunk_id", "attempt_id")}
-            message = {"type": protocol.FAILED, **ids, "error": (
+            message = protocol.make(protocol.FAILED, **ids, error=(
                 f"the result has {len(message['groups'])} groups and does not fit in the "
                 f"server's {self.server_max_frame}-byte frames; --group-by a column with "
-                f"fewer values, or raise the server's --max-frame")}
+                f"fewer values, or raise the server's --max-frame"))
         reply = self.request(message)
-        if reply["type"] != protocol.ACK or reply.get("chunk_id") != message["chunk_id"]:
+        if reply["type"] == protocol.ACK:
+            protocol.check(reply)
+        if reply["type"] != protocol.ACK or reply["chunk_id"] != message["chunk_id"]:
             raise protocol.ProtocolError(f"expected ACK for chunk {message['chunk_id']}, "
                                          f"got {reply['type']}")
         if message["type"] == protocol.RESULT:
@@ -1245,8 +1212,8 @@ def port_number(lowest: int):
     return port
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The worker's command line (see ``--help``)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's command line (see ``--help``); tools/flaky_worker.py adds to it."""
     p = argparse.ArgumentParser(
         description="Pull chunks from a sales-analysis server and report partial metrics.",
         formatter_class=HelpFormatter)
@@ -1267,19 +1234,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds one read or write may block")
     p.add_argument("--log-level", default="INFO", help="how much to log",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    f = p.add_argument_group("fault injection (off by default; for experiments)")
-    f.add_argument("--crash-rate", type=probability, default=0.0,
-                   help="probability of exiting abruptly after taking a chunk")
-    f.add_argument("--stall-rate", type=probability, default=0.0,
-                   help="probability of stalling --stall-seconds on a chunk")
-    f.add_argument("--stall-seconds", type=seconds_or_zero, default=5.0,
-                   help="length of a stall")
-    f.add_argument("--error-rate", type=probability, default=0.0,
-                   help="probability of reporting a failure instead of a result")
-    f.add_argument("--delay", type=seconds_or_zero, default=0.0,
-                   help="extra seconds of work per chunk")
-    f.add_argument("--fault-seed", type=int, default=None, help="seed for the fault draws")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The worker's parsed command line."""
+    return build_parser().parse_args(argv)
 
 
 def wait_for_port_file(path: str, stopping: threading.Event) -> int | None:
@@ -1305,14 +1265,17 @@ def wait_for_port_file(path: str, stopping: threading.Event) -> int | None:
 
 def main(argv=None) -> int:
     """Entry point: run one worker until the job is done; return the exit code."""
-    args = parse_args(argv)
+    return run_worker(parse_args(argv), Worker)
+
+
+def run_worker(args: argparse.Namespace, make_worker) -> int:
+    """Run ``make_worker(host, port, worker_id, secret, tls_ca, give_up_after,
+    io_timeout)`` (a :class:`Worker`) as this process; return its exit code."""
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = args.secret if args.secret is not None else os.environ.get(SECRET_ENV, "")
-    worker = Worker(args.server, args.port, args.worker_id, secret.encode(), args.tls_ca,
-                    args.give_up_after, args.io_timeout,
-                    Faults(args.crash_rate, args.stall_rate, args.stall_seconds,
-                           args.error_rate, args.delay, args.fault_seed))
+    worker = make_worker(args.server, args.port, args.worker_id, secret.encode(), args.tls_ca,
+                         args.give_up_after, args.io_timeout)
 
     def on_signal(signum, frame):
         if worker.stopping.is_set():

@@ -582,8 +582,17 @@ class Procs:
         return server
 
     def worker(self, port: int, worker_id: str, args=(), env=None) -> subprocess.Popen:
-        """Start ``worker.py`` against ``port``; its log goes to tmp_path."""
-        cmd = [PY, str(ROOT / "worker.py"), "--server", "127.0.0.1", "--port", str(port),
+        """Start ``worker.py`` against ``port``; its log goes to tmp_path.
+
+        With a fault option in ``args`` (``--delay``, ``--crash-rate``...)
+        the process is tools/flaky_worker.py: the same worker, faults around it.
+        """
+        program = "worker.py"
+        if args:
+            from tools.flaky_worker import FAULT_OPTIONS   # imports pandas: only when needed
+            if any(str(a) in FAULT_OPTIONS for a in args):
+                program = "tools/flaky_worker.py"
+        cmd = [PY, str(ROOT / program), "--server", "127.0.0.1", "--port", str(port),
                "--worker-id", worker_id, "--give-up-after", "20", *map(str, args)]
         with open(self.tmp / f"{worker_id}-{len(self.started)}.log", "w") as log:
             return self.popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

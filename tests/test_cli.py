@@ -28,9 +28,9 @@ from conftest import PY, ROOT, make_sales_csv, wait_for
     ("server.py", ["--csv", "x.csv", "--linger", "-1"]),
     ("server.py", ["--csv", "x.csv", "--db-retry-for", "1e12"]),
     ("worker.py", ["--give-up-after", "1e10"]),
-    ("worker.py", ["--stall-seconds", "1e300"]),
-    ("worker.py", ["--delay", "-0.5"]),
-    ("worker.py", ["--crash-rate", "1.5"]),
+    ("tools/flaky_worker.py", ["--stall-seconds", "1e300"]),
+    ("tools/flaky_worker.py", ["--delay", "-0.5"]),
+    ("tools/flaky_worker.py", ["--crash-rate", "1.5"]),
 ])
 def test_bad_number_is_a_usage_error(program, args):
     """An impossible port number, timeout, delay or rate is refused by the

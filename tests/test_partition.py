@@ -105,7 +105,7 @@ class Job:
     def worker(self, leaf, worker_id: str, args=()) -> subprocess.Popen:
         """Start worker ``worker_id`` in ``leaf``; its log is tmp_path/<worker_id>.log."""
         log = open(self.tmp / f"{worker_id}.log", "w")
-        cmd = [PY, str(ROOT / "worker.py"), "--server", self.net.server_address,
+        cmd = [PY, str(ROOT / "tools" / "flaky_worker.py"), "--server", self.net.server_address,
                "--port", str(self.port), "--worker-id", worker_id, "--give-up-after", "40",
                *map(str, args)]
         return self.procs.popen(self.net.command(leaf, cmd), stdout=log,

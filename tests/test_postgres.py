@@ -39,7 +39,7 @@ import pytest
 import db_utils
 from conftest import (PY, ROOT, assert_aggregate, kill, make_sales_csv, oracle, oracle_groups,
                       parse_final, wait_for)
-from db_utils import COUNTED, DUPLICATE, ResultStore, StoreError
+from db_utils import Outcome, ResultStore, StoreError
 from pg import query_db
 from worker import compute_metrics
 
@@ -128,7 +128,7 @@ def test_same_result_twice_and_same_chunk_from_two_workers(db_url):
                                  "max_price": 9.0, "avg_price": 4.5, "rejected_rows": 1})
         assert [g["total_sales"] for g in store.group_aggregate(JOB)] == [100.0]
         assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
-            {1: COUNTED, 2: DUPLICATE}
+            {1: Outcome.COUNTED, 2: Outcome.DUPLICATE}
         assert store.per_worker(JOB) == [{"worker_id": "w1", "chunks": 1, "rows": 10}]
     assert sorted(query_db(db_url, "SELECT worker_id, total_sales FROM worker_results")) == \
         [("w1", 100.0), ("w2", 999.0)]
@@ -167,7 +167,7 @@ def test_racing_results_for_one_chunk_count_once(db_url):
         assert query_db(db_url, "SELECT total_sales FROM group_results WHERE chunk_id = ?",
                         (c,)) == [(sales,)]
     outcomes = query_db(db_url, "SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome")
-    assert dict(outcomes) == {COUNTED: chunks, DUPLICATE: chunks * (workers - 1)}
+    assert dict(outcomes) == {Outcome.COUNTED: chunks, Outcome.DUPLICATE: chunks * (workers - 1)}
     assert query_db(db_url, "SELECT COUNT(*) FROM worker_results") == [(chunks * workers,)]
 
 
@@ -212,7 +212,7 @@ def test_worker_and_server_killed_then_resume(procs, tmp_path, db_url, request):
                       (last_attempt,))
     assert not done_before & {c for (c,) in redone}, "a chunk done before the crash ran again"
     outcomes = dict(query_db(db_url, "SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome"))
-    assert outcomes[COUNTED] == chunks
+    assert outcomes[Outcome.COUNTED] == chunks
     assert "leased" not in outcomes
 
 
@@ -418,12 +418,12 @@ def test_every_write_is_idempotent_so_an_unknown_commit_can_run_again(db_url):
         store.record_lease(JOB, 3, 1, "w2", 3.0)
         assert store.record_result(JOB, first, one_group(first)) is True
         assert store.record_result(JOB, other, one_group(other)) is False
-        store.end_attempt(JOB, 3, db_utils.DROPPED)
+        store.end_attempt(JOB, 3, Outcome.DROPPED)
         store.open_job(JOB, "sales.csv", "identity", chunks=2)   # a resume, twice
 
         assert store.final_aggregate(JOB)["total_sales"] == 100.0
         assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
-            {1: COUNTED, 2: DUPLICATE, 3: db_utils.DROPPED}
+            {1: Outcome.COUNTED, 2: Outcome.DUPLICATE, 3: Outcome.DROPPED}
     assert query_db(db_url, "SELECT COUNT(*), SUM(total_sales) FROM group_results") == \
         [(1, 100.0)]
     assert query_db(db_url, "SELECT COUNT(*) FROM jobs") == [(1,)]

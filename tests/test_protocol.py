@@ -27,6 +27,7 @@ import struct
 import threading
 import tracemalloc
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -502,3 +503,37 @@ def test_sets_are_refused():
     payload = pickle.dumps({"type": protocol.HELLO, "worker_id": {1, 2}}, protocol=5)
     with pytest.raises(protocol.ProtocolError, match="SET"):
         protocol.decode_safe(payload)
+
+
+# --- the message schema --------------------------------------------------------
+
+@pytest.mark.parametrize("value", [np.int64(3), True, 3.0, "3"])
+def test_make_refuses_anything_but_the_schemas_exact_types(value):
+    """Rule: ``make`` checks types exactly, so a numpy scalar or a bool where the
+    schema says int is a ValueError on the sending side, never a frame."""
+    with pytest.raises(ValueError, match="chunk_id must be int"):
+        protocol.make(protocol.ACK, chunk_id=value, counted=True)
+    assert protocol.make(protocol.ACK, chunk_id=3, counted=True) == {
+        "type": protocol.ACK, "chunk_id": 3, "counted": True}
+
+
+def test_make_refuses_missing_and_unknown_fields():
+    """Rule: every field the schema requires is there and no other."""
+    with pytest.raises(ValueError, match="missing fields \\['counted'\\]"):
+        protocol.make(protocol.ACK, chunk_id=1)
+    with pytest.raises(ValueError, match="unknown \\['extra'\\]"):
+        protocol.make(protocol.ACK, chunk_id=1, counted=False, extra=1)
+
+
+def test_check_names_the_bad_field_and_reads_groups_one_level_deep():
+    """Rule: ``check`` raises ProtocolError naming the field; ``groups`` rows are
+    checked value by value, and a row nested inside a row is a wrong type."""
+    row = ("North", 2, 0, 5.0, 1.0, 4.0, 2.5, 2)
+    good = protocol.make(protocol.RESULT, job_id="j", worker_id="w", chunk_id=0, attempt_id=1,
+                         rows_processed=2, rejected_rows=0, total_sales=5.0, min_price=1.0,
+                         max_price=4.0, avg_price=2.5, price_count=2, groups=[row])
+    assert protocol.check(good) is good
+    with pytest.raises(protocol.ProtocolError, match="malformed RESULT: no price_count"):
+        protocol.check({k: v for k, v in good.items() if k != "price_count"})
+    with pytest.raises(protocol.ProtocolError, match="wrong type"):
+        protocol.check(dict(good, groups=[(row,) + row[1:]]))

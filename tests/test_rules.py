@@ -36,7 +36,7 @@ import server as server_mod
 import worker as worker_mod
 from conftest import (ROOT, FakeClock, FakeServer, RunsCode, WorkerThread, assert_aggregate,
                       db_rows, job_message, oracle, parse_final, wait_for)
-from db_utils import COUNTED, DUPLICATE, EXPIRED, FAILED, ResultStore, StoreError
+from db_utils import Outcome, ResultStore, StoreError
 
 JOB = "job"
 
@@ -281,7 +281,7 @@ def test_first_committed_result_wins_and_later_ones_are_duplicates(store):
     assert stored(store, "chunk_results", "chunk_id, worker_id, total_sales") == [(0, "w1", 10.0)]
     assert stored(store, "worker_results", "worker_id, total_sales") == [("w1", 10.0), ("w2", 99.0)]
     assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
-        {1: COUNTED, 2: DUPLICATE}
+        {1: Outcome.COUNTED, 2: Outcome.DUPLICATE}
     assert store.final_aggregate(JOB)["total_sales"] == 10.0
 
 
@@ -352,7 +352,7 @@ def test_open_job_again_resumes_what_the_database_knows(store):
     assert state.attempts == {1: (0, "w1"), 2: (1, "w2")}
     assert state.next_attempt_id == 3
     assert {a["attempt_id"]: a["outcome"] for a in store.attempts(JOB)} == \
-        {1: COUNTED, 2: "interrupted"}
+        {1: Outcome.COUNTED, 2: "interrupted"}
 
 
 # --- 3. Results are checked before they are stored ---------------------------------
@@ -413,7 +413,8 @@ def handler(book=None, group_col=None, worker_id="w"):
 
 
 def ids(**changes) -> dict:
-    return dict({"job_id": JOB, "worker_id": "w", "chunk_id": 1, "attempt_id": 2}, **changes)
+    return dict({"type": protocol.RESULT, "job_id": JOB, "worker_id": "w", "chunk_id": 1,
+                 "attempt_id": 2}, **changes)
 
 
 BAD_IDS = {
@@ -421,7 +422,7 @@ BAD_IDS = {
     "another worker's name": (dict(worker_id="x"), "worker_id differs"),
     "negative chunk": (dict(chunk_id=-1), "unknown chunk"),
     "chunk past the end": (dict(chunk_id=3), "unknown chunk"),
-    "chunk id as text": (dict(chunk_id="1"), "unknown chunk"),
+    "chunk id as text": (dict(chunk_id="1"), "chunk_id must be int"),
     "attempt never issued": (dict(attempt_id=99), "unknown attempt"),
     "attempt of another chunk": (dict(attempt_id=1), "unknown attempt"),
     "attempt of another worker": (dict(attempt_id=3, chunk_id=2), "unknown attempt"),
@@ -448,9 +449,9 @@ def group(key, rows=2, rejected=0, sales=5.0, low=1.0, high=4.0, mean=2.5, count
 
 
 BAD_GROUPS = {
-    "not a list": ("North", "must be a list"),
+    "not a list": ("North", "groups must be list"),
     "a row of 7 fields": ([group("North")[:7]], "8 fields"),
-    "a number as group value": ([group(7), group("South", rows=1)], "distinct strings or None"),
+    "a number as group value": ([group(7), group("South", rows=1)], "wrong type"),
     "the same group twice": ([group("North"), group("North", rows=1)], "distinct strings"),
     "bad stats in a group": ([group("North", count=1), group("South", rows=1)],
                              "group 'North': inconsistent"),
@@ -462,14 +463,21 @@ BAD_GROUPS = {
 def test_check_groups_refuses(case):
     """Rule: with --group-by, a RESULT's groups are a list of 8-field rows with
     distinct string (or None) values, each valid metrics, adding up to the
-    chunk's rows."""
+    chunk's rows.  The shape is the schema's (protocol.check), the rest
+    check_groups'; handle_result runs both, in this order."""
+    def result(groups):
+        return ids(rows_processed=3, rejected_rows=0, total_sales=15.0, min_price=1.0,
+                   max_price=4.0, avg_price=2.5, price_count=3, groups=groups)
+
+    def both(msg):
+        protocol.check(msg)
+        return server_mod.Handler.check_groups(handler(group_col="Region"), msg, 0)
+
     groups, words = BAD_GROUPS[case]
     with pytest.raises(protocol.ProtocolError, match=words):
-        server_mod.Handler.check_groups(handler(group_col="Region"),
-                                        {"rows_processed": 3, "groups": groups}, 0)
+        both(result(groups))
     good = [group("North"), group(None, rows=1)]
-    assert server_mod.Handler.check_groups(handler(group_col="Region"),
-                                           {"rows_processed": 3, "groups": good}, 0) == good
+    assert both(result(good)) == good
 
 
 def test_groups_without_group_by_are_refused():
@@ -566,12 +574,13 @@ def test_late_result_after_a_re_lease_is_acked_but_not_counted(job_server):
     late = slow.take()
     job.clock.now = 10.0
     (expired,) = job.book.expire()            # what the server's main loop does
-    job.store.end_attempt(JOB, expired.attempt_id, EXPIRED)
+    job.store.end_attempt(JOB, expired.attempt_id, Outcome.EXPIRED)
     again = fast.take()
     assert (again["chunk_id"], again["attempt_id"]) == (late["chunk_id"], late["attempt_id"] + 1)
     assert fast.send_result(again) == {"type": protocol.ACK, "chunk_id": 0, "counted": True}
     assert slow.send_result(late) == {"type": protocol.ACK, "chunk_id": 0, "counted": False}
-    assert [a[2:] for a in job.attempts()] == [("slow", DUPLICATE), ("fast", COUNTED)]
+    assert [a[2:] for a in job.attempts()] == [
+        ("slow", Outcome.DUPLICATE), ("fast", Outcome.COUNTED)]
     assert_aggregate(job.store.final_aggregate(JOB), oracle(job.info.path, "Price", "Qty"))
 
 
@@ -609,7 +618,7 @@ def test_result_with_the_wrong_row_count_is_a_failed_attempt(job_server):
     bad.update(rows_processed=bad["rows_processed"] + 1, price_count=bad["price_count"] + 1)
     reply = client.ask(bad)
     assert reply["type"] == protocol.ERROR and "result says" in reply["reason"]
-    assert job.attempts()[0][3] == FAILED and job.book.failures[work["chunk_id"]] == 1
+    assert job.attempts()[0][3] == Outcome.FAILED and job.book.failures[work["chunk_id"]] == 1
     assert job.store.final_aggregate(JOB)["total_rows"] == 0
 
 

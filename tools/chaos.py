@@ -280,7 +280,7 @@ class Run:
         n = self.started_workers
         self.started_workers += 1
         log = open(self.folder / f"worker-{n}.log", "w")
-        cmd = [sys.executable, str(ROOT / "worker.py"), "--worker-id", f"chaos-{n}",
+        cmd = [sys.executable, str(ROOT / "tools" / "flaky_worker.py"), "--worker-id", f"chaos-{n}",
                "--fault-seed", str(self.rng.randrange(1 << 30)), *self.worker_args]
         worker = subprocess.Popen(self.in_namespace(leaf, cmd), stdout=log,
                                   stderr=subprocess.STDOUT, cwd=ROOT, env=self.env())

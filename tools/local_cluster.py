@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-by", default=None, help="pass --group-by COLUMN to the server")
     p.add_argument("--server-args", default="", help="more server options, e.g. '--lease-timeout 2'")
     p.add_argument("--worker-args", default="",
-                   help="more options for every worker, e.g. '--crash-rate 0.2'")
+                   help="more options for every worker (tools/flaky_worker.py), e.g. "
+                        "'--crash-rate 0.2'")
     p.add_argument("--log-level", default="INFO", help="server log level (workers: WARNING)")
     p.add_argument("--respawn", type=int, default=0, metavar="N",
                    help="restart a worker that exits with an error (e.g. --crash-rate), under "
@@ -76,9 +77,14 @@ def stop(children: list[subprocess.Popen], grace: float = 5.0) -> None:
 
 
 def start_worker(port_file: Path, slot: int, worker_args: str) -> subprocess.Popen:
-    """Start ``worker-<slot>``; it reads the server's port from ``port_file``."""
+    """Start ``worker-<slot>``; it reads the server's port from ``port_file``.
+
+    Always tools/flaky_worker.py, the real worker that also takes the fault
+    options (``--worker-args '--crash-rate 0.2'``); without them it is
+    worker.py exactly.
+    """
     return _spawn(
-        [sys.executable, str(ROOT / "worker.py"), "--server", "127.0.0.1",
+        [sys.executable, str(ROOT / "tools" / "flaky_worker.py"), "--server", "127.0.0.1",
          "--port-file", str(port_file), "--worker-id", f"worker-{slot}",
          "--log-level", "WARNING", "--give-up-after", "10", *shlex.split(worker_args)])
 

@@ -72,17 +72,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from db_utils import (COUNTED, DROPPED, DUPLICATE, EXPIRED, FAILED, INTERRUPTED,  # noqa: E402
-                      LEASED, is_postgres_url, mask_password)
+from db_utils import Outcome, is_postgres_url, mask_password  # noqa: E402
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
 PENDING, LEASED_STATE, COUNTED_STATE, FAILED_STATE = "pending", "leased", "counted", "failed"
 STATES = (PENDING, LEASED_STATE, COUNTED_STATE, FAILED_STATE)
 GLYPHS = {PENDING: ".", LEASED_STATE: "l", COUNTED_STATE: "c", FAILED_STATE: "f"}
-OUTCOMES = (LEASED, COUNTED, DUPLICATE, FAILED, EXPIRED, DROPPED, INTERRUPTED)
+OUTCOMES = (Outcome.LEASED, Outcome.COUNTED, Outcome.DUPLICATE, Outcome.FAILED, Outcome.EXPIRED,
+            Outcome.DROPPED, Outcome.INTERRUPTED)
 # Outcomes a worker's own message produces (a lease asked for is "leased").
-HEARD = (LEASED, COUNTED, DUPLICATE, FAILED)
+HEARD = (Outcome.LEASED, Outcome.COUNTED, Outcome.DUPLICATE, Outcome.FAILED)
 # When one grid cell stands for several chunks, it shows the state that most
 # needs attention: a failure first, then work in progress, then waiting work.
 CELL_PRIORITY = (FAILED_STATE, LEASED_STATE, PENDING, COUNTED_STATE)
@@ -330,10 +330,10 @@ def make_snapshot(job: dict, attempts: list[dict], results: list[dict], now: flo
         w.last_heard = later(w.last_heard, row["leased_at"])
         if outcome in HEARD:
             w.last_heard = later(w.last_heard, row["ended_at"])
-        if outcome == LEASED:
+        if outcome == Outcome.LEASED:
             live[chunk_id] = True
             w.holding.append((chunk_id, row["leased_at"]))
-        elif outcome == FAILED:
+        elif outcome == Outcome.FAILED:
             failed[chunk_id] = True
         started = row["leased_at"] if started is None else min(started, row["leased_at"])
         last_event = later(later(last_event, row["leased_at"]), row["ended_at"])
@@ -388,8 +388,9 @@ GRID_GROUP = 10        # cells per group, groups separated by a space
 GRID_GROUPS = 5        # groups per grid line: 50 chunks a line
 
 WORKER_COLUMNS = (     # (header, outcome counted in it)
-    ("attempts", None), ("counted", COUNTED), ("dup", DUPLICATE), ("failed", FAILED),
-    ("expired", EXPIRED), ("dropped", DROPPED), ("interr", INTERRUPTED))
+    ("attempts", None), ("counted", Outcome.COUNTED), ("dup", Outcome.DUPLICATE),
+    ("failed", Outcome.FAILED),
+    ("expired", Outcome.EXPIRED), ("dropped", Outcome.DROPPED), ("interr", Outcome.INTERRUPTED))
 
 
 def grid_cells(snap: Snapshot, max_cells: int) -> tuple[int, list[tuple[str, int]]]:
@@ -458,7 +459,7 @@ def worker_rows(snap: Snapshot) -> tuple[list[str], list[list[str]]]:
     for w in snap.workers:
         cells = [w.worker_id[:24]]
         for header, outcome in WORKER_COLUMNS:
-            value = w.attempts if outcome is None else w.counted if outcome == COUNTED \
+            value = w.attempts if outcome is None else w.counted if outcome == Outcome.COUNTED \
                 else w.outcomes[outcome]
             cells.append(str(value))
         cells.append(", ".join(f"chunk {c} for {_seconds(max(0.0, snap.now - t))}"
