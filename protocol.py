@@ -131,7 +131,7 @@ MESSAGES = {
     JOB: {"job_id": (str,), "chunk_id": (int,), "attempt_id": (int,),
           "rows": (int, type(None)), "format": (str,), "data": (bytes,), "compressed": (bool,),
           "price_col": (str,), "qty_col": (str,), "group_col": (str, type(None)),
-          "sep": (str,), "decimal": (str,), "encoding": (str,)},
+          "sep": (str,), "decimal": (str, type(None)), "encoding": (str,)},
     WAIT: {"retry_after": NUMBER},
     NO_JOB: {},
     RESULT: {**_IDS, "rows_processed": (int,), "rejected_rows": (int,), "total_sales": NUMBER,
