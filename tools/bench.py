@@ -174,27 +174,38 @@ def ident(name):
     return '"' + name.replace('"', '""') + '"'
 def text(value):
     return "'" + value.replace("'", "''") + "'"
-# The two columns are read as text and cast here: a type DuckDB detects from
-# a sample would stop the query at the first cell that is not a number.  The
-# trim() matters: DuckDB 2.0 pushes a bare TRY_CAST of a column into the CSV
-# reader, which then casts strictly and fails the same way.
-def number(name):
-    cell = f"trim({ident(name)})"
-    if decimal != ".":
-        cell = f"replace({cell}, {text(decimal)}, '.')"
-    return f"TRY_CAST({cell} AS DOUBLE)"
-types = "{" + ", ".join(f"{text(n)}: 'VARCHAR'" for n in (price, qty)) + "}"
-sql = f'''
-WITH t AS (
-    SELECT {number(price)} AS p, {number(qty)} AS q
-    FROM read_csv($path, delim = $sep, header = true, types = {types})),
+def query(columns_as_text):
+    # Fast: DuckDB detects the two columns as DOUBLE from a sample and parses
+    # them in the reader.  A cell that is not a number then stops the query,
+    # and the slow query reads them as text and casts here.  (The trim()
+    # matters: DuckDB 2.0 pushes a bare TRY_CAST of a column into the reader,
+    # which then casts strictly and fails in the same way.)
+    if columns_as_text:
+        def number(name):
+            cell = f"trim({ident(name)})"
+            if decimal != ".":
+                cell = f"replace({cell}, {text(decimal)}, '.')"
+            return f"TRY_CAST({cell} AS DOUBLE)"
+        types = "{" + ", ".join(f"{text(n)}: 'VARCHAR'" for n in (price, qty)) + "}"
+        source = f"read_csv($path, delim = $sep, header = true, types = {types})"
+    else:
+        number = lambda name: f"TRY_CAST({ident(name)} AS DOUBLE)"
+        source = f"read_csv($path, delim = $sep, decimal_separator = {text(decimal)}, header = true)"
+    return f'''
+WITH t AS (SELECT {number(price)} AS p, {number(qty)} AS q FROM {source}),
 v AS (SELECT p, q, coalesce(isfinite(p) AND isfinite(q), false) AS ok FROM t)
 SELECT count(*), coalesce(sum(p * q) FILTER (WHERE ok), 0.0),
        min(p) FILTER (WHERE ok), max(p) FILTER (WHERE ok), avg(p) FILTER (WHERE ok),
        count(*) FILTER (WHERE NOT ok)
 FROM v
 '''
-row = duckdb.execute(sql, {"path": path, "sep": sep}).fetchone()
+# The progress bar would go to stdout, in front of the JSON line.
+con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")
+try:
+    row = con.execute(query(False), {"path": path, "sep": sep}).fetchone()
+except duckdb.ConversionException:
+    row = con.execute(query(True), {"path": path, "sep": sep}).fetchone()
 print(json.dumps(dict(zip(["total_rows", "total_sales", "min_price", "max_price",
                            "avg_price", "rejected_rows"], row))))
 """
