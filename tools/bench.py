@@ -925,7 +925,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"run only these modes, of: {' '.join(MODES)}")
     p.add_argument("--no-modes", action="store_true",
                    help="run only the sub-benchmarks that are asked for")
-    p.add_argument("--workers", type=int, default=2, help="workers of the distributed modes")
+    p.add_argument("--workers", type=int, default=2,
+                   help="workers of frame, frame-zlib, stream and stream-zlib (the -1w modes "
+                        "always run 1, for COST)")
     p.add_argument("--chunks", type=int, default=200, help="chunks of the distributed modes")
     p.add_argument("--dask-partitions", type=int, default=20,
                    help="partitions of the dask baseline (its blocksize is the file size "
