@@ -10,7 +10,7 @@
 
 DuckDB, Polars and Dask are baselines, never dependencies of the project:
 ``pip install -r tools/requirements-bench.txt`` installs them.  A baseline
-whose package does not import is not run, and its row says "not installed".
+whose package cannot be found is not run, and its row says "not installed".
 ``--save FILE`` keeps the JSON document next to the table.
 
 Every candidate runs as a whole process, exactly as a user would start it,
