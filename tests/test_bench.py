@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import signal
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -52,7 +54,9 @@ def test_bench_json_every_mode_matches_the_oracle(tmp_path):
     assert set(modes) == set(bench.MODES)
     for mode, summary in modes.items():
         if "skipped" in summary:
-            assert mode == "duckdb", f"{mode} skipped: {summary['skipped']}"
+            # Only a baseline whose package is absent may be left out.
+            assert mode in bench.OPTIONAL_BASELINES, f"{mode} skipped: {summary['skipped']}"
+            assert summary["skipped"] == bench.NOT_INSTALLED
             continue
         assert summary["exact"], f"{mode}: {summary['problems']}"
         assert_aggregate(summary["result"], expected, rel=1e-9)
@@ -66,6 +70,83 @@ def test_bench_json_every_mode_matches_the_oracle(tmp_path):
     assert modes["stream"]["bytes_sent"] > modes["frame"]["bytes_sent"]
     assert modes["frame-zlib"]["bytes_sent"] < modes["frame"]["bytes_sent"]
     assert modes["stream-zlib"]["bytes_sent"] < modes["stream"]["bytes_sent"]
+
+
+# The optional baselines, each with the modules that stand for its package.
+_OPTIONAL = {"duckdb": ("duckdb",), "polars": ("polars",),
+             "dask": ("dask", "distributed", "pyarrow")}
+
+
+def test_absent_baseline_packages_give_not_installed_rows(monkeypatch, tmp_path, capsys):
+    """With duckdb, polars, dask, distributed and pyarrow made unimportable
+    (None in sys.modules is what makes ``import x`` fail), bench.main still
+    runs, exits 0, reports each optional baseline as "not installed" in the
+    JSON and in the table, and the remaining mode is exact."""
+    for modules in _OPTIONAL.values():
+        for module in modules:
+            monkeypatch.setitem(sys.modules, module, None)
+    assert set(_OPTIONAL) == set(bench.OPTIONAL_BASELINES)
+    assert bench.missing_baselines(list(bench.MODES)) == {
+        mode: bench.NOT_INSTALLED for mode in _OPTIONAL}
+    csv = tmp_path / "two.csv"
+    csv.write_text("Price,Qty\n2.50,4\n1.25,2\n")
+    argv = ["--csv", str(csv), "--reps", "1", "--work-dir", str(tmp_path / "work"),
+            "--only", "pandas-usecols", *_OPTIONAL]
+    assert bench.main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for mode in _OPTIONAL:
+        assert report["modes"][mode] == {"skipped": bench.NOT_INSTALLED}
+    assert report["modes"]["pandas-usecols"]["exact"]
+    assert_aggregate(report["modes"]["pandas-usecols"]["result"], {
+        "total_rows": 2, "total_sales": 12.5, "min_price": 1.25, "max_price": 2.5,
+        "avg_price": 1.875, "rejected_rows": 0})
+    assert bench.main(argv) == 0
+    table = capsys.readouterr().out
+    for mode in _OPTIONAL:
+        assert re.search(rf"^{mode} +not installed \(pip install -r "
+                         r"tools/requirements-bench\.txt\)$", table, re.MULTILINE), table
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", sorted(_OPTIONAL))
+def test_installed_baseline_equals_the_oracle(mode, tmp_path):
+    """Each optional baseline that is installed gives the oracle's answer on a
+    generated file and on a hand-made one with a text cell, an empty cell and
+    an infinite quantity (all rejected: 5 rows, 3 rejected, 12.5 of sales)."""
+    if bench.missing_baselines([mode]):
+        pytest.skip(f"{mode}: {bench.NOT_INSTALLED}")
+    generated = make_sales_csv(tmp_path / "sales.csv", 500, seed=8)
+    dirty = tmp_path / "dirty.csv"
+    dirty.write_text("Price,Qty\n2.5,4\nTBD,1\n3,inf\n1.25,2\n,3\n")
+    args = bench.parse_args(["--dask-partitions", "3"])
+    for path, price, qty in ((generated, "Unit Price", "Units Sold"), (dirty, "Price", "Qty")):
+        data = bench.describe_input(str(path))
+        out = subprocess.run(bench.mode_command(mode, data, args), cwd=ROOT,
+                             capture_output=True, text=True, timeout=100)
+        assert out.returncode == 0, out.stderr
+        expected = oracle(path, price, qty)
+        assert_aggregate(bench.parse_json_result(out.stdout), expected, rel=1e-9)
+    assert expected["rejected_rows"] == 3 and expected["total_sales"] == 12.5
+
+
+def test_cost_lines_name_the_fastest_single_process_baseline():
+    """COST divides by the fastest exact single-process baseline (dask, being
+    distributed, and an inexact one never count) and says whether 1 or 2
+    workers get below 1.0."""
+    def m(wall, exact=True):
+        return {"wall_s": wall, "exact": exact}
+    summary = {"workers": 2, "modes": {
+        "pandas-usecols": m(2.0), "duckdb": m(1.0, exact=False), "polars": m(1.6),
+        "dask": m(0.5), "frame-1w": m(4.0), "frame": m(3.2),
+        "stream-1w": m(2.4), "stream": m(1.2)}}
+    assert bench.cost_reference(summary["modes"]) == "polars"
+    lines = [line.strip() for line in bench.cost_lines(summary)]
+    assert lines[0].startswith("COST reference: polars (1.60 s)")
+    assert lines[1] == ("COST frame: 1 worker 2.50x polars (2.00x pandas-usecols); 2 workers "
+                        "2.00x polars (1.60x pandas-usecols) -> COST unbounded here: not below "
+                        "1.0 with up to 2 worker(s)")
+    assert lines[2].endswith("2 workers 0.75x polars (0.60x pandas-usecols) -> "
+                             "COST = 2 worker(s)")
 
 
 def test_compare_counts_exactly_and_floats_to_1e9():

@@ -5,11 +5,13 @@
     python tools/bench.py --only pandas-usecols stream --reps 1 --json
     python tools/bench.py --chunk-overhead --many-workers --make-csv --no-modes
     python tools/bench.py --watch-overhead --no-modes --reps 5
-    PYTHONPATH=/tmp/duckdb-lib python tools/bench.py --save bench.json   # with DuckDB
+    python tools/bench.py --only pandas-usecols polars frame frame-1w   # COST only
+    python tools/bench.py --save bench.json
 
-DuckDB is installed for the benchmark only, outside the project, e.g.
-``pip install --target /tmp/duckdb-lib duckdb``; without it the duckdb row
-says "skipped".  ``--save FILE`` keeps the JSON document next to the table.
+DuckDB, Polars and Dask are baselines, never dependencies of the project:
+``pip install -r tools/requirements-bench.txt`` installs them.  A baseline
+whose package cannot be found is not run, and its row says "not installed".
+``--save FILE`` keeps the JSON document next to the table.
 
 Every candidate runs as a whole process, exactly as a user would start it,
 so interpreter start-up and ``import pandas`` are part of its time:
@@ -19,14 +21,21 @@ mode            command
 =============== =============================================================
 pandas-all      one process: ``pd.read_csv(path)`` (all columns) + metrics
 pandas-usecols  one process: ``pd.read_csv(path, usecols=[price, qty])``
-duckdb          one process: one DuckDB SQL query (only if ``import duckdb``
-                works; DuckDB is never a dependency of the project)
+duckdb          one process: one DuckDB SQL query (multi-threaded)
+polars          one process: ``pl.scan_csv`` of the two columns, one lazy
+                query (multi-threaded)
+dask            Dask distributed: a ``LocalCluster`` of 2 worker processes
+                (one thread each), ``dask.dataframe.read_csv(usecols=...)``
+                cut into ``--dask-partitions`` partitions
 frame           ``tools/local_cluster.py`` in the documented mode (the server
-                parses the CSV chunk by chunk and sends pickled DataFrames)
+                parses the CSV chunk by chunk and sends pickled DataFrames),
+                ``--workers`` workers
 frame-zlib      the same with ``--compress``
+frame-1w        the documented mode with 1 worker (for COST)
 stream          ``tools/local_cluster.py --stream`` (the server sends the
                 header + a byte range; workers parse)
 stream-zlib     the same with ``--compress``
+stream-1w       ``--stream`` with 1 worker (for COST)
 =============== =============================================================
 
 The modes run back to back, in alternating order (forward, then backward,
@@ -34,6 +43,16 @@ The modes run back to back, in alternating order (forward, then backward,
 mode; the table shows medians.  Every mode's answer is compared with the
 single-process pandas answer (``pandas-usecols``): row counts exactly,
 floats to 1e-9 relative.  A mismatch is printed and makes the exit code 1.
+
+COST ("Scalability! But at what COST?", McSherry, Isard and Murray, HotOS
+2015) is the configuration a distributed system needs before it beats a
+competent single-process implementation.  The table's ``/best`` column and
+the COST lines under it divide each wall time by the fastest single-process
+baseline of the same run (pandas-usecols, duckdb or polars; the output names
+it), and the 1-worker and ``--workers``-worker runs of local_cluster show
+whether adding a worker gets the job below 1.0.  Note that DuckDB and Polars
+use every core of the machine for their one process; pandas' parser uses
+one thread.
 
 How things are measured
 -----------------------
@@ -77,6 +96,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -102,15 +122,27 @@ REL_TOLERANCE = 1e-9
 RESULT_KEYS = ("total_rows", "total_sales", "min_price", "max_price", "avg_price",
                "rejected_rows")
 
-BASELINES = ("pandas-all", "pandas-usecols", "duckdb")
-CLUSTER_MODES = {            # mode -> extra local_cluster options
-    "frame": [],
-    "frame-zlib": ["--compress"],
-    "stream": ["--stream"],
-    "stream-zlib": ["--stream", "--compress"],
+BASELINES = ("pandas-all", "pandas-usecols", "duckdb", "polars", "dask")
+# The baselines that need a package the project does not depend on, and the
+# modules that must import for each (tools/requirements-bench.txt installs them).
+OPTIONAL_BASELINES = {
+    "duckdb": ("duckdb",),
+    "polars": ("polars",),
+    "dask": ("dask.dataframe", "distributed", "pyarrow"),
+}
+# The single-process baselines that COST is measured against (dask is distributed).
+SINGLE_PROCESS = ("pandas-usecols", "duckdb", "polars")
+CLUSTER_MODES = {            # mode -> (extra local_cluster options, workers; None: --workers)
+    "frame": ([], None),
+    "frame-zlib": (["--compress"], None),
+    "frame-1w": ([], 1),
+    "stream": (["--stream"], None),
+    "stream-zlib": (["--stream", "--compress"], None),
+    "stream-1w": (["--stream"], 1),
 }
 MODES = BASELINES + tuple(CLUSTER_MODES)
 REFERENCE = "pandas-usecols"
+NOT_INSTALLED = "not installed (pip install -r tools/requirements-bench.txt)"
 
 # --- The single-process baselines ------------------------------------------------
 # Each prints its answer as one JSON line.  The rule is the project's: a row
@@ -140,19 +172,98 @@ import duckdb
 path, price, qty, sep, decimal = sys.argv[1:6]
 def ident(name):
     return '"' + name.replace('"', '""') + '"'
-sql = f'''
-WITH t AS (
-    SELECT TRY_CAST({ident(price)} AS DOUBLE) AS p, TRY_CAST({ident(qty)} AS DOUBLE) AS q
-    FROM read_csv($path, delim = $sep, decimal_separator = $decimal, header = true)),
+def text(value):
+    return "'" + value.replace("'", "''") + "'"
+def query(columns_as_text):
+    # Fast: DuckDB detects the two columns as DOUBLE from a sample and parses
+    # them in the reader.  A cell that is not a number then stops the query,
+    # and the slow query reads them as text and casts here.  (The trim()
+    # matters: DuckDB 2.0 pushes a bare TRY_CAST of a column into the reader,
+    # which then casts strictly and fails in the same way.)
+    if columns_as_text:
+        def number(name):
+            cell = f"trim({ident(name)})"
+            if decimal != ".":
+                cell = f"replace({cell}, {text(decimal)}, '.')"
+            return f"TRY_CAST({cell} AS DOUBLE)"
+        types = "{" + ", ".join(f"{text(n)}: 'VARCHAR'" for n in (price, qty)) + "}"
+        source = f"read_csv($path, delim = $sep, header = true, types = {types})"
+    else:
+        number = lambda name: f"TRY_CAST({ident(name)} AS DOUBLE)"
+        source = f"read_csv($path, delim = $sep, decimal_separator = {text(decimal)}, header = true)"
+    return f'''
+WITH t AS (SELECT {number(price)} AS p, {number(qty)} AS q FROM {source}),
 v AS (SELECT p, q, coalesce(isfinite(p) AND isfinite(q), false) AS ok FROM t)
 SELECT count(*), coalesce(sum(p * q) FILTER (WHERE ok), 0.0),
        min(p) FILTER (WHERE ok), max(p) FILTER (WHERE ok), avg(p) FILTER (WHERE ok),
        count(*) FILTER (WHERE NOT ok)
 FROM v
 '''
-row = duckdb.execute(sql, {"path": path, "sep": sep, "decimal": decimal}).fetchone()
+# The progress bar would go to stdout, in front of the JSON line.
+con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")
+try:
+    row = con.execute(query(False), {"path": path, "sep": sep}).fetchone()
+except duckdb.ConversionException:
+    row = con.execute(query(True), {"path": path, "sep": sep}).fetchone()
 print(json.dumps(dict(zip(["total_rows", "total_sales", "min_price", "max_price",
                            "avg_price", "rejected_rows"], row))))
+"""
+
+# Polars reads only the two columns (projection pushdown); a cell that is not
+# a number becomes null (ignore_errors with a Float64 schema), as
+# pd.to_numeric(errors="coerce") makes it NaN.
+POLARS_SCRIPT = """
+import json, sys
+import polars as pl
+path, price, qty, sep, decimal, encoding = sys.argv[1:7]
+if encoding.lower().replace("-", "").replace("_", "") not in ("utf8", "utf8sig"):
+    sys.exit(f"polars baseline: encoding {encoding!r} is not supported (utf-8 only)")
+lf = pl.scan_csv(path, separator=sep, decimal_comma=(decimal == ","),
+                 schema_overrides={price: pl.Float64, qty: pl.Float64}, ignore_errors=True)
+p, q = pl.col(price), pl.col(qty)
+ok = (p.is_finite() & q.is_finite()).fill_null(False)
+row = lf.select(pl.len().alias("n"), (p * q).filter(ok).sum().alias("sales"),
+                p.filter(ok).min().alias("lo"), p.filter(ok).max().alias("hi"),
+                p.filter(ok).mean().alias("mean"), (~ok).sum().alias("rejected")
+                ).collect().row(0)
+print(json.dumps(dict(zip(["total_rows", "total_sales", "min_price", "max_price",
+                           "avg_price", "rejected_rows"], row))))
+"""
+
+# Dask's own scheduler and worker processes: two workers of one thread each,
+# the shape of local_cluster's two worker processes.  The __main__ guard
+# matters: the workers start by spawning, which imports the main module.
+DASK_SCRIPT = """
+import json, math, sys
+import dask
+import dask.dataframe as dd
+from dask.distributed import Client, LocalCluster
+def main():
+    path, price, qty, sep, decimal, encoding, blocksize, workers = sys.argv[1:9]
+    with LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster):
+        df = dd.read_csv(path, sep=sep, decimal=decimal, encoding=encoding,
+                         usecols=[price, qty], blocksize=int(blocksize))
+        p = dd.to_numeric(df[price], errors="coerce")
+        q = dd.to_numeric(df[qty], errors="coerce")
+        # NaN < inf is False, so this also rejects what to_numeric made NaN.
+        # Dask reads text columns as a pd.NA string type, so to_numeric gives
+        # a nullable Float64 whose comparisons are NA, not False: fill them.
+        ok = ((p.abs() < math.inf) & (q.abs() < math.inf)).fillna(False).astype(bool)
+        valid = p[ok]
+        n, sales, lo, hi, mean, rejected = dask.compute(
+            df.shape[0], (valid * q[ok]).sum(), valid.min(), valid.max(), valid.mean(),
+            (~ok).sum())
+        count = int(n) - int(rejected)
+        print(json.dumps({
+            "total_rows": int(n), "total_sales": float(sales),
+            "min_price": float(lo) if count else None,
+            "max_price": float(hi) if count else None,
+            "avg_price": float(mean) if count else None,
+            "rejected_rows": int(rejected)}))
+if __name__ == "__main__":
+    main()
 """
 
 # Written into a temporary folder that goes first on PYTHONPATH: every Python
@@ -352,10 +463,23 @@ def warm_cache(path: str) -> float:
 
 # --- The modes ------------------------------------------------------------------
 
-def duckdb_available() -> bool:
-    """True if ``import duckdb`` works in a child process with this environment."""
-    check = subprocess.run([PY, "-c", "import duckdb"], capture_output=True)
-    return check.returncode == 0
+def importable(module: str) -> bool:
+    """True if ``module`` (dotted names too) can be found by this interpreter.
+
+    The baselines run under this same interpreter and ``PYTHONPATH``, so
+    what is found here is found there.  Nothing is imported except the
+    parents of a dotted name (``find_spec`` needs them).
+    """
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_baselines(modes) -> dict:
+    """``{mode: reason}`` for each optional baseline in ``modes`` that cannot run."""
+    return {mode: NOT_INSTALLED for mode in modes
+            if not all(map(importable, OPTIONAL_BASELINES.get(mode, ())))}
 
 
 def mode_command(mode: str, data: Input, args) -> list:
@@ -366,9 +490,17 @@ def mode_command(mode: str, data: Input, args) -> list:
                 data.decimal, data.encoding, columns]
     if mode == "duckdb":
         return [PY, "-c", DUCKDB_SCRIPT, data.path, data.price, data.qty, data.sep, data.decimal]
+    if mode == "polars":
+        return [PY, "-c", POLARS_SCRIPT, data.path, data.price, data.qty, data.sep,
+                data.decimal, data.encoding]
+    if mode == "dask":
+        blocksize = max(1, math.ceil(data.size / args.dask_partitions))
+        return [PY, "-c", DASK_SCRIPT, data.path, data.price, data.qty, data.sep,
+                data.decimal, data.encoding, str(blocksize), str(args.dask_workers)]
+    options, workers = CLUSTER_MODES[mode]
     return [PY, str(ROOT / "tools" / "local_cluster.py"), "--csv", data.path,
-            "--workers", str(args.workers), "--chunks", str(args.chunks),
-            "--log-level", "INFO", *CLUSTER_MODES[mode]]
+            "--workers", str(workers or args.workers), "--chunks", str(args.chunks),
+            "--log-level", "INFO", *options]
 
 
 @dataclass
@@ -658,17 +790,21 @@ def _fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def print_table(summary: dict, out=sys.stdout) -> None:
-    """The human-readable table of medians, ratios and checks."""
+def print_table(summary: dict, out=None) -> None:
+    """The human-readable table of medians, ratios and checks (to ``out``, default stdout)."""
+    out = out or sys.stdout     # looked up now: a test may have replaced sys.stdout
     modes = summary["modes"]
     usecols = modes.get("pandas-usecols", {}).get("wall_s")
     all_cols = modes.get("pandas-all", {}).get("wall_s")
+    best = cost_reference(modes)
+    best_wall = modes[best]["wall_s"] if best else None
     print(f"\n{summary['csv']}: {summary['size_bytes'] / 1e6:.0f} MB, "
           f"{summary['reference']['total_rows']:,} rows; {summary['reps']} repetition(s), "
           f"medians; {summary['workers']} workers, {summary['chunks']} chunks; "
           f"load average {summary['load_before'][0]:.2f} -> {summary['load_after'][0]:.2f}; "
           f"cat: {summary['cat_s']:.2f} s", file=out)
-    columns = (("mode", 15), ("wall s", 7), ("/usecols", 8), ("/all", 6), ("CPU s", 7),
+    columns = (("mode", 15), ("wall s", 7), ("/usecols", 8), ("/all", 6), ("/best", 6),
+               ("CPU s", 7),
                ("srv CPU", 7), ("wrk CPU", 7), ("srv MiB", 7), ("wrk MiB", 7),
                ("proc MiB", 8), ("sent MB", 8))
     print(" ".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}"
@@ -676,19 +812,20 @@ def print_table(summary: dict, out=sys.stdout) -> None:
     print("-" * (sum(w + 1 for _, w in columns) + 7), file=out)
     for mode, m in modes.items():
         if m.get("skipped"):
-            print(f"{mode:<15} skipped: {m['skipped']}", file=out)
+            print(f"{mode:<15} {m['skipped']}", file=out)
             continue
         ratio = lambda base: None if not (base and m["wall_s"]) else m["wall_s"] / base  # noqa: E731
         sent = None if m["bytes_sent"] is None else m["bytes_sent"] / 1e6
         cells = [_fmt(m["wall_s"], ".2f"), _fmt(ratio(usecols), ".2f"), _fmt(ratio(all_cols), ".2f"),
-                 _fmt(m["cpu_s"], ".2f"), _fmt(m["server_cpu_s"], ".2f"),
+                 _fmt(ratio(best_wall), ".2f"), _fmt(m["cpu_s"], ".2f"), _fmt(m["server_cpu_s"], ".2f"),
                  _fmt(m["workers_cpu_s"], ".2f"), _fmt(m["server_rss_mib"], ".0f"),
                  _fmt(m["worker_rss_mib"], ".0f"), _fmt(m["process_rss_mib"], ".0f"),
                  _fmt(sent, ".1f")]
         check = "exact" if m["exact"] else "MISMATCH: " + " | ".join(m["problems"])[:200]
         print(f"{mode:<15} " + " ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, columns[1:]))
               + f"  {check}", file=out)
-    print("  (/usecols, /all: wall time over that baseline's; CPU: user+sys of every process; "
+    print(f"  (/usecols, /all, /best: wall time over that baseline's, best = {best or '-'}, "
+          "the fastest single-process baseline of this run; CPU: user+sys of every process; "
           "MiB: peak RSS of the server, of the largest worker, of a baseline's one process or "
           "else the largest process of the tree)", file=out)
     phased = {mode: m["phases_s"] for mode, m in modes.items() if m.get("phases_s")}
@@ -698,8 +835,49 @@ def print_table(summary: dict, out=sys.stdout) -> None:
         for mode, phases in phased.items():
             print(f"  {mode:<13} " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
                   file=out)
-    for line in target_lines(summary):
+    for line in target_lines(summary) + cost_lines(summary):
         print(line, file=out)
+
+
+def cost_reference(modes: dict) -> str | None:
+    """The fastest single-process baseline that ran and was exact (None if none)."""
+    timed = [m for m in SINGLE_PROCESS
+             if modes.get(m, {}).get("wall_s") and modes[m].get("exact")]
+    return min(timed, key=lambda m: modes[m]["wall_s"]) if timed else None
+
+
+def cost_lines(summary: dict) -> list:
+    """COST (McSherry et al., HotOS 2015): each local_cluster mode with 1 worker
+    and with ``--workers`` workers, as a ratio of the fastest single-process
+    baseline's wall time; a ratio at or below 1.0 means that configuration
+    beats the single process."""
+    modes = summary["modes"]
+    best = cost_reference(modes)
+    if best is None or not any(modes.get(m, {}).get("wall_s") for m in CLUSTER_MODES):
+        return []
+    best_wall = modes[best]["wall_s"]
+    usecols = modes.get("pandas-usecols", {}).get("wall_s")
+    lines = [f"\nCOST reference: {best} ({best_wall:.2f} s), the fastest single-process "
+             f"baseline of this run (of: "
+             f"{', '.join(m for m in SINGLE_PROCESS if modes.get(m, {}).get('wall_s'))})"]
+    for family in ("frame", "stream"):
+        configs = [(1, f"{family}-1w"), (summary["workers"], family)]
+        ratios = [(w, modes[m]["wall_s"] / best_wall, m) for w, m in configs
+                  if modes.get(m, {}).get("wall_s")]
+        if not ratios:
+            continue
+        parts = []
+        for workers, ratio, mode in ratios:
+            extra = (f" ({modes[mode]['wall_s'] / usecols:.2f}x pandas-usecols)"
+                     if usecols and best != "pandas-usecols" else "")
+            parts.append(f"{workers} worker{'s' if workers > 1 else ''} {ratio:.2f}x {best}"
+                         + extra)
+        beaten = [w for w, ratio, _ in ratios if ratio <= 1.0]
+        verdict = (f"COST = {min(beaten)} worker(s)" if beaten else
+                   f"COST unbounded here: not below 1.0 with up to {max(w for w, _, _ in ratios)}"
+                   f" worker(s)")
+        lines.append(f"COST {family}: " + "; ".join(parts) + f" -> {verdict}")
+    return lines
 
 
 def target_lines(summary: dict) -> list:
@@ -747,8 +925,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"run only these modes, of: {' '.join(MODES)}")
     p.add_argument("--no-modes", action="store_true",
                    help="run only the sub-benchmarks that are asked for")
-    p.add_argument("--workers", type=int, default=2, help="workers of the distributed modes")
+    p.add_argument("--workers", type=int, default=2,
+                   help="workers of frame, frame-zlib, stream and stream-zlib (the -1w modes "
+                        "always run 1, for COST)")
     p.add_argument("--chunks", type=int, default=200, help="chunks of the distributed modes")
+    p.add_argument("--dask-partitions", type=int, default=20,
+                   help="partitions of the dask baseline (its blocksize is the file size "
+                        "over this)")
+    p.add_argument("--dask-workers", type=int, default=2,
+                   help="worker processes of the dask baseline's LocalCluster")
     p.add_argument("--json", action="store_true", help="print one JSON document, not a table")
     p.add_argument("--save", type=Path, default=None,
                    help="also write the JSON document to this file")
@@ -781,6 +966,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be at least 1")
+    if args.dask_partitions < 1 or args.dask_workers < 1 or args.workers < 1:
+        p.error("--workers, --dask-partitions and --dask-workers must be at least 1")
     return args
 
 
@@ -804,11 +991,10 @@ def main(argv=None) -> int:
             summary["make_csv_s"] = gen.wall
         data = describe_input(path)
         modes = [m for m in (args.only or MODES)]
-        skipped = {}
-        if "duckdb" in modes and not duckdb_available():
-            modes.remove("duckdb")
-            skipped["duckdb"] = "not importable here (pip install duckdb; benchmark only)"
-            log(f"duckdb: skipped, {skipped['duckdb']}")
+        skipped = missing_baselines(modes)
+        for mode, why in skipped.items():
+            modes.remove(mode)
+            log(f"{mode}: {why}")
         summary.update(csv=path, size_bytes=data.size, cat_s=warm_cache(path))
         results, reference = run_modes(modes, data, args, log)
         results.update({m: {"skipped": why} for m, why in skipped.items()})
