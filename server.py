@@ -613,7 +613,7 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
                  parts, max_bytes)
         parts = den
     targets = [header_end + i * num // den - back for i in range(1, parts)]
-    cuts = [header_end] + record_boundaries(open_text(), targets, eol=eol) + [size]
+    cuts = [header_end] + record_boundaries(open_text(), targets, sep=sep, eol=eol) + [size]
     cuts = sorted(set(cuts))
     return header, [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 

@@ -501,7 +501,7 @@ def test_stream_chunks_are_cut_to_fit_the_workers_frame_limit(procs, tmp_path):
     server.wait_port()
     worker = procs.worker(server.port, "w0", env=env)
     assert_aggregate(finish_ok(server), oracle(csv))
-    line = next(l for l in server.stderr().splitlines() if "instead of 1" in l)
+    line = next(l for l in server.stderr().splitlines() if "--stream: " in l and "instead of 1" in l)
     chunks = int(line.split("--stream: ")[1].split()[0])
     assert chunks >= 8 and "65536-byte frames" in line
     assert {o for *_, o in attempts(server.db)} == {"counted"}
