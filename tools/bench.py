@@ -312,7 +312,7 @@ class Run:
 def role_of(argv: list) -> str:
     """server / worker / launcher / baseline, from a process's ``sys.argv``."""
     script = os.path.basename(argv[0]) if argv else ""
-    return {"server.py": "server", "worker.py": "worker",
+    return {"server.py": "server", "worker.py": "worker", "flaky_worker.py": "worker",
             "local_cluster.py": "launcher"}.get(script, "baseline")
 
 
