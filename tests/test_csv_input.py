@@ -222,6 +222,7 @@ def run_in_process(csv_path, options=()) -> dict:
               else server.FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
     store = ResultStore(":memory:")
     try:
+        chunks.start()   # the documented mode's producer: each piece parsed once, as in a job
         store.open_job("job", str(csv_path), "in-process", len(chunks))
         for chunk_id in range(len(chunks)):
             frame = worker.load_chunk(job_message(chunks, info, chunk_id))

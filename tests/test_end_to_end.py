@@ -28,9 +28,10 @@ def test_job_matches_the_single_process_oracle(procs, sales_100k):
 
     A gate holds one chunk until all three workers are connected, so a
     worker slow to start (importing pandas on a busy machine) still finds
-    the job open; --linger 30 is a bound, not a wait: the server leaves as
-    soon as every worker has heard NO_JOB."""
-    server = procs.server(sales_100k, args=["--chunks", "40", "--linger", "30"])
+    the job open.  The three workers are connected and asking when the last
+    chunk is counted, so they hear NO_JOB at once; the server then lingers
+    its --linger of 3 s only for the gate, which has left without asking."""
+    server = procs.server(sales_100k, args=["--chunks", "40", "--linger", "3"])
     names = ["w0", "w1", "w2"]
     gate = Gate(procs, server)
     workers = [procs.worker(server.port, name, ["--delay", "0.05"]) for name in names]
