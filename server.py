@@ -1918,17 +1918,36 @@ class Handler(socketserver.BaseRequestHandler):
             if groups:
                 raise protocol.ProtocolError("groups sent but no --group-by is set")
             return []
-        seen, total = set(), 0
+        seen = set()
         for group in groups:
             key = group[0]
             if key in seen:
                 raise protocol.ProtocolError("group values must be distinct strings or None")
             seen.add(key)
             check_stats(f"chunk {chunk_id} group {key!r}", *group[1:])
-            total += group[1]
-        if total != msg["rows_processed"]:
-            raise protocol.ProtocolError(f"chunk {chunk_id}: group rows do not add up")
+            if group[1] == 0:
+                raise protocol.ProtocolError(f"chunk {chunk_id}: group {key!r} has no rows")
+        _check_group_totals(msg, groups, chunk_id)
         return [tuple(g) for g in groups]
+
+
+def _check_group_totals(msg: dict, groups: list, chunk_id: int) -> None:
+    """The groups of a RESULT must add up to the chunk: rows, rejected rows and
+    valid prices exactly, sales to rounding (the groups are summed in another
+    order), and the chunk's min and max price are a group's.  Raises
+    ProtocolError naming what does not add up."""
+    counts = [("rows_processed", 1), ("rejected_rows", 2), ("price_count", 7)]
+    for field, at in counts:
+        if sum(g[at] for g in groups) != msg[field]:
+            raise protocol.ProtocolError(f"chunk {chunk_id}: group {field} do not add up")
+    sales = [g[3] for g in groups]
+    slack = 1e-9 * max(math.fsum(abs(s) for s in sales), abs(msg["total_sales"]), 1.0)
+    if abs(math.fsum(sales) - msg["total_sales"]) > slack:
+        raise protocol.ProtocolError(f"chunk {chunk_id}: group total_sales do not add up")
+    lows = [g[4] for g in groups if g[4] is not None]
+    highs = [g[5] for g in groups if g[5] is not None]
+    if (min(lows, default=None), max(highs, default=None)) != (msg["min_price"], msg["max_price"]):
+        raise protocol.ProtocolError(f"chunk {chunk_id}: group prices do not match the chunk's")
 
 
 # --- Progress and the main loop ------------------------------------------------

@@ -90,8 +90,13 @@ def find_columns(columns, price_col: str | None = None,
     naming the columns found and the accepted names.
     """
     columns = list(columns)
-    return (_pick(columns, price_col, PRICE_ALIASES, "price", "--price-col"),
-            _pick(columns, qty_col, QTY_ALIASES, "quantity", "--qty-col"))
+    price = _pick(columns, price_col, PRICE_ALIASES, "price", "--price-col")
+    qty = _pick(columns, qty_col, QTY_ALIASES, "quantity", "--qty-col")
+    if price == qty:
+        # Only an explicit option can get here; price * price is no sales figure.
+        raise ColumnError(f"the price and the quantity column are both {price!r}; "
+                          f"choose two different columns")
+    return price, qty
 
 
 def _pick(columns, wanted, aliases, what, option):
@@ -1242,7 +1247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def wait_for_port_file(path: str, stopping: threading.Event) -> int | None:
+def wait_for_port_file(path: str, stopping: threading.Event,
+                       give_up_after: float = 60.0) -> int | None:
     """The port that ``server.py --port-file`` wrote to ``path``, once it is there.
 
     Lets a launcher (tools/local_cluster.py) start workers while the server
@@ -1250,9 +1256,12 @@ def wait_for_port_file(path: str, stopping: threading.Event) -> int | None:
     ``import pandas``, overlaps the server's.  The server writes the file
     atomically, so a file that exists is complete.  Returns None if
     ``stopping`` is set (a signal) or if the process that started this
-    worker exits (it is then re-parented) before the file appears.
+    worker exits (it is then re-parented) before the file appears.  Raises
+    :class:`GiveUp` after ``give_up_after`` seconds without the file: a
+    server that refused its input (exit 2) never writes it.
     """
     launcher = os.getppid()
+    deadline = time.monotonic() + give_up_after
     while not stopping.wait(0.005):
         try:
             with open(path) as f:
@@ -1260,6 +1269,9 @@ def wait_for_port_file(path: str, stopping: threading.Event) -> int | None:
         except FileNotFoundError:
             if os.getppid() != launcher:
                 return None
+            if time.monotonic() > deadline:
+                raise GiveUp(f"no port in {path} after {give_up_after:g} s: the server "
+                             f"did not start, or refused its input (see its message)") from None
     return None
 
 
@@ -1279,7 +1291,11 @@ def run_worker(args: argparse.Namespace, make_worker) -> int:
 
     def on_signal(signum, frame):
         if worker.stopping.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+            # A second Ctrl-C means "now": no exception, which could surface
+            # as a traceback from wherever the interpreter happens to be.
+            log.warning("%s: signal %d again: stopping now", args.worker_id, signum)
+            logging.shutdown()
+            os._exit(128 + signum)
         log.info("%s: signal %d: finishing the current attempt", args.worker_id, signum)
         worker.stop()
 
@@ -1288,7 +1304,12 @@ def run_worker(args: argparse.Namespace, make_worker) -> int:
     try:
         if args.port_file:
             log.info("%s: waiting for the port file %s", args.worker_id, args.port_file)
-            worker.port = wait_for_port_file(args.port_file, worker.stopping)
+            try:
+                worker.port = wait_for_port_file(args.port_file, worker.stopping,
+                                                 args.give_up_after)
+            except GiveUp as exc:
+                log.error("%s: %s", args.worker_id, exc)
+                return 1
             if worker.port is None:
                 return 0  # stopped, or the launcher is gone, before the server listened
         return worker.run()

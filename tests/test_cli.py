@@ -123,3 +123,28 @@ def test_sigterm_on_local_cluster_leaves_nothing_running(procs, tmp_path):
     cluster.send_signal(signal.SIGTERM)
     assert cluster.wait(timeout=30) == 128 + signal.SIGTERM
     wait_for(lambda: not any(alive(pid) for pid in kids), 15, "the children to exit")
+
+
+@pytest.mark.timeout(60)
+def test_worker_waiting_for_a_port_file_gives_up(tmp_path):
+    """Fault (attack run): a worker told to wait for --port-file waited for ever when
+    the server had refused its input and exited (it never writes the file).  It now
+    gives up after --give-up-after seconds: one error line, exit 1."""
+    missing = tmp_path / "never.port"
+    out = subprocess.run([PY, str(ROOT / "worker.py"), "--port-file", str(missing),
+                          "--worker-id", "w", "--give-up-after", "1"],
+                         capture_output=True, text=True, timeout=50)
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"no port in {missing} after 1 s" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_the_same_column_for_price_and_quantity_is_refused(tmp_path):
+    """Fault (attack run): --price-col Qty took the quantity column for both, and
+    the job summed Qty * Qty.  Two roles, one column: a usage error."""
+    import server
+    path = tmp_path / "s.csv"
+    path.write_text("Price,Qty\n2.5,4\n")
+    with pytest.raises(server.InputError, match="both 'Qty'"):
+        server.inspect_csv(str(path), price_col="Qty")

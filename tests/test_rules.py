@@ -456,17 +456,27 @@ BAD_GROUPS = {
     "bad stats in a group": ([group("North", count=1), group("South", rows=1)],
                              "group 'North': inconsistent"),
     "group rows do not add up": ([group("North"), group("South", rows=2)], "do not add up"),
+    "group rejected rows do not add up": ([group("North", rejected=1), group("South", rows=1)],
+                                          "rejected_rows do not add up"),
+    "group sales do not add up": ([group("North"), group("South", rows=1, sales=6.0)],
+                                  "total_sales do not add up"),
+    "group prices are not the chunk's": ([group("North", high=3.0),
+                                          group("South", rows=1, high=3.0)], "prices do not match"),
+    "a group of no rows": ([group("North"), group("South", rows=1),
+                            group("East", rows=0, sales=0.0, low=None, high=None, mean=None)],
+                           "has no rows"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_GROUPS))
 def test_check_groups_refuses(case):
     """Rule: with --group-by, a RESULT's groups are a list of 8-field rows with
-    distinct string (or None) values, each valid metrics, adding up to the
-    chunk's rows.  The shape is the schema's (protocol.check), the rest
+    distinct string (or None) values, each valid metrics with at least one
+    row, adding up to the chunk's rows, rejected rows, valid prices and sales,
+    with the chunk's min and max price among them.  The shape is the schema's (protocol.check), the rest
     check_groups'; handle_result runs both, in this order."""
     def result(groups):
-        return ids(rows_processed=3, rejected_rows=0, total_sales=15.0, min_price=1.0,
+        return ids(rows_processed=3, rejected_rows=0, total_sales=10.0, min_price=1.0,
                    max_price=4.0, avg_price=2.5, price_count=3, groups=groups)
 
     def both(msg):

@@ -113,6 +113,10 @@ def M(name, file, old, new, rule, *tests):
 
 
 MUTANTS = [
+    M("group-sales-need-not-add-up", "server.py",
+      "    if abs(math.fsum(sales) - msg[\"total_sales\"]) > slack:",
+      "    if False:",
+      CHECKED, "test_check_groups_refuses"),
     M("lost-attempts-never-counted", "server.py",
       "            self.losses[chunk_id] += 1\n", "",
       LOST, "test_book_fails_a_chunk_lost_max_lost_times_counted_apart_from_reports"),
