@@ -196,16 +196,16 @@ def _unavailable(reason: str):
 
 # --- fixtures ----------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A running private PostgreSQL server for the whole session (see the module doc)."""
+def _running_server(durable_commits: bool = False):
+    """Start a private PostgreSQL server, yield it, always stop it; skip (or, under
+    CI=true, fail) with the reason when none can be started."""
     try:
         import psycopg  # noqa: F401
         import psycopg_pool  # noqa: F401
     except ImportError as exc:
         _unavailable(f"{exc} (pip install -r requirements.txt)")
     try:
-        server = PostgresServer()
+        server = PostgresServer(durable_commits=durable_commits)
     except Unavailable as exc:
         _unavailable(str(exc))
     try:
@@ -216,6 +216,12 @@ def postgres_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A running private PostgreSQL server for the whole session (see the module doc)."""
+    yield from _running_server()
 
 
 @pytest.fixture
@@ -254,20 +260,4 @@ def restartable_postgres():
     """A private PostgreSQL server of the test's own, with durable commits, so
     that a test can kill it (:meth:`PostgresServer.kill`) and start it again
     without losing what was committed."""
-    try:
-        import psycopg  # noqa: F401
-        import psycopg_pool  # noqa: F401
-    except ImportError as exc:
-        _unavailable(f"{exc} (pip install -r requirements.txt)")
-    try:
-        server = PostgresServer(durable_commits=True)
-    except Unavailable as exc:
-        _unavailable(str(exc))
-    try:
-        try:
-            server.start()
-        except (Unavailable, OSError, subprocess.SubprocessError) as exc:
-            _unavailable(str(exc))
-        yield server
-    finally:
-        server.stop()
+    yield from _running_server(durable_commits=True)
