@@ -710,7 +710,7 @@ def test_oracle_cleaner_agrees_with_the_rendering():
             assert clean_number(junk, decimal) is None
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(0, 25), stream=st.booleans(),
        parts=st.integers(1, 40))
 def test_random_csv_in_process(seed, rows, stream, parts):

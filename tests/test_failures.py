@@ -122,7 +122,7 @@ def keep_workers_alive(procs, server, alive: int, worker_args, deadline: float,
 # --- 1. crash test -----------------------------------------------------------------
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_crashing_and_stalling_workers_give_the_exact_result(procs, tmp_path, seed):
     """Rule: with workers that exit abruptly (1/3 of attempts) or stall past
     their lease (1/3), and are respawned until the server exits, the final

@@ -138,7 +138,7 @@ def totals(chunks: server.FrameChunks) -> tuple[int, float]:
     return sum(m["rows_processed"] for m in metrics), sum(m["total_sales"] for m in metrics)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(records=st.lists(st.tuples(st.sampled_from(["1", "2.5", "x", ""]),
                                   st.sampled_from(["1", "3", ""]), field), max_size=40),
        blank=st.integers(0, 40), crlf=st.booleans(), chunks=st.integers(1, 60),

@@ -147,7 +147,7 @@ def grid_jobs(draw):
     return prices, qtys, cuts
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grid_jobs())
 def test_totals_near_the_float_limit_are_exact_or_the_same_error_for_any_chunking(job):
     """Property: for totals near 1.8e308, one chunk and any other chunking give
