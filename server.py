@@ -577,12 +577,12 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     while header_end < size:
         start = header_end
         header_end = record_boundaries(open_text(), [start], sep=sep, eol=eol)[0]
-        with open_text() as f:
-            record = f.read(header_end)[start:]
-        if not is_blank(record, sep, at_start=start == 0):
+        if header_end > len(head):   # a header longer than the sample
+            with open_text() as f:
+                head = f.read(header_end)
+        if not is_blank(head[start:header_end], sep, at_start=start == 0):
             break
-    with open_text() as f:
-        header = f.read(header_end)
+    header = head[:header_end]
     body = size - header_end
     # Targets every num / den bytes after the header (integers: exact on every
     # run).  At most one target per byte, and equal cuts merge below, so a
@@ -1937,9 +1937,9 @@ def _check_group_totals(msg: dict, groups: list, chunk_id: int) -> None:
     order), and the chunk's min and max price are a group's.  Raises
     ProtocolError naming what does not add up."""
     counts = [("rows_processed", 1), ("rejected_rows", 2), ("price_count", 7)]
-    for field, at in counts:
-        if sum(g[at] for g in groups) != msg[field]:
-            raise protocol.ProtocolError(f"chunk {chunk_id}: group {field} do not add up")
+    for name, at in counts:
+        if sum(g[at] for g in groups) != msg[name]:
+            raise protocol.ProtocolError(f"chunk {chunk_id}: group {name} do not add up")
     sales = [g[3] for g in groups]
     slack = 1e-9 * max(math.fsum(abs(s) for s in sales), abs(msg["total_sales"]), 1.0)
     if abs(math.fsum(sales) - msg["total_sales"]) > slack:
@@ -2107,8 +2107,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise InputError(f"cannot listen on {args.host}:{args.port}: "
                              f"{exc.strerror or exc}") from None
-        for phase, seconds in loaded.items():
-            server.timings.add(phase, seconds)
+        for phase, spent in loaded.items():
+            server.timings.add(phase, spent)
         # The documented mode's producer starts parsing now ("parse" phase).
         chunks.start(state.done, server.fail_job, server.timings)
         return serve(server, args)

@@ -169,7 +169,7 @@ MUTANTS = [
       "    if not low <= high:",
       CHECKED, "test_check_stats_refuses"),
     M("groups-need-not-add-up", "server.py",
-      "        if sum(g[at] for g in groups) != msg[field]:", "        if False:",
+      "        if sum(g[at] for g in groups) != msg[name]:", "        if False:",
       CHECKED, "test_check_groups_refuses"),
     M("identity-without-content-sample", "server.py",
       "        \"path\": os.path.realpath(info.path), **fingerprint,",
