@@ -673,6 +673,15 @@ class JobState:
         self.next_attempt_id = next_attempt_id
 
 
+def _lease_statement(job_id: str, attempt_id: int, chunk_id: int, worker_id: str,
+                     leased_at: float) -> tuple[str, tuple]:
+    """The insert of a new attempt row (outcome ``leased``); idempotent, so a
+    transaction of unknown outcome can run it again."""
+    return ("INSERT INTO attempts (job_id, attempt_id, chunk_id, worker_id, leased_at, outcome) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt_id) DO NOTHING",
+            (job_id, attempt_id, chunk_id, worker_id, leased_at, Outcome.LEASED))
+
+
 class ResultStore:
     """Thread-safe access to the results database ``path``.
 
@@ -742,10 +751,7 @@ class ResultStore:
     def record_lease(self, job_id: str, attempt_id: int, chunk_id: int,
                      worker_id: str, leased_at: float) -> None:
         """Insert the attempt row for a new lease (outcome ``leased``)."""
-        self._transaction([(
-            "INSERT INTO attempts (job_id, attempt_id, chunk_id, worker_id, leased_at, outcome) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt_id) DO NOTHING",
-            (job_id, attempt_id, chunk_id, worker_id, leased_at, Outcome.LEASED))])
+        self._transaction([_lease_statement(job_id, attempt_id, chunk_id, worker_id, leased_at)])
 
     def end_attempt(self, job_id: str, attempt_id: int, outcome: str,
                     error: str | None = None) -> None:
@@ -763,14 +769,18 @@ class ResultStore:
             f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
             (outcome, error, time.time(), job_id, attempt_id, *states))])
 
-    def record_result(self, job_id: str, result: dict, groups=()) -> bool:
+    def record_result(self, job_id: str, result: dict, groups=(), lease=None) -> bool:
         """Commit one RESULT; return True if it is the one that counts.
 
         ``result`` holds the keys of :data:`RESULT_COLUMNS` except
         ``job_id`` and ``received_at``.  ``groups`` is a sequence of
         ``(group_value, rows_processed, rejected_rows, total_sales,
         min_price, max_price, avg_price, price_count)``, stored only when
-        this result counts.  One transaction: either all of it lands or none.
+        this result counts.  ``lease``, if given, is the worker's next
+        attempt, ``(attempt_id, chunk_id, worker_id, leased_at)``, inserted
+        as :meth:`record_lease` would: the ACK and the next JOB then wait
+        for one commit instead of two (README, "The life of one chunk").
+        One transaction: either all of it lands or none.
         """
         now = time.time()
         row = dict(result, job_id=job_id, received_at=now)
@@ -800,6 +810,8 @@ class ResultStore:
                 "UPDATE attempts SET outcome = ?, ended_at = ?, error = NULL "
                 f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
                 (outcome, now, job_id, result["attempt_id"], *states))
+            if lease is not None:
+                cur.execute(*_lease_statement(job_id, *lease))
             return counted
 
         return self._backend.transaction(commit_result)

@@ -54,12 +54,23 @@ NO_JOB     server -> worker (none): every chunk is done (or the job stopped)
 RESULT     worker -> server job_id, worker_id, chunk_id, attempt_id,
                             rows_processed, rejected_rows, total_sales,
                             min_price, max_price, avg_price, price_count,
-                            groups (list of per-group rows, see worker.py)
+                            groups (list of per-group rows, see worker.py),
+                            next (bool, optional: lease me the next chunk)
 FAILED     worker -> server job_id, worker_id, chunk_id, attempt_id, error
 ACK        server -> worker chunk_id, counted (bool: this result is the one
-                            that counts)
+                            that counts), next (bool, optional: the answer
+                            to a GET_JOB follows in the next frame)
 ERROR      server -> worker reason; the server closes the connection next
 =========  ===============  =================================================
+
+One round trip per chunk
+------------------------
+GET_JOB is for the first chunk and after a WAIT.  In the steady state a
+worker sends its RESULT with ``next=True`` and the server answers with an
+ACK with ``next=True``, followed at once by what a GET_JOB would have got
+(JOB, WAIT or NO_JOB): two frames, usually in one write.  The next chunk's
+lease is committed in the same transaction as the result, so neither
+frame leaves before that commit (README, "The life of one chunk").
 
 Handshake
 ---------
@@ -92,7 +103,7 @@ __all__ = [
     "ACK", "ERROR", "MESSAGE_TYPES",
     "ProtocolError", "FrameTooLarge", "TruncatedFrame", "ConnectionClosed",
     "AuthenticationError", "ServerRefused",
-    "send_frame", "recv_frame", "send_message", "recv_message",
+    "send_frame", "send_frames", "recv_frame", "send_message", "recv_message",
     "encode", "decode_safe", "MESSAGES", "OPTIONAL", "GROUP_ROW", "make", "check",
     "server_handshake", "client_handshake",
     "SERVER_MAX_FRAME", "WORKER_MAX_FRAME",
@@ -136,12 +147,15 @@ MESSAGES = {
     NO_JOB: {},
     RESULT: {**_IDS, "rows_processed": (int,), "rejected_rows": (int,), "total_sales": NUMBER,
              "min_price": NUMBER + (type(None),), "max_price": NUMBER + (type(None),),
-             "avg_price": NUMBER + (type(None),), "price_count": (int,), "groups": (list,)},
+             "avg_price": NUMBER + (type(None),), "price_count": (int,), "groups": (list,),
+             "next": (bool,)},
     FAILED: {**_IDS, "error": (str,)},
-    ACK: {"chunk_id": (int,), "counted": (bool,)},
+    ACK: {"chunk_id": (int,), "counted": (bool,), "next": (bool,)},
     ERROR: {"reason": (str,)},
 }
-OPTIONAL = {RESULT: {"groups"}}   # absent: no --group-by
+# groups absent: no --group-by.  next absent: False, the ACK comes alone and
+# the worker asks with GET_JOB (a stopping worker wants no more chunks).
+OPTIONAL = {RESULT: {"groups", "next"}, ACK: {"next"}}
 
 
 def _field_problem(type_: str, name: str, value) -> str | None:
@@ -261,6 +275,22 @@ def send_frame(sock: socket.socket, payload: bytes) -> None:
     else:
         sock.sendall(HEADER.pack(size))
         sock.sendall(payload)
+
+
+def send_frames(sock: socket.socket, payloads: list) -> None:
+    """Send one frame per payload, in order; small ones in one ``sendall``.
+
+    Used for an ACK followed by the next JOB: one write wakes the peer once
+    instead of twice.  Raises what :func:`send_frame` raises.
+    """
+    for size in map(len, payloads):
+        if not 0 < size <= 0xFFFFFFFF:
+            raise ValueError(f"frame payload must be 1..2**32-1 bytes, got {size}")
+    if sum(map(len, payloads)) < 65536:
+        sock.sendall(b"".join(HEADER.pack(len(p)) + p for p in payloads))
+    else:   # a large JOB: not copied just to glue the frames together
+        for payload in payloads:
+            send_frame(sock, payload)
 
 
 def recv_frame(sock: socket.socket, max_size: int,

@@ -1376,10 +1376,12 @@ class ChunkBook:
         with self._lock:
             return self.attempt_owner.get(attempt_id) == (chunk_id, worker_id)
 
-    def held_by(self, conn: int) -> int | None:
-        """The chunk a live lease of connection ``conn`` holds, if any."""
+    def held_by(self, conn: int, besides: int | None = None) -> int | None:
+        """The chunk a live lease of connection ``conn`` holds, if any (not
+        counting attempt ``besides``: the one a RESULT reports)."""
         with self._lock:
-            return next((l.chunk_id for l in self.leases.values() if l.conn == conn), None)
+            return next((l.chunk_id for l in self.leases.values()
+                         if l.conn == conn and l.attempt_id != besides), None)
 
     def complete(self, chunk_id: int, attempt_id: int) -> None:
         """A result for the chunk is committed: it is DONE (idempotent)."""
@@ -1744,6 +1746,11 @@ class Handler(socketserver.BaseRequestHandler):
         protocol.send_frame(self.sock, payload)
         self.server.timings.sent(protocol.HEADER.size + len(payload))
 
+    def send_frames(self, *payloads: bytes) -> None:
+        """Send a frame per payload, in order, with one write if they are small."""
+        protocol.send_frames(self.sock, payloads)
+        self.server.timings.sent(sum(protocol.HEADER.size + len(p) for p in payloads))
+
     def try_send(self, message: dict) -> None:
         try:
             self.send(message)
@@ -1772,17 +1779,38 @@ class Handler(socketserver.BaseRequestHandler):
             # A worker computes one chunk at a time; a peer that asks again
             # before reporting would hoard chunks and starve the others.
             raise protocol.ProtocolError(f"GET_JOB while holding chunk {held}")
-        lease = srv.book.lease(self.worker_id, self.conn)
-        if lease is None and not srv.book.finished.is_set():
+        job = self.lease_job()
+        if job is None and not srv.book.finished.is_set():
             # Nothing pending, yet not finished: usually the last chunks are
             # being computed.  Hold the request up to wait_interval before
             # answering WAIT, so that the end of the job reaches this worker
             # at once (NO_JOB) instead of after its retry_after sleep.
             srv.book.finished.wait(srv.wait_interval)
-            lease = srv.book.lease(self.worker_id, self.conn)
-        if lease is None:
+            job = self.lease_job()
+        if job is None:
             self.send_no_job()
             return
+        lease, frame = job
+        started = time.perf_counter()
+        srv.store.record_lease(srv.job_id, lease.attempt_id, lease.chunk_id,
+                               self.worker_id, time.time())
+        srv.timings.add("db", time.perf_counter() - started)
+        self.send_job(lease, frame)
+
+    def lease_job(self) -> tuple[Lease, bytes] | None:
+        """Lease the next pending chunk to this connection and encode its JOB frame.
+
+        Returns ``(lease, frame)``; the caller records the lease in the store,
+        then sends the frame (:meth:`send_job`).  Returns None if no chunk is
+        pending, or if the JOB cannot be built (the attempt then ends here:
+        lost, or the chunk refused when its frame would exceed the workers'
+        limit).  Raises :class:`InputError` if the input changed under the job.
+        Used by GET_JOB and by a RESULT that asks for its ``next`` chunk.
+        """
+        srv = self.server
+        lease = srv.book.lease(self.worker_id, self.conn)
+        if lease is None:
+            return None
         srv.progress.begin()
         started = time.perf_counter()
         try:
@@ -1797,23 +1825,26 @@ class Handler(socketserver.BaseRequestHandler):
             reason = f"the server could not build its JOB ({type(exc).__name__}: {exc})"
             log.warning("chunk %d: %s", lease.chunk_id, reason)
             srv.book.lose(lease.attempt_id, reason)
-            self.send_no_job()
-            return
+            return None
         srv.timings.add("serialize", time.perf_counter() - started)
         if len(frame) > protocol.WORKER_MAX_FRAME:
             # A worker would refuse it unread and hang up, every time.
             srv.book.refuse(lease.chunk_id, lease.attempt_id, (
                 f"its JOB frame is {len(frame)} bytes, over the workers' limit of "
                 f"{protocol.WORKER_MAX_FRAME}; use more --chunks"))
-            self.send_no_job()
-            return
-        started = time.perf_counter()
-        srv.store.record_lease(srv.job_id, lease.attempt_id, lease.chunk_id,
-                               self.worker_id, time.time())
-        srv.timings.add("db", time.perf_counter() - started)
+            return None
+        return lease, frame
+
+    def send_job(self, lease: Lease, frame: bytes, before: bytes = b"") -> None:
+        """Send a JOB ``frame`` whose lease is committed, after the encoded
+        message ``before`` (an ACK) if given, in one write."""
+        srv = self.server
         log.debug("chunk %d leased to %s (attempt %d)", lease.chunk_id, self.worker_id, lease.attempt_id)
         started = time.perf_counter()
-        self.send_frame(frame)
+        if before:
+            self.send_frames(before, frame)
+        else:
+            self.send_frame(frame)
         # Handing the frame to the kernel; a worker slow to read makes this
         # grow once the socket buffers are full.
         srv.timings.add("send", time.perf_counter() - started)
@@ -1848,10 +1879,21 @@ class Handler(socketserver.BaseRequestHandler):
             # ends the job with this message instead of retrying for ever.
             self.fail_attempt(chunk_id, attempt_id, f"invalid RESULT: {exc}")
             raise
+        wants_next = msg.get("next", False)
+        other = srv.book.held_by(self.conn, besides=attempt_id) if wants_next else None
+        if other is not None:   # hoarding, as GET_JOB while holding a chunk
+            raise protocol.ProtocolError(f"RESULT asks for the next chunk while holding chunk {other}")
+        # The next chunk is leased now but committed with this result, in one
+        # transaction, and sent only after it: the ACK never precedes its
+        # commit, nor the JOB its attempt row (which a restarted server needs
+        # to accept that JOB's result).  See README, "The life of one chunk".
+        job = self.lease_job() if wants_next else None
         started = time.perf_counter()
         counted = srv.store.record_result(
             srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,
-                             chunk_id=chunk_id, attempt_id=attempt_id), groups)
+                             chunk_id=chunk_id, attempt_id=attempt_id), groups,
+            lease=None if job is None else (job[0].attempt_id, job[0].chunk_id,
+                                            self.worker_id, time.time()))
         srv.timings.add("db", time.perf_counter() - started)
         srv.book.complete(chunk_id, attempt_id)
         srv.chunks.forget(chunk_id)
@@ -1861,7 +1903,16 @@ class Handler(socketserver.BaseRequestHandler):
         else:
             log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
                      chunk_id, self.worker_id, attempt_id)
-        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted))
+        ack = protocol.encode(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted,
+                                            **({"next": True} if wants_next else {})))
+        if job is not None:
+            self.send_job(*job, before=ack)   # ACK, then the JOB: one write
+            return
+        self.send_frame(ack)
+        if wants_next:
+            # No chunk was pending: answer as GET_JOB does (it may hold the
+            # answer a moment, which is why the ACK went first).
+            self.handle_get_job(msg)
 
     def handle_failed(self, msg: dict) -> None:
         chunk_id, attempt_id = self.check_ids(msg)

@@ -971,6 +971,7 @@ class Worker:
     def run(self) -> int:
         """The main loop; returns the process exit code (0: job done)."""
         unacked = None  # a RESULT or FAILED message the server has not acknowledged
+        reply = None    # the answer to a GET_JOB that came with the last ACK, if any
         while True:
             try:
                 if self.sock is None:
@@ -978,23 +979,25 @@ class Worker:
                         return 0  # never reconnect just to say goodbye
                     self.connect()
                 if unacked is not None:
-                    self.deliver(unacked)
+                    reply = self.deliver(unacked)
                     unacked = None
                 if self.stopping.is_set():
                     log.info("%s: stopping after %d chunks", self.worker_id, self.chunks_done)
                     return 0
-                reply = self.request(protocol.make(protocol.GET_JOB))
-                if reply["type"] == protocol.NO_JOB:
+                if reply is None:
+                    reply = self.request(protocol.make(protocol.GET_JOB))
+                reply, job = None, reply
+                if job["type"] == protocol.NO_JOB:
                     log.info("%s: job finished, %d results delivered from here",
                              self.worker_id, self.chunks_done)
                     return 0
-                if reply["type"] == protocol.WAIT:
-                    self.stopping.wait(_retry_after(reply))
+                if job["type"] == protocol.WAIT:
+                    self.stopping.wait(_retry_after(job))
                     continue
-                if reply["type"] != protocol.JOB:
-                    raise protocol.ProtocolError(f"unexpected {reply['type']} reply to GET_JOB")
-                unacked = self.handle_job(reply)
-                self.deliver(unacked)
+                if job["type"] != protocol.JOB:
+                    raise protocol.ProtocolError(f"unexpected {job['type']} reply to GET_JOB")
+                unacked = self.handle_job(job)
+                reply = self.deliver(unacked)
                 unacked = None
             except GiveUp as exc:
                 if self.stopping.is_set():
@@ -1092,6 +1095,10 @@ class Worker:
     def request(self, message: dict) -> dict:
         """Send one message, return the reply; an ERROR reply raises ServerRefused."""
         protocol.send_frame(self.sock, protocol.encode(message))
+        return self.receive()
+
+    def receive(self) -> dict:
+        """The next message from the server; an ERROR raises ServerRefused."""
         reply = protocol.recv_message(self.sock, protocol.WORKER_MAX_FRAME, self.io_timeout)
         if reply["type"] == protocol.ERROR:
             raise protocol.ServerRefused(str(reply.get("reason")))
@@ -1127,8 +1134,15 @@ class Worker:
         return compute_metrics(load_chunk(job), job["price_col"], job["qty_col"],
                                job["decimal"], job["group_col"])
 
-    def deliver(self, message: dict) -> None:
+    def deliver(self, message: dict) -> dict | None:
         """Send a RESULT/FAILED and wait for its ACK (the commit receipt).
+
+        A RESULT asks for the next chunk too (``next``), unless the worker
+        is stopping; if the ACK says the answer follows (its own ``next``),
+        that JOB, WAIT or NO_JOB is read and returned, else None (ask with
+        GET_JOB).  A connection lost after the ACK loses only that answer:
+        the result is delivered, and the next chunk's lease ends on the
+        server as any lease of a closed connection does.
 
         A RESULT larger than the server accepts (``max_frame`` in WELCOME;
         say, --group-by on a column with a value per row) is sent as a
@@ -1142,6 +1156,8 @@ class Worker:
                 f"the result has {len(message['groups'])} groups and does not fit in the "
                 f"server's {self.server_max_frame}-byte frames; --group-by a column with "
                 f"fewer values, or raise the server's --max-frame"))
+        if message["type"] == protocol.RESULT and not self.stopping.is_set():
+            message = dict(message, next=True)
         reply = self.request(message)
         if reply["type"] == protocol.ACK:
             protocol.check(reply)
@@ -1150,6 +1166,9 @@ class Worker:
                                          f"got {reply['type']}")
         if message["type"] == protocol.RESULT:
             self.chunks_done += 1
+        if not (reply.get("next") and message.get("next")):
+            return None
+        return self.receive()
 
 
 def _retry_after(reply: dict) -> float:
