@@ -1352,15 +1352,28 @@ class ChunkBook:
     def __len__(self) -> int:
         return len(self.state)
 
-    def lease(self, worker_id: str, conn: int) -> Lease | None:
-        """Lease the next pending chunk, or return None if none is pending."""
+    def lease(self, worker_id: str, conn: int, besides: int | None = None) -> Lease | None:
+        """Lease the next pending chunk, or return None if none is pending.
+
+        Chunk ``besides`` is passed over (it stays where it is in the queue):
+        a RESULT for it is about to commit in the same transaction as this
+        lease (``Handler.handle_result``), so it must not be handed out again
+        to the very worker that reports it, as it could be if its lease had
+        expired meanwhile.
+        """
         with self._lock:
+            passed = []
             while self.queue:
                 chunk_id = self.queue.popleft()
-                if self.state[chunk_id] == ChunkState.PENDING:
+                if self.state[chunk_id] != ChunkState.PENDING:
+                    continue
+                if chunk_id != besides:
                     break
+                passed.append(chunk_id)
             else:
+                self.queue.extendleft(passed)
                 return None
+            self.queue.extendleft(passed)
             lease = Lease(self.next_attempt_id, chunk_id, worker_id, conn,
                           self.clock() + self.lease_timeout)
             self.next_attempt_id += 1
@@ -1779,38 +1792,35 @@ class Handler(socketserver.BaseRequestHandler):
             # A worker computes one chunk at a time; a peer that asks again
             # before reporting would hoard chunks and starve the others.
             raise protocol.ProtocolError(f"GET_JOB while holding chunk {held}")
-        job = self.lease_job()
-        if job is None and not srv.book.finished.is_set():
+        lease = srv.book.lease(self.worker_id, self.conn)
+        if lease is None and not srv.book.finished.is_set():
             # Nothing pending, yet not finished: usually the last chunks are
             # being computed.  Hold the request up to wait_interval before
             # answering WAIT, so that the end of the job reaches this worker
             # at once (NO_JOB) instead of after its retry_after sleep.
             srv.book.finished.wait(srv.wait_interval)
-            job = self.lease_job()
-        if job is None:
+            lease = srv.book.lease(self.worker_id, self.conn)
+        frame = None if lease is None else self.job_frame(lease)
+        if frame is None:
             self.send_no_job()
             return
-        lease, frame = job
         started = time.perf_counter()
         srv.store.record_lease(srv.job_id, lease.attempt_id, lease.chunk_id,
                                self.worker_id, time.time())
         srv.timings.add("db", time.perf_counter() - started)
         self.send_job(lease, frame)
 
-    def lease_job(self) -> tuple[Lease, bytes] | None:
-        """Lease the next pending chunk to this connection and encode its JOB frame.
+    def job_frame(self, lease: Lease) -> bytes | None:
+        """The encoded JOB of a fresh ``lease`` of this connection.
 
-        Returns ``(lease, frame)``; the caller records the lease in the store,
-        then sends the frame (:meth:`send_job`).  Returns None if no chunk is
-        pending, or if the JOB cannot be built (the attempt then ends here:
-        lost, or the chunk refused when its frame would exceed the workers'
-        limit).  Raises :class:`InputError` if the input changed under the job.
-        Used by GET_JOB and by a RESULT that asks for its ``next`` chunk.
+        The caller records the lease in the store, then sends the frame
+        (:meth:`send_job`).  Returns None if the JOB cannot be built: the
+        attempt then ends here, lost, or the chunk refused when its frame
+        would exceed the workers' limit.  Raises :class:`InputError` if the
+        input changed under the job.  Used by GET_JOB and by a RESULT that
+        asks for its ``next`` chunk.
         """
         srv = self.server
-        lease = srv.book.lease(self.worker_id, self.conn)
-        if lease is None:
-            return None
         srv.progress.begin()
         started = time.perf_counter()
         try:
@@ -1833,7 +1843,7 @@ class Handler(socketserver.BaseRequestHandler):
                 f"its JOB frame is {len(frame)} bytes, over the workers' limit of "
                 f"{protocol.WORKER_MAX_FRAME}; use more --chunks"))
             return None
-        return lease, frame
+        return frame
 
     def send_job(self, lease: Lease, frame: bytes, before: bytes = b"") -> None:
         """Send a JOB ``frame`` whose lease is committed, after the encoded
@@ -1887,13 +1897,14 @@ class Handler(socketserver.BaseRequestHandler):
         # transaction, and sent only after it: the ACK never precedes its
         # commit, nor the JOB its attempt row (which a restarted server needs
         # to accept that JOB's result).  See README, "The life of one chunk".
-        job = self.lease_job() if wants_next else None
+        lease = srv.book.lease(self.worker_id, self.conn, besides=chunk_id) if wants_next else None
+        frame = None if lease is None else self.job_frame(lease)
         started = time.perf_counter()
         counted = srv.store.record_result(
             srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,
                              chunk_id=chunk_id, attempt_id=attempt_id), groups,
-            lease=None if job is None else (job[0].attempt_id, job[0].chunk_id,
-                                            self.worker_id, time.time()))
+            lease=None if frame is None else (lease.attempt_id, lease.chunk_id,
+                                              self.worker_id, time.time()))
         srv.timings.add("db", time.perf_counter() - started)
         srv.book.complete(chunk_id, attempt_id)
         srv.chunks.forget(chunk_id)
@@ -1905,13 +1916,14 @@ class Handler(socketserver.BaseRequestHandler):
                      chunk_id, self.worker_id, attempt_id)
         ack = protocol.encode(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted,
                                             **({"next": True} if wants_next else {})))
-        if job is not None:
-            self.send_job(*job, before=ack)   # ACK, then the JOB: one write
+        if frame is not None:
+            self.send_job(lease, frame, before=ack)   # ACK, then the JOB: one write
             return
         self.send_frame(ack)
         if wants_next:
-            # No chunk was pending: answer as GET_JOB does (it may hold the
-            # answer a moment, which is why the ACK went first).
+            # No chunk was pending (or its JOB could not be built): answer as
+            # GET_JOB does, which may hold the answer a moment (so the ACK
+            # went first) and lease a chunk that turned up meanwhile.
             self.handle_get_job(msg)
 
     def handle_failed(self, msg: dict) -> None:
