@@ -78,7 +78,7 @@ from db_utils import AggregateOverflow, Outcome, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
                     HelpFormatter, RecordScanner, byte_transparent, find_columns, inside_mask,
                     is_blank, normalize_name, number_readings, port_number, read_columns,
-                    record_ends, seconds, seconds_or_zero, show_names)
+                    record_ends, seconds, seconds_or_zero, show_names, SmallChunk)
 
 log = logging.getLogger("server")
 
@@ -900,8 +900,9 @@ class FrameChunks:
     ranges), at most :data:`MAX_CHUNK_BYTES` of text each.  A producer
     thread (:meth:`start`) reads them in order, parses them with
     ``read_columns`` (the header, then the bytes: what a ``--stream`` worker
-    would parse) and pickles a DataFrame of the wanted columns per chunk, so
-    a chunk moves as soon as it is parsed, not once the whole file is.
+    would parse) and pickles a DataFrame of the wanted columns per chunk
+    (plain arrays for a small one: ``worker.py:SmallChunk``), so a chunk
+    moves as soon as it is parsed, not once the whole file is.
 
     One ``read_columns`` call costs about a millisecond whatever its size,
     so consecutive chunks are parsed together in *pieces* of at least
@@ -1168,15 +1169,29 @@ class FrameChunks:
             raise InputError(f"{info.path}: malformed CSV in {self._where(piece)}: "
                              f"{str(exc).strip()}") from None
         del data
+        arrays = {name: frame[name].to_numpy() for name in frame.columns}  # once per piece
         if end - first == 1:
-            return [(first, pickle.dumps(frame, protocol=5), len(frame))]
+            return [(first, self._pickle(frame, arrays, 0, len(frame)), len(frame))]
         # Chunk c of the piece gets the records from its share of the bytes on.
         records, length = len(frame), stop - start
         bounds = [records * (self.ranges[c][0] - start) // length for c in range(first, end)]
         bounds.append(records)
-        # A fresh index: the same frame as if the chunk had been parsed alone.
-        return [(c, pickle.dumps(frame.iloc[a:b].reset_index(drop=True), protocol=5), b - a)
+        return [(c, self._pickle(frame, arrays, a, b), b - a)
                 for c, a, b in zip(range(first, end), bounds, bounds[1:])]
+
+    def _pickle(self, frame: pd.DataFrame, arrays: dict, start: int, stop: int) -> bytes:
+        """The payload of rows ``start:stop`` of a parsed piece (``arrays``: its
+        columns as numpy arrays): a DataFrame, or for a chunk of at most
+        ``SmallChunk.SMALL_ROWS`` records its columns as plain values, which
+        cost a fraction of a DataFrame to pickle, unpickle and compute
+        (``worker.py:SmallChunk``)."""
+        if stop - start <= SmallChunk.SMALL_ROWS:
+            return pickle.dumps(SmallChunk.payload(arrays, start, stop, self.info.group_col),
+                                protocol=5)
+        if start == 0 and stop == len(frame):
+            return pickle.dumps(frame, protocol=5)
+        # A fresh index: the same frame as if the chunk had been parsed alone.
+        return pickle.dumps(frame.iloc[start:stop].reset_index(drop=True), protocol=5)
 
 
 def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOCK, *,

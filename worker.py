@@ -259,6 +259,8 @@ def compute_metrics(df: pd.DataFrame, price_col: str | None = None,
     found (see :func:`find_columns`), and ``ValueError`` if a total
     overflows to infinity.
     """
+    if isinstance(df, SmallChunk):
+        return small_chunk_metrics(df, price_col, qty_col, group_col)
     price_col, qty_col = find_columns(df.columns, price_col, qty_col)
     price = to_number(df[price_col], decimal)
     qty = to_number(df[qty_col], decimal)
@@ -267,12 +269,22 @@ def compute_metrics(df: pd.DataFrame, price_col: str | None = None,
     # Same sums (numpy's pairwise summation, as pandas uses), same answer.
     p, q = price.to_numpy(), qty.to_numpy()
     valid = ~(np.isnan(p) | np.isnan(q))
+    metrics = _array_metrics(p, q, valid)
+    if group_col is not None:
+        valid = pd.Series(valid, index=df.index)
+        metrics["groups"] = _group_metrics(df[group_col], price, qty, valid)
+    return _checked_totals(metrics)
+
+
+def _array_metrics(p: np.ndarray, q: np.ndarray, valid: np.ndarray) -> dict:
+    """The chunk-wide metrics of :func:`compute_metrics` from float64 arrays
+    of prices and quantities and the mask of valid rows (``groups`` empty)."""
     count = int(np.count_nonzero(valid))
     price_ok = p[valid]
     with np.errstate(all="ignore"):  # an overflow gives inf quietly, as in pandas
-        metrics = {
-            "rows_processed": int(len(df)),
-            "rejected_rows": int(len(df) - count),
+        return {
+            "rows_processed": int(len(p)),
+            "rejected_rows": int(len(p) - count),
             "total_sales": float((price_ok * q[valid]).sum()),
             "min_price": float(price_ok.min()) if count else None,
             "max_price": float(price_ok.max()) if count else None,
@@ -280,9 +292,10 @@ def compute_metrics(df: pd.DataFrame, price_col: str | None = None,
             "price_count": count,
             "groups": [],
         }
-    if group_col is not None:
-        valid = pd.Series(valid, index=df.index)
-        metrics["groups"] = _group_metrics(df[group_col], price, qty, valid)
+
+
+def _checked_totals(metrics: dict) -> dict:
+    """``metrics``, unless a total overflowed to infinity (ValueError)."""
     totals = [metrics["total_sales"], metrics["avg_price"]]
     totals += [total for g in metrics["groups"] for total in (g[3], g[6])]
     if not all(math.isfinite(x) for x in totals if x is not None):
@@ -316,6 +329,113 @@ def _or_none(value):
     return None if pd.isna(value) else float(value)
 
 
+class SmallChunk:
+    """A small chunk of the documented mode as plain arrays, not a DataFrame.
+
+    Unpickling a DataFrame and running pandas on it cost about a
+    millisecond of fixed overhead, which dominated chunks of a few rows
+    (README, "Performance").  The server sends chunks of at most
+    ``SMALL_ROWS`` records this way (``server.py:FrameChunks``) and the rest
+    as DataFrames.  ``columns`` maps each column name to its values: a
+    number column as float64 bytes, little-endian (the server's
+    ``read_columns`` already turned every cell into a finite number or
+    NaN), the group column as a list of ``str``, or ``None`` for a missing
+    value.  Built from what :func:`load_chunk` unpickles.
+    """
+
+    SMALL_ROWS = 1000
+    NUMBERS = "<f8"
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+
+    @classmethod
+    def payload(cls, arrays: dict, start: int, stop: int, group_col: str | None) -> dict:
+        """What the server pickles for rows ``start:stop`` of the columns it
+        parsed (``arrays``: name -> numpy array, as ``read_columns`` made them)."""
+        columns = {}
+        for name, column in arrays.items():
+            values = column[start:stop]
+            if name == group_col:
+                columns[name] = [None if v is None or v != v else str(v) for v in values.tolist()]
+            else:
+                columns[name] = np.asarray(values, dtype=cls.NUMBERS).tobytes()
+        return {"small_chunk": columns}
+
+    def __len__(self) -> int:
+        first = next(iter(self.columns.values()), b"")
+        return len(first) // 8 if isinstance(first, bytes) else len(first)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The DataFrame the server would have sent instead (for tests and
+        exploration; the worker computes without it)."""
+        return pd.DataFrame({name: self.numbers(name) if isinstance(data, bytes)
+                             else pd.Series(data, dtype="str")
+                             for name, data in self.columns.items()})
+
+    def numbers(self, name: str) -> np.ndarray:
+        """Column ``name`` as float64 values (ValueError if it is not a number column)."""
+        data = self.columns[name]
+        if not isinstance(data, bytes) or len(data) % 8:
+            raise ValueError(f"column {name!r} of the chunk is not a number column")
+        return np.frombuffer(data, dtype=self.NUMBERS).astype(np.float64, copy=False)
+
+
+def small_chunk_metrics(chunk: SmallChunk, price_col: str | None, qty_col: str | None,
+                        group_col: str | None) -> dict:
+    """:func:`compute_metrics` of a :class:`SmallChunk`, without pandas.
+
+    The chunk-wide metrics are the same numpy operations on the same float64
+    values as the DataFrame path, so the same bits.  Per group the values
+    are taken in row order and summed with ``math.fsum`` (pandas' groupby
+    sums with Kahan compensation instead: both are within a rounding error
+    of the exact sum, far inside 1e-9); groups come in order of first
+    appearance, the missing value (None) forming one group, as in
+    ``groupby(sort=False, dropna=False)``.  Raises what
+    :func:`compute_metrics` raises.
+    """
+    price_col, qty_col = find_columns(list(chunk.columns), price_col, qty_col)
+    p, q = chunk.numbers(price_col), chunk.numbers(qty_col)
+    if len(p) != len(q):
+        raise ValueError("the columns of the chunk differ in length")
+    # As to_number does: an infinity is no number.
+    valid = np.isfinite(p) & np.isfinite(q)
+    metrics = _array_metrics(p, q, valid)
+    if group_col is not None:
+        keys = chunk.columns[group_col]
+        if len(keys) != len(p):
+            raise ValueError("the columns of the chunk differ in length")
+        metrics["groups"] = _small_groups(keys, p.tolist(), q.tolist(), valid.tolist())
+    return _checked_totals(metrics)
+
+
+def _small_groups(keys: list, prices: list, quantities: list, valid: list) -> list[tuple]:
+    """Per-group rows of :func:`small_chunk_metrics` (see :func:`_group_metrics`)."""
+    rows: dict = {}
+    for key, price, qty, ok in zip(keys, prices, quantities, valid):
+        group = rows.setdefault(key, [0, [], []])   # rows, valid prices, their sales
+        group[0] += 1
+        if ok:
+            group[1].append(price)
+            group[2].append(price * qty)
+    out = []
+    for key, (count_rows, group_prices, sales) in rows.items():
+        count = len(group_prices)
+        out.append((key, count_rows, count_rows - count, _fsum(sales),
+                    min(group_prices) if count else None, max(group_prices) if count else None,
+                    _fsum(group_prices) / count if count else None, count))
+    return out
+
+
+def _fsum(values: list) -> float:
+    """``math.fsum``, but NaN where it raises (a sum past the float range, or
+    inf - inf), so that _checked_totals says why, as for the DataFrame path."""
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):
+        return math.nan
+
+
 def load_chunk(job: dict) -> pd.DataFrame:
     """Turn a JOB message's ``data`` (bytes) into a DataFrame.
 
@@ -331,6 +451,8 @@ def load_chunk(job: dict) -> pd.DataFrame:
     raw = _inflate(job["data"]) if job.get("compressed") else job["data"]
     if job["format"] == "frame":
         frame = pickle.loads(raw)
+        if isinstance(frame, dict) and isinstance(frame.get("small_chunk"), dict):
+            return SmallChunk(frame["small_chunk"])
         if not isinstance(frame, pd.DataFrame):
             raise ValueError("JOB data is not a DataFrame")
         return frame
