@@ -548,3 +548,53 @@ def test_utf16_and_cr_only_text_are_cut_too(tmp_path):
             chunks.close()
         assert len(got) == 500 and got[PRICE].sum() == pytest.approx(
             sum(i % 7 + 0.5 for i in range(500)))
+
+
+def _same_metrics(small: dict, pandas_: dict) -> None:
+    """Two metric dicts agree: counts exactly, floats to 1e-9, groups by value."""
+    def close(a, b):
+        return (a is None and b is None) or (
+            a is not None and b is not None and abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0))
+
+    for name in ("rows_processed", "rejected_rows", "price_count"):
+        assert small[name] == pandas_[name], name
+    for name in ("total_sales", "min_price", "max_price", "avg_price"):
+        assert close(small[name], pandas_[name]), (name, small[name], pandas_[name])
+    mine = {g[0]: g for g in small["groups"]}
+    theirs = {g[0]: g for g in pandas_["groups"]}
+    assert mine.keys() == theirs.keys() and len(mine) == len(small["groups"])
+    for key, group in mine.items():
+        assert group[1:3] == theirs[key][1:3] and group[7] == theirs[key][7], key
+        assert all(close(a, b) for a, b in zip(group[3:7], theirs[key][3:7])), (group, theirs[key])
+
+
+_CELL = st.one_of(st.floats(-1e6, 1e6), st.just(float("nan")), st.just(float("inf")),
+                  st.just(float("-inf")), st.integers(-50, 50).map(float))
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.tuples(_CELL, _CELL, st.sampled_from(["EU", "NA", "", None, "007"])),
+                     max_size=40),
+       grouped=st.booleans())
+def test_small_chunk_path_agrees_with_the_dataframe_path(rows, grouped):
+    """Rule: a small chunk sent as plain arrays (worker.SmallChunk) gives the
+    metrics the DataFrame path gives for the same rows, to 1e-9: rejected
+    rows (NaN, infinities), --group-by with a missing group, and no rows."""
+    group = "Region" if grouped else None
+    frame = pd.DataFrame({PRICE: pd.Series([r[0] for r in rows], dtype="float64"),
+                          QTY: pd.Series([r[1] for r in rows], dtype="float64")})
+    if grouped:
+        frame[group] = pd.Series([r[2] for r in rows], dtype="str")
+    arrays = {name: frame[name].to_numpy() for name in frame.columns}
+    payload = pickle.dumps(worker.SmallChunk.payload(arrays, 0, len(frame), group), protocol=5)
+    chunk = worker.load_chunk({"format": "frame", "data": payload})
+    assert isinstance(chunk, worker.SmallChunk) and len(chunk) == len(rows)
+    try:
+        expected = worker.compute_metrics(frame, PRICE, QTY, ".", group)
+    except ValueError as exc:   # a total past the float range: the same refusal
+        with pytest.raises(ValueError, match="overflows"):
+            worker.compute_metrics(chunk, PRICE, QTY, ".", group)
+        assert "overflows" in str(exc)
+        return
+    _same_metrics(worker.compute_metrics(chunk, PRICE, QTY, ".", group), expected)
+    pd.testing.assert_frame_equal(chunk.to_frame(), frame)

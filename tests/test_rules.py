@@ -518,6 +518,86 @@ def test_ack_is_sent_only_after_the_commit(job_server):
     assert job.store.final_aggregate(JOB)["total_rows"] == 4
 
 
+def test_ack_with_the_next_job_is_sent_only_after_one_commit_of_both(job_server):
+    """Rule: a RESULT that asks for the ``next`` chunk gets its ACK and the
+    next JOB only after one commit that holds the result and the next lease:
+    while the store is held nothing arrives and the next attempt has no row;
+    then ACK(next) and JOB come, and the JOB's attempt is already recorded."""
+    job = job_server(chunks=2)
+    job.store.hold = True
+    client = job.client("w")
+    work = client.take()
+    client.send(client.result_for(work, next=True))
+    assert job.store.entered.wait(10), "the RESULT never reached the store"
+    assert client.nothing_arrives(0.5), "an ACK or a JOB was sent before the commit"
+    assert job.attempts() == [(work["attempt_id"], 0, "w", "leased")]
+    job.store.release.set()
+    assert client.recv() == {"type": protocol.ACK, "chunk_id": 0, "counted": True, "next": True}
+    nxt = client.recv()
+    assert nxt["type"] == protocol.JOB and nxt["chunk_id"] == 1
+    assert job.attempts() == [(work["attempt_id"], 0, "w", "counted"),
+                              (nxt["attempt_id"], 1, "w", "leased")]
+    client.send(client.result_for(nxt, next=True))
+    assert client.recv() == {"type": protocol.ACK, "chunk_id": 1, "counted": True, "next": True}
+    assert client.recv() == {"type": protocol.NO_JOB}
+    assert_aggregate(job.store.final_aggregate(JOB), oracle(job.info.path, "Price", "Qty"))
+
+
+def test_next_lease_passes_over_the_chunk_being_reported(job_server):
+    """Rule: a late RESULT (its lease expired, the chunk is back in the queue)
+    that asks for the next chunk is not handed its own chunk again: it
+    commits, and the worker hears WAIT or NO_JOB, not a JOB for a done chunk."""
+    job = job_server(chunks=1)
+    client = job.client("w")
+    work = client.take()
+    job.clock.now += 61
+    assert [lease.chunk_id for lease in job.book.expire()] == [0]
+    client.send(client.result_for(work, next=True))
+    assert client.recv() == {"type": protocol.ACK, "chunk_id": 0, "counted": True, "next": True}
+    assert client.recv() == {"type": protocol.NO_JOB}
+    assert job.attempts() == [(work["attempt_id"], 0, "w", "counted")]
+
+
+def test_result_asking_for_more_while_holding_a_chunk_is_hoarding(job_server):
+    """Rule: one lease per connection holds for RESULT(next) as for GET_JOB:
+    reporting an old attempt while holding another chunk, and asking for
+    more, is refused with ERROR, and the held chunk goes back."""
+    job = job_server(chunks=2)
+    client = job.client("w")
+    old = client.take()
+    job.clock.now += 61
+    job.book.expire()
+    held = client.take()             # the expired chunk again, retried first
+    assert held["chunk_id"] == old["chunk_id"]
+    client.send(client.result_for(old, next=True))
+    reply = client.recv()
+    assert reply["type"] == protocol.ERROR and "while holding chunk" in reply["reason"]
+    assert client.closed_by_server()
+    wait_for(lambda: not job.book.leases, 10,
+             "the held lease to end")
+
+
+def test_worker_dying_right_after_ack_and_job_loses_only_that_lease(job_server):
+    """Rule: a worker that gets ACK+JOB and then goes silent holds just that
+    one lease; when it expires, another worker does the chunk and the job is
+    exact, every chunk counted once."""
+    job = job_server(rows=[(float(i), i % 3) for i in range(1, 9)], chunks=4)
+    dying = job.client("dying")
+    work = dying.take()
+    dying.send(dying.result_for(work, next=True))
+    assert dying.recv()["type"] == protocol.ACK
+    lost = dying.recv()
+    assert lost["type"] == protocol.JOB                  # ... and it dies, silent
+    job.clock.now += 61
+    assert [lease.attempt_id for lease in job.book.expire()] == [lost["attempt_id"]]
+    helper = WorkerThread(job.port, "helper")
+    assert helper.wait(60) == 0
+    assert_aggregate(job.store.final_aggregate(JOB), oracle(job.info.path, "Price", "Qty"))
+    counted = sorted(c for _, c, _, outcome in job.attempts() if outcome == "counted")
+    assert counted == [0, 1, 2, 3]
+    assert (lost["attempt_id"], lost["chunk_id"], "dying", "leased") in job.attempts()
+
+
 def test_store_failure_closes_the_connection_without_an_ack(job_server):
     """Rule: when the commit fails, the worker gets no ACK (so it keeps its
     RESULT): the connection closes, the job stops with the reason, and the
