@@ -283,10 +283,10 @@ def send_frames(sock: socket.socket, payloads: list) -> None:
     Used for an ACK followed by the next JOB: one write wakes the peer once
     instead of twice.  Raises what :func:`send_frame` raises.
     """
-    for size in map(len, payloads):
-        if not 0 < size <= 0xFFFFFFFF:
-            raise ValueError(f"frame payload must be 1..2**32-1 bytes, got {size}")
-    if sum(map(len, payloads)) < 65536:
+    sizes = [len(p) for p in payloads]
+    if min(sizes) < 1 or max(sizes) > 0xFFFFFFFF:
+        raise ValueError(f"frame payloads must be 1..2**32-1 bytes, got {sizes}")
+    if sum(sizes) < 65536:
         sock.sendall(b"".join(HEADER.pack(len(p)) + p for p in payloads))
     else:   # a large JOB: not copied just to glue the frames together
         for payload in payloads:

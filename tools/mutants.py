@@ -139,10 +139,11 @@ MUTANTS = [
     # --- the survivors of the first audit (issue 15), then what it found caught -----------
     M("ack-before-commit", "server.py",
       ("        started = time.perf_counter()\n        counted = srv.store.record_result(",
-       "        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted))\n"),
+       "        self.send_frame(ack)\n"),
       ("        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=True))\n"
        "        started = time.perf_counter()\n        counted = srv.store.record_result(", ""),
-      ACK, "test_ack_is_sent_only_after_the_commit"),
+      ACK, "test_ack_is_sent_only_after_the_commit",
+      "test_ack_with_the_next_job_is_sent_only_after_one_commit_of_both"),
     M("unpickler-allows-globals", "protocol.py",
       "        raise pickle.UnpicklingError(f\"global '{module}.{name}' is forbidden\")",
       "        return super().find_class(module, name)",
@@ -157,7 +158,7 @@ MUTANTS = [
       "    if False and not hmac.compare_digest(reply, _WELCOME + _mac(secret, b\"server\", server_nonce,",
       HANDSHAKE, "test_worker_refuses_a_server_that_does_not_know_the_secret"),
     M("worker-exits-on-wait", "worker.py",
-      "                    self.stopping.wait(_retry_after(reply))\n                    continue",
+      "                    self.stopping.wait(_retry_after(job))\n                    continue",
       "                    return 0",
       NO_EARLY_EXIT, "test_worker_keeps_asking_after_wait",
       "tests/test_failures.py::test_nobody_stops_while_a_chunk_is_unfinished"),
@@ -214,7 +215,9 @@ MUTANTS = [
     M("ack-although-the-commit-failed", "server.py",
       "        counted = srv.store.record_result(\n"
       "            srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,\n"
-      "                             chunk_id=chunk_id, attempt_id=attempt_id), groups)",
+      "                             chunk_id=chunk_id, attempt_id=attempt_id), groups,\n"
+      "            lease=None if frame is None else (lease.attempt_id, lease.chunk_id,\n"
+      "                                              self.worker_id, time.time()))",
       "        try:\n"
       "            counted = srv.store.record_result(\n"
       "                srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,\n"
@@ -409,7 +412,7 @@ MUTANTS = [
       "            if groups:\n", "            if False:\n",
       CHECKED, "test_groups_without_group_by_are_refused"),
     M("groups-not-a-list", "protocol.py",
-      "\"groups\": (list,)}", "\"groups\": (list, str)}",
+      "\"groups\": (list,),", "\"groups\": (list, str),",
       CHECKED, "test_check_groups_refuses"),
     M("group-rows-of-any-length", "protocol.py",
       "if type(row) not in (list, tuple) or len(row) != len(GROUP_ROW):",
