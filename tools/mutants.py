@@ -457,8 +457,9 @@ MUTANTS = [
       POISON, "test_server_refuses_bounds_that_break_a_rule"),
 
     # --- identity and resume ----------------------------------------------------------------
-    M("fingerprint-samples-nothing", "server.py",
-      "            digest.update(f.read(block))", "            f.read(block)",
+    M("fingerprint-samples-nothing", "worker.py",
+      "        digest.update(os.pread(fd, block, status.st_size * i // samples))",
+      "        os.pread(fd, block, status.st_size * i // samples)",
       RESUME, "test_file_fingerprint_sees_a_same_size_same_mtime_rewrite",
       "test_rewritten_file_is_a_new_job_not_a_resume"),
     M("identity-without-chunking", "server.py",
