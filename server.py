@@ -71,17 +71,19 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 import protocol
 from db_utils import AggregateOverflow, Outcome, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
-                    HelpFormatter, RecordScanner, byte_transparent, fd_fingerprint,
+                    HelpFormatter, LazyModule, RecordScanner, byte_transparent, fd_fingerprint,
                     file_fingerprint, fingerprint_text, find_columns, inside_mask, is_blank,
-                    normalize_name, number_readings, port_number, read_columns, record_ends,
-                    seconds, seconds_or_zero, show_names)
+                    normalize_name, port_number, read_columns, record_ends, seconds,
+                    seconds_or_zero, show_names, text_readings)
 
 log = logging.getLogger("server")
+# Imported by the first parse: the documented mode's chunks, an unusual header.
+# A --stream server parses nothing and never imports pandas.
+pd = LazyModule("pandas")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -327,7 +329,7 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
                          f"{show_names(columns)}")
     if decimal is None:
         at = [columns.index(price_col), columns.index(qty_col)]
-        cells = pd.Series([r[i] for i in at for r in records if i < len(r)], dtype=object)
+        cells = [r[i] for i in at for r in records if i < len(r)]
         decimal, reason = _guess_decimal(path, cells)
     else:
         reason = f"{decimal!r} (--decimal)"
@@ -491,10 +493,11 @@ def _check_repeated_names(path: str, header: list, price_col, qty_col) -> None:
                              f"{option}{hint}")
 
 
-def _guess_decimal(path: str, cells: pd.Series) -> tuple[str | None, str]:
-    """The decimal mark that the sampled price and quantity ``cells`` show, and why.
+def _guess_decimal(path: str, cells: list) -> tuple[str | None, str]:
+    """The decimal mark that the sampled price and quantity ``cells`` (``str``) show, and why.
 
-    Each cell is read both ways (:func:`worker.number_readings`).  One that
+    Each cell is read both ways (:func:`worker.text_readings`, the rule of
+    :func:`worker.number_readings` without pandas).  One that
     is a number only with a decimal point ("2.50", "0.125", "1,234.50")
     shows a point; only with a comma ("2,50", "0,125", "1.234,50"), a comma.
     One that is a different number each way ("1.234", "2,125": a thousands
@@ -511,24 +514,28 @@ def _guess_decimal(path: str, cells: pd.Series) -> tuple[str | None, str]:
 
     Returns ``(mark or None, reason)``, the reason for the log.
     """
-    point, comma = number_readings(cells)
-    shows_point = point.notna() & comma.isna()
-    shows_comma = comma.notna() & point.isna()
-    differs = point.notna() & comma.notna() & (point != comma)
+    point, comma = text_readings(cells)
+    shows_point = ~np.isnan(point) & np.isnan(comma)
+    shows_comma = ~np.isnan(comma) & np.isnan(point)
+    differs = ~np.isnan(point) & ~np.isnan(comma) & (point != comma)
+
+    def first(shown):
+        return int(np.argmax(shown))
+
     if shows_point.any() and shows_comma.any():
         raise InputError(f"{path}: the first records use both decimal marks ("
-                         f"{cells[shows_point].iloc[0]!r} and {cells[shows_comma].iloc[0]!r}); "
+                         f"{cells[first(shows_point)]!r} and {cells[first(shows_comma)]!r}); "
                          f"pass --decimal . or --decimal , (cells that disagree are an error)")
     for mark, shown in ((".", shows_point), (",", shows_comma)):
         if shown.any():
             return mark, (f"{mark!r}, shown by {int(shown.sum())} of {len(cells)} sampled cells, "
-                          f"e.g. {cells[shown].iloc[0]!r}")
+                          f"e.g. {cells[first(shown)]!r}")
     if differs.any():
-        example = cells[differs].iloc[0]
+        at = first(differs)
         raise InputError(
             f"{path}: cannot tell the decimal mark: no cell of the first records shows it, and "
-            f"{example!r} is {point[differs].iloc[0]:g} with a decimal point but "
-            f"{comma[differs].iloc[0]:g} with a decimal comma; pass --decimal . or --decimal ,")
+            f"{cells[at]!r} is {point[at]:g} with a decimal point but "
+            f"{comma[at]:g} with a decimal comma; pass --decimal . or --decimal ,")
     return None, ("none shown yet (whole numbers only); a later cell that needs one "
                   "stops the job and asks for --decimal")
 

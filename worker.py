@@ -29,6 +29,7 @@ import argparse
 import codecs
 import functools
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -47,11 +48,28 @@ import time
 import zlib
 
 import numpy as np
-import pandas as pd
 
 import protocol
 
 log = logging.getLogger("worker")
+
+
+class LazyModule:
+    """A module imported when one of its attributes is first used.
+
+    pandas takes 0.3-0.4 s to import.  The server imports this module for its
+    column, number and record rules, and in ``--stream`` it never parses: with
+    ``pd = LazyModule("pandas")`` only a process that parses pays for it.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+pd = LazyModule("pandas")
 
 SECRET_ENV = "SALES_SECRET"
 
@@ -179,6 +197,37 @@ def number_readings(values: pd.Series) -> tuple[pd.Series, pd.Series]:
             cleaned = cleaned.str.replace(",", ".", regex=False)
         readings.append(pd.to_numeric(cleaned, errors="coerce").astype("float64"))
     return readings[0], readings[1]
+
+
+# What float() reads that pandas' to_numeric reads too: ASCII digits only (float()
+# also takes "١٢" and "1_000"), and the words for infinity and "not a number".
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                           r"|inf|infinity|nan)", re.IGNORECASE)
+
+
+def text_readings(cells: list) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`number_readings` of a few cells (``str``), in plain Python, without pandas.
+
+    The same rule, step by step, for the server's head sample (a few thousand
+    cells, :func:`server._guess_decimal`), so that a ``--stream`` server never
+    imports pandas.  Returns two float64 arrays, NaN where a reading finds no
+    number.  pandas' own float parser may differ in the last bit of a number
+    with a large exponent; the decimal-mark guess only asks whether a reading
+    is a number and whether the two readings differ, which that cannot change
+    (tests/test_locality.py compares the two functions).
+    """
+    point, comma = np.full(len(cells), np.nan), np.full(len(cells), np.nan)
+    for i, cell in enumerate(cells):
+        text = _NOISE.sub("", cell)
+        for decimal, thousands, out in ((".", ",", point), (",", ".", comma)):
+            cleaned = text.replace(thousands, "") if _GROUPED[decimal].fullmatch(text) else text
+            if thousands in cleaned:
+                continue                       # a stray thousands mark: no number
+            if decimal == ",":
+                cleaned = cleaned.replace(",", ".")
+            if _PLAIN_NUMBER.fullmatch(cleaned):
+                out[i] = float(cleaned)
+    return point, comma
 
 
 def to_number(values: pd.Series, decimal: str | None = ".") -> pd.Series:

@@ -23,8 +23,8 @@ import pytest
 
 import protocol
 import worker
-from conftest import (FakeServer, WorkerThread, assert_aggregate, db_rows, make_sales_csv,
-                      parse_final, wait_for)
+from conftest import (FakeServer, Server, WorkerThread, assert_aggregate, db_rows,
+                      make_sales_csv, parse_final, wait_for)
 from conftest import oracle as csv_oracle
 
 PRICE, QTY = "Price", "Quantity"
@@ -243,3 +243,57 @@ def test_worker_reads_no_byte_outside_its_file(tmp_path, start, end):
     assert code == 0
     assert reports[0]["type"] == protocol.FAILED
     assert f"range {start}-{end} is outside" in reports[0]["error"]
+
+
+# --- the --stream server imports no pandas ------------------------------------------
+
+# Put first on a process's PYTHONPATH, Python imports it at start-up (as
+# tools/bench.py's rusage hook); at exit it says whether pandas was imported.
+PANDAS_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("pandas imported:", "pandas" in sys.modules, file=sys.stderr))
+"""
+
+
+@pytest.mark.parametrize("mode", ["stream", "frame"])
+def test_only_a_server_that_parses_imports_pandas(procs, tmp_path, mode):
+    """Rule: a --stream server parses nothing, so it never imports pandas (0.3-0.4 s
+    of its start); the documented mode's server parses the chunks and does
+    (which shows that the probe sees an import).  Whole jobs, exact."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(PANDAS_PROBE)
+    env = dict(os.environ, PYTHONPATH=str(probe))
+    csv = small_csv(tmp_path / "sales.csv", 2_000)
+    args = ("--stream",) if mode == "stream" else ()
+    server = Server(procs, tmp_path, csv, args=("--chunks", 4, *args), env=env)
+    server.wait_port()
+    procs.worker(server.port, "w0")
+    assert_aggregate(finish_ok(server), csv_oracle(csv, PRICE, QTY))
+    assert f"pandas imported: {mode == 'frame'}" in server.stderr()
+
+
+def test_text_readings_are_number_readings():
+    """Rule: the server's pandas-free reading of its head sample
+    (worker.text_readings) is worker.number_readings, the one cleaning rule:
+    the same cells are numbers under each mark, with the same values (to the
+    last bits pandas' parser may lose in a large exponent), so the
+    decimal-mark guess is the same."""
+    import random
+
+    import numpy as np
+    import pandas as pd
+    rng = random.Random(5)
+    alphabet = "0123456789.,eE+- $'"
+    cells = ["inf", "-Infinity", "nan", "1_000", "\u0661\u0662", "0x10", "1.", ".", ",", ".5",
+             "1,234.50", "1.234,50", "0,125", "0.125", "1.234", "2,125", "", "USD 12", "1'234",
+             "1,2,3", "12,000", "0.125,5", "€ 2,50"]
+    cells += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
+              for _ in range(20_000)]
+    mine = worker.text_readings(cells)
+    theirs = [r.to_numpy() for r in worker.number_readings(pd.Series(cells, dtype=object))]
+    for a, b in zip(mine, theirs):
+        assert (np.isnan(a) == np.isnan(b)).all()
+        assert np.allclose(a, b, rtol=1e-15, atol=0, equal_nan=True)
+    differs = [~np.isnan(p) & ~np.isnan(c) & (p != c) for p, c in (mine, theirs)]
+    assert (differs[0] == differs[1]).all()
