@@ -210,7 +210,7 @@ def test_worker_notices_a_file_modified_after_it_verified_it(tmp_path):
 
 @pytest.mark.parametrize("where", ["missing", "other-file", "relative", "fifo", "device",
                                    "folder"])
-def test_worker_opens_only_the_regular_file_it_can_verify(tmp_path, where):
+def test_worker_opens_only_the_regular_file_it_can_verify(tmp_path, monkeypatch, where):
     """Rule: the path in WELCOME comes from a server that may be hostile.  The
     worker opens nothing but an absolute path to a regular file (never a FIFO,
     which would block it, or a device, whose open may act), and reads it only
@@ -224,7 +224,12 @@ def test_worker_opens_only_the_regular_file_it_can_verify(tmp_path, where):
     if where == "fifo":
         os.mkfifo(path)
     welcome = {"input_path": path, "input_fingerprint": fingerprint(csv)}
+    opened, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **kw: opened.append(p) or real_open(p, *a, **kw))
     assert worker.LocalInput.open(path, welcome["input_fingerprint"]) is None
+    monkeypatch.undo()
+    if where in ("fifo", "device", "folder"):
+        assert opened == []          # not even opened
     code, asks, reports = play(welcome, [range_job(b"Price,Quantity\n", 0, 100)])
     assert code == 0
     assert [a.get("local_read") for a in asks] == [False, False]
