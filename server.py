@@ -12,7 +12,8 @@ Data flow::
           ▼
     FrameChunks / StreamChunks  documented mode: a producer thread parses the
           │                     ranges in order, a few chunks ahead of the leases;
-          │                     --stream: the range's bytes, read when handed out
+          │                     --stream: the range's bytes, read when handed out,
+          │                     or only the range, to a worker that has the file
           ▼
     ChunkBook ──lease()──> Handler thread ──JOB──────> worker
      PENDING                (one per TCP                  │ compute_metrics()
