@@ -1716,13 +1716,13 @@ class Handler(socketserver.BaseRequestHandler):
     """
 
     server: JobServer
+    local_read = False   # the worker reads the input itself (its last GET_JOB said so)
 
     def setup(self):
         self.peer = "%s:%s" % self.client_address[:2]
         self.conn = id(self.request)
         self.worker_id = None
         self.sock = self.request
-        self.local_read = False   # the worker reads the input itself (GET_JOB says)
 
     def handle(self):
         srv = self.server
