@@ -213,8 +213,9 @@ def text_readings(cells: list) -> tuple[np.ndarray, np.ndarray]:
     imports pandas.  Returns two float64 arrays, NaN where a reading finds no
     number.  pandas' own float parser may differ in the last bit of a number
     with a large exponent; the decimal-mark guess only asks whether a reading
-    is a number and whether the two readings differ, which that cannot change
-    (tests/test_locality.py compares the two functions).
+    is a number and whether the two readings differ, which a last-bit
+    difference does not decide (tests/test_locality.py compares the two
+    functions on 20,000 random cells).
     """
     point, comma = np.full(len(cells), np.nan), np.full(len(cells), np.nan)
     for i, cell in enumerate(cells):
