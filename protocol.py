@@ -40,14 +40,20 @@ type       direction        fields
 =========  ===============  =================================================
 HELLO      worker -> server worker_id
 WELCOME    server -> worker job_id, chunks (total count), lease_timeout (s),
-                            max_frame (bytes the server accepts in a frame)
-GET_JOB    worker -> server (none)
+                            max_frame (bytes the server accepts in a frame);
+                            --stream only: input_path (absolute), and
+                            input_fingerprint (worker.file_fingerprint as
+                            JSON): the file a worker may read itself
+GET_JOB    worker -> server optional local_read (bool: this worker opened
+                            input_path and found input_fingerprint)
 JOB        server -> worker chunk_id, attempt_id, job_id, rows (or None),
                             format ("frame": data is a pickled DataFrame;
-                            "csv": data is the header line + whole records),
+                            "csv": data is the header line + whole records;
+                            "range": data is the header line, and the
+                            records are bytes start..end of input_path),
                             data (bytes), compressed (bool: data is zlib'd),
                             price_col, qty_col, group_col (or None), sep,
-                            decimal, encoding
+                            decimal, encoding; start, end (format "range")
 WAIT       server -> worker retry_after (s): chunks are leased but not done,
                             ask again later
 NO_JOB     server -> worker (none): every chunk is done (or the job stopped)
@@ -137,12 +143,14 @@ GROUP_ROW = ((str, type(None)), (int,), (int,), NUMBER,            # group_value
 _IDS = {"job_id": (str,), "worker_id": (str,), "chunk_id": (int,), "attempt_id": (int,)}
 MESSAGES = {
     HELLO: {"worker_id": (str,)},
-    WELCOME: {"job_id": (str,), "chunks": (int,), "lease_timeout": NUMBER, "max_frame": (int,)},
-    GET_JOB: {},
+    WELCOME: {"job_id": (str,), "chunks": (int,), "lease_timeout": NUMBER, "max_frame": (int,),
+              "input_path": (str,), "input_fingerprint": (str,)},
+    GET_JOB: {"local_read": (bool,)},
     JOB: {"job_id": (str,), "chunk_id": (int,), "attempt_id": (int,),
           "rows": (int, type(None)), "format": (str,), "data": (bytes,), "compressed": (bool,),
           "price_col": (str,), "qty_col": (str,), "group_col": (str, type(None)),
-          "sep": (str,), "decimal": (str, type(None)), "encoding": (str,)},
+          "sep": (str,), "decimal": (str, type(None)), "encoding": (str,),
+          "start": (int,), "end": (int,)},
     WAIT: {"retry_after": NUMBER},
     NO_JOB: {},
     RESULT: {**_IDS, "rows_processed": (int,), "rejected_rows": (int,), "total_sales": NUMBER,
@@ -155,7 +163,13 @@ MESSAGES = {
 }
 # groups absent: no --group-by.  next absent: False, the ACK comes alone and
 # the worker asks with GET_JOB (a stopping worker wants no more chunks).
-OPTIONAL = {RESULT: {"groups", "next"}, ACK: {"next"}}
+OPTIONAL = {
+    RESULT: {"groups", "next"},
+    ACK: {"next"},
+    WELCOME: {"input_path", "input_fingerprint"},    # absent: not --stream
+    GET_JOB: {"local_read"},                         # absent: False
+    JOB: {"start", "end"},                           # present in format "range" only
+}
 
 
 def _field_problem(type_: str, name: str, value) -> str | None:

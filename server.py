@@ -12,7 +12,8 @@ Data flow::
           ▼
     FrameChunks / StreamChunks  documented mode: a producer thread parses the
           │                     ranges in order, a few chunks ahead of the leases;
-          │                     --stream: the range's bytes, read when handed out
+          │                     --stream: the range's bytes, read when handed out,
+          │                     or only the range, to a worker that has the file
           ▼
     ChunkBook ──lease()──> Handler thread ──JOB──────> worker
      PENDING                (one per TCP                  │ compute_metrics()
@@ -71,16 +72,19 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 import protocol
 from db_utils import AggregateOverflow, Outcome, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
-                    HelpFormatter, RecordScanner, byte_transparent, find_columns, inside_mask,
-                    is_blank, normalize_name, number_readings, port_number, read_columns,
-                    record_ends, seconds, seconds_or_zero, show_names, SmallChunk)
+                    HelpFormatter, LazyModule, RecordScanner, SmallChunk, byte_transparent,
+                    fd_fingerprint, file_fingerprint, fingerprint_text, find_columns,
+                    inside_mask, is_blank, normalize_name, port_number, read_columns,
+                    record_ends, seconds, seconds_or_zero, show_names, text_readings)
 
 log = logging.getLogger("server")
+# Imported by the first parse: the documented mode's chunks, an unusual header.
+# A --stream server parses nothing and never imports pandas.
+pd = LazyModule("pandas")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -326,7 +330,7 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
                          f"{show_names(columns)}")
     if decimal is None:
         at = [columns.index(price_col), columns.index(qty_col)]
-        cells = pd.Series([r[i] for i in at for r in records if i < len(r)], dtype=object)
+        cells = [r[i] for i in at for r in records if i < len(r)]
         decimal, reason = _guess_decimal(path, cells)
     else:
         reason = f"{decimal!r} (--decimal)"
@@ -490,10 +494,11 @@ def _check_repeated_names(path: str, header: list, price_col, qty_col) -> None:
                              f"{option}{hint}")
 
 
-def _guess_decimal(path: str, cells: pd.Series) -> tuple[str | None, str]:
-    """The decimal mark that the sampled price and quantity ``cells`` show, and why.
+def _guess_decimal(path: str, cells: list) -> tuple[str | None, str]:
+    """The decimal mark that the sampled price and quantity ``cells`` (``str``) show, and why.
 
-    Each cell is read both ways (:func:`worker.number_readings`).  One that
+    Each cell is read both ways (:func:`worker.text_readings`, the rule of
+    :func:`worker.number_readings` without pandas).  One that
     is a number only with a decimal point ("2.50", "0.125", "1,234.50")
     shows a point; only with a comma ("2,50", "0,125", "1.234,50"), a comma.
     One that is a different number each way ("1.234", "2,125": a thousands
@@ -510,24 +515,28 @@ def _guess_decimal(path: str, cells: pd.Series) -> tuple[str | None, str]:
 
     Returns ``(mark or None, reason)``, the reason for the log.
     """
-    point, comma = number_readings(cells)
-    shows_point = point.notna() & comma.isna()
-    shows_comma = comma.notna() & point.isna()
-    differs = point.notna() & comma.notna() & (point != comma)
+    point, comma = text_readings(cells)
+    shows_point = ~np.isnan(point) & np.isnan(comma)
+    shows_comma = ~np.isnan(comma) & np.isnan(point)
+    differs = ~np.isnan(point) & ~np.isnan(comma) & (point != comma)
+
+    def first(shown):
+        return int(np.argmax(shown))
+
     if shows_point.any() and shows_comma.any():
         raise InputError(f"{path}: the first records use both decimal marks ("
-                         f"{cells[shows_point].iloc[0]!r} and {cells[shows_comma].iloc[0]!r}); "
+                         f"{cells[first(shows_point)]!r} and {cells[first(shows_comma)]!r}); "
                          f"pass --decimal . or --decimal , (cells that disagree are an error)")
     for mark, shown in ((".", shows_point), (",", shows_comma)):
         if shown.any():
             return mark, (f"{mark!r}, shown by {int(shown.sum())} of {len(cells)} sampled cells, "
-                          f"e.g. {cells[shown].iloc[0]!r}")
+                          f"e.g. {cells[first(shown)]!r}")
     if differs.any():
-        example = cells[differs].iloc[0]
+        at = first(differs)
         raise InputError(
             f"{path}: cannot tell the decimal mark: no cell of the first records shows it, and "
-            f"{example!r} is {point[differs].iloc[0]:g} with a decimal point but "
-            f"{comma[differs].iloc[0]:g} with a decimal comma; pass --decimal . or --decimal ,")
+            f"{cells[at]!r} is {point[at]:g} with a decimal point but "
+            f"{comma[at]:g} with a decimal comma; pass --decimal . or --decimal ,")
     return None, ("none shown yet (whole numbers only); a later cell that needs one "
                   "stops the job and asks for --decimal")
 
@@ -632,7 +641,9 @@ class StreamChunks:
     place chunk boundaries on record boundaries (:func:`cut_text`), found
     with the rules of pandas' tokenizer (:func:`record_boundaries`).
     ``ranges[i]`` is ``(start, end)`` in bytes; every JOB carries the header
-    too.  Raises :class:`InputError` for compressed input, an encoding whose
+    too, and either the range's bytes (:meth:`payload`) or, for a worker that
+    reads the file itself, the range (:meth:`span`; see :meth:`local_source`).
+    Raises :class:`InputError` for compressed input, an encoding whose
     quotes, separators or line breaks are not plain bytes (UTF-16, Shift-JIS:
     see :func:`worker.byte_transparent`), and lines ended by CR alone.
     """
@@ -655,6 +666,8 @@ class StreamChunks:
         stat = os.fstat(self.fd)
         self.stamp = (stat.st_size, stat.st_mtime_ns)
         try:
+            # What a worker's own copy must match to read its ranges itself.
+            self.fingerprint = fd_fingerprint(self.fd)
             self.header, self.ranges = cut_text(lambda: open(info.path, "rb"), stat.st_size,
                                                 chunks, sep=info.sep, notes=info.notes)
         except BaseException:
@@ -725,12 +738,36 @@ class StreamChunks:
         one version of the file.
         """
         start, end = self.ranges[chunk_id]
+        data = self.header + os.pread(self.fd, end - start, start)
+        self._check_unchanged()   # after the read: a write during it is seen too
+        return zlib.compress(data, 1) if self.compress else data
+
+    def span(self, chunk_id: int) -> tuple[int, int]:
+        """``(start, end)`` of the chunk in the file, for a worker that reads it itself.
+
+        Raises :class:`InputError`, as :meth:`payload` does, if the file was
+        modified (the worker checks its own reads too).
+        """
+        self._check_unchanged()
+        return self.ranges[chunk_id]
+
+    def local_source(self) -> dict:
+        """The WELCOME fields that let a worker read its chunks itself.
+
+        ``input_path``: the file's absolute path, as named on the command
+        line (a shared file system may be mounted there on other machines);
+        ``input_fingerprint``: :func:`worker.fingerprint_text` of the file
+        this server reads.  A worker that finds that file at that path says
+        so in GET_JOB (``local_read``) and gets ranges (:meth:`span`).
+        """
+        return {"input_path": os.path.abspath(self.path),
+                "input_fingerprint": fingerprint_text(self.fingerprint)}
+
+    def _check_unchanged(self) -> None:
         stat = os.fstat(self.fd)
         if (stat.st_size, stat.st_mtime_ns) != self.stamp:
             raise InputError(f"{self.path}: the file was modified during the job; "
                              f"run again with --fresh")
-        data = self.header + os.pread(self.fd, end - start, start)
-        return zlib.compress(data, 1) if self.compress else data
 
 
 class InputText:
@@ -1268,17 +1305,23 @@ def _line_ends(stream, start: int, eol: bytes = b"\n") -> int:
 
 
 def job_message(info: CsvInfo, chunks, job_id: str, chunk_id: int, attempt_id: int,
-                data: bytes) -> dict:
+                data: bytes, span: tuple[int, int] | None = None) -> dict:
     """The JOB message of one attempt (its fields are listed in protocol.py).
 
     ``chunks`` is the chunk source (:class:`FrameChunks` or
-    :class:`StreamChunks`); ``data`` its payload for ``chunk_id``.
+    :class:`StreamChunks`); ``data`` its payload for ``chunk_id``.  With
+    ``span`` (a worker that reads the input itself, ``--stream`` only), the
+    format is ``"range"``: ``data`` is then the header, uncompressed, and
+    ``start``, ``end`` are the chunk's bytes in the file.
     """
+    carries = dict(format=chunks.format, data=data, compressed=chunks.compress)
+    if span is not None:
+        carries = dict(format="range", data=data, compressed=False, start=span[0], end=span[1])
     return protocol.make(
         protocol.JOB, job_id=job_id, chunk_id=chunk_id, attempt_id=attempt_id,
-        rows=chunks.rows_of(chunk_id), format=chunks.format, data=data,
-        compressed=chunks.compress, price_col=info.price_col, qty_col=info.qty_col,
-        group_col=info.group_col, sep=info.sep, decimal=info.decimal, encoding=info.encoding)
+        rows=chunks.rows_of(chunk_id), **carries, price_col=info.price_col,
+        qty_col=info.qty_col, group_col=info.group_col, sep=info.sep, decimal=info.decimal,
+        encoding=info.encoding)
 
 
 def job_data_room(info: CsvInfo, chunks) -> int:
@@ -1703,6 +1746,7 @@ class Handler(socketserver.BaseRequestHandler):
     """
 
     server: JobServer
+    local_read = False   # the worker reads the input itself (its last GET_JOB said so)
 
     def setup(self):
         self.peer = "%s:%s" % self.client_address[:2]
@@ -1796,12 +1840,20 @@ class Handler(socketserver.BaseRequestHandler):
         self.worker_id = worker_id
         self.server.hello(worker_id)
         log.info("worker %s connected from %s", worker_id, self.peer)
+        chunks = self.server.chunks
+        local = chunks.local_source() if isinstance(chunks, StreamChunks) else {}
         self.send(protocol.make(protocol.WELCOME, job_id=self.server.job_id,
                                 max_frame=self.server.max_frame, chunks=len(self.server.book),
-                                lease_timeout=self.server.book.lease_timeout))
+                                lease_timeout=self.server.book.lease_timeout, **local))
 
     def handle_get_job(self, msg: dict) -> None:
         srv = self.server
+        local = protocol.check(msg).get("local_read", False) and isinstance(srv.chunks,
+                                                                           StreamChunks)
+        if local != self.local_read:
+            log.info("worker %s %s", self.worker_id, "reads the chunks from its own copy of the "
+                     "input" if local else "gets the chunks' bytes")
+            self.local_read = local
         held = srv.book.held_by(self.conn)
         if held is not None:
             # A worker computes one chunk at a time; a peer that asks again
@@ -1839,9 +1891,14 @@ class Handler(socketserver.BaseRequestHandler):
         srv.progress.begin()
         started = time.perf_counter()
         try:
-            frame = protocol.encode(job_message(
-                srv.info, srv.chunks, srv.job_id, lease.chunk_id, lease.attempt_id,
-                srv.chunks.payload(lease.chunk_id)))
+            if self.local_read:
+                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
+                                      lease.attempt_id, srv.chunks.header,
+                                      srv.chunks.span(lease.chunk_id))
+            else:
+                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
+                                      lease.attempt_id, srv.chunks.payload(lease.chunk_id))
+            frame = protocol.encode(message)
         except InputError:
             raise   # the file changed under the job: handle() stops it
         except Exception as exc:
@@ -2087,29 +2144,10 @@ class Progress:
             log.info("%s", line)
 
 
-def file_fingerprint(path: str, samples: int = 64, block: int = 4096) -> dict:
-    """What identifies the file's content cheaply: ``{'size', 'mtime_ns', 'sample'}``.
-
-    ``sample`` is a BLAKE2b digest of ``samples`` blocks of ``block`` bytes
-    spread evenly over the file (256 KiB read, whatever its size).  A full
-    digest of a 600 MB file would cost a second on every start; size and
-    mtime alone miss a file rewritten in place with its mtime restored
-    (``cp -p``, ``rsync -a``), which the sample catches unless every change
-    falls between the sampled blocks.  Raises ``OSError``.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        stat = os.fstat(f.fileno())
-        for i in range(samples):
-            f.seek(stat.st_size * i // samples)
-            digest.update(f.read(block))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample": digest.hexdigest()}
-
-
 def job_identity(info: CsvInfo, args: argparse.Namespace, fingerprint: dict) -> tuple[str, str]:
     """Return ``(job_id, identity)`` for this input and chunking.
 
-    The identity is the file's real path and :func:`file_fingerprint` plus
+    The identity is the file's real path and :func:`worker.file_fingerprint` plus
     every option that changes how it is chunked or parsed, as JSON;
     ``job_id`` is the first 16 hex digits of its SHA-256.  A rewritten file
     is a new job, so its results never mix with the old file's.

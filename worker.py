@@ -28,7 +28,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import functools
+import hashlib
+import importlib
 import io
+import json
 import logging
 import math
 import os
@@ -38,17 +41,35 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
 import zlib
 
 import numpy as np
-import pandas as pd
 
 import protocol
 
 log = logging.getLogger("worker")
+
+
+class LazyModule:
+    """A module imported when one of its attributes is first used.
+
+    pandas takes 0.3-0.4 s to import.  The server imports this module for its
+    column, number and record rules, and in ``--stream`` it never parses: with
+    ``pd = LazyModule("pandas")`` only a process that parses pays for it.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+pd = LazyModule("pandas")
 
 SECRET_ENV = "SALES_SECRET"
 
@@ -176,6 +197,38 @@ def number_readings(values: pd.Series) -> tuple[pd.Series, pd.Series]:
             cleaned = cleaned.str.replace(",", ".", regex=False)
         readings.append(pd.to_numeric(cleaned, errors="coerce").astype("float64"))
     return readings[0], readings[1]
+
+
+# What float() reads that pandas' to_numeric reads too: ASCII digits only (float()
+# also takes "١٢" and "1_000"), and the words for infinity and "not a number".
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                           r"|inf|infinity|nan)", re.IGNORECASE)
+
+
+def text_readings(cells: list) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`number_readings` of a few cells (``str``), in plain Python, without pandas.
+
+    The same rule, step by step, for the server's head sample (a few thousand
+    cells, :func:`server._guess_decimal`), so that a ``--stream`` server never
+    imports pandas.  Returns two float64 arrays, NaN where a reading finds no
+    number.  pandas' own float parser may differ in the last bit of a number
+    with a large exponent; the decimal-mark guess only asks whether a reading
+    is a number and whether the two readings differ, which a last-bit
+    difference does not decide (tests/test_locality.py compares the two
+    functions on 20,000 random cells).
+    """
+    point, comma = np.full(len(cells), np.nan), np.full(len(cells), np.nan)
+    for i, cell in enumerate(cells):
+        text = _NOISE.sub("", cell)
+        for decimal, thousands, out in ((".", ",", point), (",", ".", comma)):
+            cleaned = text.replace(thousands, "") if _GROUPED[decimal].fullmatch(text) else text
+            if thousands in cleaned:
+                continue                       # a stray thousands mark: no number
+            if decimal == ",":
+                cleaned = cleaned.replace(",", ".")
+            if _PLAIN_NUMBER.fullmatch(cleaned):
+                out[i] = float(cleaned)
+    return point, comma
 
 
 def to_number(values: pd.Series, decimal: str | None = ".") -> pd.Series:
@@ -436,17 +489,22 @@ def _fsum(values: list) -> float:
         return math.nan
 
 
-def load_chunk(job: dict) -> pd.DataFrame:
+def load_chunk(job: dict, local: LocalInput | None = None) -> pd.DataFrame:
     """Turn a JOB message's ``data`` (bytes) into a DataFrame.
 
     ``format == "frame"``: a pickled DataFrame, unpickled in full: the one
     place where the worker trusts the server (see README, "Security").
     ``format == "csv"``: raw CSV bytes (header line + whole records),
     parsed here with the separator, decimal mark and encoding the server
-    detected.  Either may be zlib-compressed.  Raises ValueError for an
-    unknown format or bytes not in the encoding (the message suggests
-    ``--encoding``), and pandas' parser errors on other bad data; the
-    caller reports them as a failed attempt.
+    detected.  ``format == "range"``: ``data`` is the header line, and the
+    records are bytes ``start`` to ``end`` of the input file, which this
+    worker reads itself from ``local`` (:class:`LocalInput`: the one file
+    it verified, never a path the JOB names).  Either may be
+    zlib-compressed.  Raises ValueError for an unknown format, a range JOB
+    without ``local`` or outside its file, a file modified since it was
+    verified (:class:`InputChanged`), or bytes not in the encoding (the
+    message suggests ``--encoding``), and pandas' parser errors on other
+    bad data; the caller reports them as a failed attempt.
     """
     raw = _inflate(job["data"]) if job.get("compressed") else job["data"]
     if job["format"] == "frame":
@@ -456,7 +514,13 @@ def load_chunk(job: dict) -> pd.DataFrame:
         if not isinstance(frame, pd.DataFrame):
             raise ValueError("JOB data is not a DataFrame")
         return frame
-    if job["format"] != "csv":
+    if job["format"] == "range":
+        if local is None or not local.is_open():
+            raise ValueError("a range JOB, but this worker did not offer to read the input")
+        if type(job.get("start")) is not int or type(job.get("end")) is not int:
+            raise ValueError("a range JOB needs integer start and end")
+        raw = raw + local.read(job["start"], job["end"])
+    elif job["format"] != "csv":
         raise ValueError(f"unknown JOB format {job['format']!r}")
     wanted = [c for c in (job["price_col"], job["qty_col"], job.get("group_col")) if c]
     try:
@@ -467,6 +531,126 @@ def load_chunk(job: dict) -> pd.DataFrame:
         # head of the file, not every byte.  Say which option fixes it.
         raise ValueError(f"chunk is not valid {job['encoding']} text ({exc.reason}); "
                          f"restart the server with --encoding, e.g. --encoding cp1252") from None
+
+
+# --- Reading the input where it is (--stream) ---------------------------------
+# "Move the computation to the data": a worker that can open the server's
+# input file (the same machine, or a shared file system) reads its chunks'
+# byte ranges itself, and the server sends 100 bytes per JOB instead of the
+# chunk.  Same file means the same fingerprint, the one the job's identity
+# uses; anything else, and the server sends the bytes as before.
+
+def file_fingerprint(path: str, samples: int = 64, block: int = 4096) -> dict:
+    """What identifies the file's content cheaply: ``{'size', 'mtime_ns', 'sample'}``.
+
+    Opens ``path`` and returns :func:`fd_fingerprint` of it.  Raises ``OSError``.
+    """
+    with open(path, "rb") as f:
+        return fd_fingerprint(f.fileno(), samples, block)
+
+
+def fd_fingerprint(fd: int, samples: int = 64, block: int = 4096) -> dict:
+    """:func:`file_fingerprint` of the file open as descriptor ``fd``.
+
+    ``sample`` is a BLAKE2b digest of ``samples`` blocks of ``block`` bytes
+    spread evenly over the file (256 KiB read, whatever its size).  A full
+    digest of a 600 MB file would cost a second on every start; size and
+    mtime alone miss a file rewritten in place with its mtime restored
+    (``cp -p``, ``rsync -a``), which the sample catches unless every change
+    falls between the sampled blocks.  The server's job identity and the
+    workers' check of their own copy (:class:`LocalInput`) both use it.
+    Raises ``OSError``.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    status = os.fstat(fd)
+    for i in range(samples):
+        digest.update(os.pread(fd, block, status.st_size * i // samples))
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "sample": digest.hexdigest()}
+
+
+def fingerprint_text(fingerprint: dict) -> str:
+    """A fingerprint as WELCOME's ``input_fingerprint``: JSON, keys sorted."""
+    return json.dumps(fingerprint, sort_keys=True)
+
+
+class InputChanged(ValueError):
+    """The input file was modified after this worker verified it."""
+
+
+class LocalInput:
+    """The server's input file, as this worker reads it itself (``--stream``).
+
+    Made by :meth:`open` from WELCOME's ``input_path`` and
+    ``input_fingerprint``; :meth:`read` returns one byte range of it.  The
+    file is opened once and every range is read from that descriptor, with
+    ``os.pread``: a file renamed over the path later is never seen, and one
+    modified in place is noticed (:class:`InputChanged`) instead of giving an
+    answer made of two versions.
+    """
+
+    def __init__(self, fd: int, path: str, size: int, mtime_ns: int):
+        self.fd, self.path, self.size, self.mtime_ns = fd, path, size, mtime_ns
+
+    @classmethod
+    def open(cls, path: str, fingerprint: str) -> LocalInput | None:
+        """The file at ``path`` if it is the server's, else None.
+
+        ``path`` comes from the server, which may be hostile: it must be
+        absolute and name a regular file (checked before it is opened, so a
+        device or a FIFO is never opened, and again on the descriptor), opened
+        read-only and non-blocking, and its :func:`fd_fingerprint` must be
+        ``fingerprint``.  Whatever fails, the answer is None: the server then
+        sends the bytes, as to a worker on another machine.
+        """
+        if not os.path.isabs(path) or "\0" in path:
+            return None
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return None
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            return None
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                mine = fd_fingerprint(fd)
+                if fingerprint_text(mine) == fingerprint:
+                    return cls(fd, path, mine["size"], mine["mtime_ns"])
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    def is_open(self) -> bool:
+        """False once closed, or once a change was noticed."""
+        return self.fd is not None
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of the file.
+
+        Raises ``ValueError`` for a range outside the file or longer than a
+        JOB frame may be (what the server would have sent instead), and
+        :class:`InputChanged` (closing the file: later chunks come as bytes)
+        if the file's size or mtime is no longer the one verified.  The
+        check follows the read, so a write during the read is seen too.
+        """
+        if not 0 <= start <= end <= self.size:
+            raise ValueError(f"range {start}-{end} is outside {self.path} ({self.size} bytes)")
+        if end - start > protocol.WORKER_MAX_FRAME:
+            raise ValueError(f"range {start}-{end} is longer than a JOB frame "
+                             f"({protocol.WORKER_MAX_FRAME} bytes)")
+        data = os.pread(self.fd, end - start, start)
+        now = os.fstat(self.fd)
+        if len(data) != end - start or (now.st_size, now.st_mtime_ns) != (self.size, self.mtime_ns):
+            self.close()
+            raise InputChanged(f"{self.path} was modified during the job; the server must "
+                               f"be run again with --fresh")
+        return data
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _inflate(data: bytes, limit: int = protocol.WORKER_MAX_FRAME) -> bytes:
@@ -1072,11 +1256,13 @@ class Worker:
     turns on TLS and verifies the server against that CA.  ``give_up_after``
     (s) bounds how long the worker keeps reconnecting to a server that is
     gone; ``io_timeout`` (s) bounds any one blocking read or write.
+    ``local_read``: in ``--stream``, read the chunks from the server's input
+    file when this machine has the same file (:class:`LocalInput`).
     """
 
     def __init__(self, host: str, port: int, worker_id: str, secret: bytes = b"",
                  tls_ca: str | None = None, give_up_after: float = 60.0,
-                 io_timeout: float = 60.0):
+                 io_timeout: float = 60.0, local_read: bool = True):
         self.host, self.port, self.worker_id = host, port, worker_id
         self.secret = secret
         self.tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
@@ -1085,6 +1271,8 @@ class Worker:
         self.server_max_frame = protocol.SERVER_MAX_FRAME  # until WELCOME says otherwise
         self.stopping = threading.Event()
         self.chunks_done = 0
+        self.local_read = local_read
+        self.input: LocalInput | None = None   # the input file, if this worker reads it
 
     def stop(self) -> None:
         """Ask the loop to end after the current attempt (signal-safe)."""
@@ -1107,7 +1295,8 @@ class Worker:
                     log.info("%s: stopping after %d chunks", self.worker_id, self.chunks_done)
                     return 0
                 if reply is None:
-                    reply = self.request(protocol.make(protocol.GET_JOB))
+                    reads = self.input is not None and self.input.is_open()
+                    reply = self.request(protocol.make(protocol.GET_JOB, local_read=reads))
                 reply, job = None, reply
                 if job["type"] == protocol.NO_JOB:
                     log.info("%s: job finished, %d results delivered from here",
@@ -1174,6 +1363,7 @@ class Worker:
                     self.server_max_frame = welcome["max_frame"]
                 log.info("%s: connected to %s:%d, job %s (%d chunks)", self.worker_id,
                          self.host, self.port, welcome["job_id"], welcome["chunks"])
+                self.open_input(welcome)
                 return
             except ssl.SSLCertVerificationError:
                 # An OSError, but no network hiccup: this server is not one the
@@ -1194,6 +1384,27 @@ class Worker:
                     raise GiveUp("stopped while reconnecting") from None
                 bound = min(bound * 2, 5.0)
 
+    def open_input(self, welcome: dict) -> None:
+        """Open the input file that WELCOME names, if this worker can read it itself.
+
+        Each connection checks again (the server may have been restarted on
+        another file).  Without ``input_path`` (the documented mode), with
+        ``local_read`` off, or if :meth:`LocalInput.open` finds no such file
+        here, chunks come as bytes.
+        """
+        if self.input is not None:
+            self.input.close()
+            self.input = None
+        path, fingerprint = welcome.get("input_path"), welcome.get("input_fingerprint")
+        if not (self.local_read and path is not None and fingerprint is not None):
+            return
+        self.input = LocalInput.open(path, fingerprint)
+        if self.input is not None:
+            log.info("%s: reading the chunks from %s itself", self.worker_id, path)
+        else:
+            log.info("%s: %s is not here, or not the server's file: the server sends the "
+                     "chunks", self.worker_id, path)
+
     def _open(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=self.io_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1207,7 +1418,10 @@ class Worker:
         return sock
 
     def disconnect(self) -> None:
-        """Close the socket, if any (idempotent)."""
+        """Close the socket and the input file, if any (idempotent)."""
+        if self.input is not None:
+            self.input.close()
+            self.input = None
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -1253,7 +1467,7 @@ class Worker:
 
     def compute(self, job: dict) -> dict:
         """The metrics of one JOB's chunk (tools/flaky_worker.py wraps this)."""
-        return compute_metrics(load_chunk(job), job["price_col"], job["qty_col"],
+        return compute_metrics(load_chunk(job, self.input), job["price_col"], job["qty_col"],
                                job["decimal"], job["group_col"])
 
     def deliver(self, message: dict) -> dict | None:
@@ -1378,6 +1592,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to keep reconnecting to an unreachable server")
     p.add_argument("--io-timeout", type=seconds, default=60.0,
                    help="seconds one read or write may block")
+    p.add_argument("--no-local-read", dest="local_read", action="store_false",
+                   help="in --stream, always have the server send the chunks, even where "
+                        "this machine has the input file (default: read it here if it is "
+                        "the same file)")
     p.add_argument("--log-level", default="INFO", help="how much to log",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -1423,12 +1641,12 @@ def main(argv=None) -> int:
 
 def run_worker(args: argparse.Namespace, make_worker) -> int:
     """Run ``make_worker(host, port, worker_id, secret, tls_ca, give_up_after,
-    io_timeout)`` (a :class:`Worker`) as this process; return its exit code."""
+    io_timeout, local_read=...)`` (a :class:`Worker`) as this process; return its exit code."""
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = args.secret if args.secret is not None else os.environ.get(SECRET_ENV, "")
     worker = make_worker(args.server, args.port, args.worker_id, secret.encode(), args.tls_ca,
-                         args.give_up_after, args.io_timeout)
+                         args.give_up_after, args.io_timeout, local_read=args.local_read)
 
     def on_signal(signum, frame):
         if worker.stopping.is_set():

@@ -452,15 +452,16 @@ class FakeServer(threading.Thread):
     Everything the worker sends through :meth:`recv` is kept in
     ``received``; an exception in the script is kept in ``error`` (and the
     connection dropped) for the test to report.  :meth:`welcome` answers the
-    worker's HELLO.
+    worker's HELLO, with the fields of ``welcome`` added to its WELCOME.
     """
 
-    def __init__(self, script, connections: int = 1):
+    def __init__(self, script, connections: int = 1, welcome: dict | None = None):
         super().__init__(daemon=True)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(30)
         self.port = self.listener.getsockname()[1]
         self.script, self.connections = script, connections
+        self.welcome_fields = welcome or {}
         self.received: list[dict] = []
         self.error = None
         self.start()
@@ -476,7 +477,7 @@ class FakeServer(threading.Thread):
         protocol.server_handshake(conn, b"")
         assert self.recv(conn)["type"] == protocol.HELLO
         protocol.send_message(conn, protocol.WELCOME, job_id="fake", chunks=1,
-                              lease_timeout=60, max_frame=1 << 20)
+                              lease_timeout=60, max_frame=1 << 20, **self.welcome_fields)
 
     def run(self):
         try:

@@ -32,9 +32,14 @@ frame           ``tools/local_cluster.py`` in the documented mode (the server
                 ``--workers`` workers
 frame-zlib      the same with ``--compress``
 frame-1w        the documented mode with 1 worker (for COST)
-stream          ``tools/local_cluster.py --stream`` (the server sends the
-                header + a byte range; workers parse)
-stream-zlib     the same with ``--compress``
+stream          ``tools/local_cluster.py --stream`` (the workers, on the
+                server's machine, read their chunks' byte ranges from the
+                file themselves, and parse them)
+stream-bytes    the same with the workers' ``--no-local-read``: the server
+                sends the header + a byte range's bytes, as to workers on
+                machines without the file
+stream-zlib     ``--stream --compress`` with ``--no-local-read`` (only bytes
+                that are sent can be compressed)
 stream-1w       ``--stream`` with 1 worker (for COST)
 =============== =============================================================
 
@@ -137,7 +142,8 @@ CLUSTER_MODES = {            # mode -> (extra local_cluster options, workers; No
     "frame-zlib": (["--compress"], None),
     "frame-1w": ([], 1),
     "stream": (["--stream"], None),
-    "stream-zlib": (["--stream", "--compress"], None),
+    "stream-bytes": (["--stream", "--worker-args=--no-local-read"], None),
+    "stream-zlib": (["--stream", "--compress", "--worker-args=--no-local-read"], None),
     "stream-1w": (["--stream"], 1),
 }
 MODES = BASELINES + tuple(CLUSTER_MODES)

@@ -102,6 +102,8 @@ LOST = "So does a chunk that is lost over and over"
 FRAME_FIT = "No JOB exceeds the workers' frame limit"
 DB_RESTART = "A results database that restarts is waited for"
 OVERFLOW = "Totals past the float range are the same clear error"
+LOCAL = "A worker reads only the one regular file whose fingerprint it verified"
+LOCALITY = "tests/test_locality.py::"
 PARTITION = "A partition (silence: no FIN, no RST) is ended by the lease"
 PARTS = "tests/test_partition.py::"
 
@@ -459,9 +461,23 @@ MUTANTS = [
       "    g.add_argument(\"--max-attempts\", type=int,",
       POISON, "test_server_refuses_bounds_that_break_a_rule"),
 
+    # --- data locality ----------------------------------------------------------------------
+    M("local-read-ignores-a-changed-file", "worker.py",
+      "        if len(data) != end - start or (now.st_size, now.st_mtime_ns) != (self.size, self.mtime_ns):",
+      "        if len(data) != end - start:",
+      LOCAL, LOCALITY + "test_worker_notices_a_file_modified_after_it_verified_it"),
+    M("local-read-past-the-end", "worker.py",
+      "        if not 0 <= start <= end <= self.size:", "        if not 0 <= start <= end:",
+      LOCAL, LOCALITY + "test_worker_reads_no_byte_outside_its_file"),
+    M("local-read-opens-any-path", "worker.py",
+      "            if not stat.S_ISREG(os.stat(path).st_mode):\n                return None\n",
+      "",
+      LOCAL, LOCALITY + "test_worker_opens_only_the_regular_file_it_can_verify"),
+
     # --- identity and resume ----------------------------------------------------------------
-    M("fingerprint-samples-nothing", "server.py",
-      "            digest.update(f.read(block))", "            f.read(block)",
+    M("fingerprint-samples-nothing", "worker.py",
+      "        digest.update(os.pread(fd, block, status.st_size * i // samples))",
+      "        os.pread(fd, block, status.st_size * i // samples)",
       RESUME, "test_file_fingerprint_sees_a_same_size_same_mtime_rewrite",
       "test_rewritten_file_is_a_new_job_not_a_resume"),
     M("identity-without-chunking", "server.py",
