@@ -93,13 +93,1001 @@ class InputError(Exception):
     """The input cannot be processed; the message is one line for the user."""
 
 
+# --- The lesson, part 1: chunk bookkeeping (no sockets, no database) -----------
+
+class ChunkState:
+    """Where a chunk is in :class:`ChunkBook` (in memory; the database keeps
+    :class:`db_utils.Outcome` per attempt instead)."""
+
+    PENDING = "PENDING"   # waiting in the queue for a lease
+    LEASED = "LEASED"     # at least one live lease, no result yet
+    DONE = "DONE"         # a result is committed (final)
+    FAILED = "FAILED"     # cannot succeed: --max-attempts/--max-lost reached, or unsendable
+
+
+@dataclass
+class Lease:
+    """One attempt: ``chunk_id`` handed to ``worker_id`` on connection ``conn``
+    until ``deadline`` (``time.monotonic()`` seconds)."""
+    attempt_id: int
+    chunk_id: int
+    worker_id: str
+    conn: int
+    deadline: float
+
+
+class ChunkBook:
+    """The state of every chunk, and the leases that hand them out.
+
+    A chunk moves PENDING -> LEASED -> DONE, back to PENDING when its last
+    live lease ends without a result, and to FAILED when it cannot succeed:
+    after ``max_attempts`` *reported* failures (the worker said why), after
+    ``max_lost`` *lost* attempts (a lease expired, a connection dropped, the
+    JOB could not be built: nobody said why), or at once when it can never
+    be sent (:meth:`refuse`).  The two counts are kept apart: one crashed
+    worker says little about a chunk, but a chunk that every worker drops,
+    or that no worker may receive, would otherwise be handed out for ever.
+    One lock guards everything, so handler threads and the main thread's
+    expiry sweep see one consistent state.  ``clock`` is injectable so tests
+    can move time by hand.  ``finished`` is an Event set once no chunk is
+    PENDING or LEASED.  Attempt ids from ``next_attempt_id`` on are this
+    run's (``first_attempt_id``); lower ones were issued by an earlier run.
+    """
+
+    def __init__(self, chunks: int, lease_timeout: float, max_attempts: int,
+                 done=(), known_attempts=None, next_attempt_id: int = 1,
+                 clock=time.monotonic, max_lost: int = 10):
+        self.lease_timeout, self.max_attempts, self.clock = lease_timeout, max_attempts, clock
+        self.max_lost = max_lost
+        self.state = [ChunkState.PENDING] * chunks
+        for chunk_id in done:
+            self.state[chunk_id] = ChunkState.DONE
+        self.queue = collections.deque(
+            c for c in range(chunks) if self.state[c] == ChunkState.PENDING)
+        self.leases: dict[int, Lease] = {}
+        self.attempt_owner = dict(known_attempts or {})  # attempt_id -> (chunk_id, worker_id)
+        self.next_attempt_id = self.first_attempt_id = next_attempt_id
+        self.failures = [0] * chunks   # reported failures, toward max_attempts
+        self.losses = [0] * chunks     # lost attempts, toward max_lost
+        # Attempts whose failure is already counted: a worker that lost the
+        # ACK re-sends its FAILED, and one attempt must count only once.
+        self.failed_attempts: set[int] = set()
+        self.last_error: dict[int, str] = {}
+        self.why_failed: dict[int, str] = {}   # chunk_id -> why it is FAILED, for the report
+        self.dispatches = 0
+        self._lock = threading.Lock()
+        self.finished = threading.Event()
+        self._scanned = 0   # state[:_scanned] are all DONE or FAILED (see _check_finished)
+        self._check_finished()
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def lease(self, worker_id: str, conn: int, besides: int | None = None) -> Lease | None:
+        """Lease the next pending chunk, or return None if none is pending.
+
+        Chunk ``besides`` is passed over (it stays where it is in the queue):
+        a RESULT for it is about to commit in the same transaction as this
+        lease (``Handler.handle_result``), so it must not be handed out again
+        to the very worker that reports it, as it could be if its lease had
+        expired meanwhile.
+        """
+        with self._lock:
+            passed = []
+            while self.queue:
+                chunk_id = self.queue.popleft()
+                if self.state[chunk_id] != ChunkState.PENDING:
+                    continue
+                if chunk_id != besides:
+                    break
+                passed.append(chunk_id)
+            else:
+                self.queue.extendleft(passed)
+                return None
+            self.queue.extendleft(passed)
+            lease = Lease(self.next_attempt_id, chunk_id, worker_id, conn,
+                          self.clock() + self.lease_timeout)
+            self.next_attempt_id += 1
+            self.state[chunk_id] = ChunkState.LEASED
+            self.leases[lease.attempt_id] = lease
+            self.attempt_owner[lease.attempt_id] = (chunk_id, worker_id)
+            self.dispatches += 1
+            return lease
+
+    def is_attempt_of(self, attempt_id: int, chunk_id: int, worker_id: str) -> bool:
+        """True if ``attempt_id`` was issued (now or in an earlier run) for
+        ``chunk_id`` to ``worker_id``: nobody reports another's attempt."""
+        with self._lock:
+            return self.attempt_owner.get(attempt_id) == (chunk_id, worker_id)
+
+    def held_by(self, conn: int, besides: int | None = None) -> int | None:
+        """The chunk a live lease of connection ``conn`` holds, if any (not
+        counting attempt ``besides``: the one a RESULT reports)."""
+        with self._lock:
+            return next((l.chunk_id for l in self.leases.values()
+                         if l.conn == conn and l.attempt_id != besides), None)
+
+    def complete(self, chunk_id: int, attempt_id: int) -> None:
+        """A result for the chunk is committed: it is DONE (idempotent)."""
+        with self._lock:
+            self.leases.pop(attempt_id, None)
+            self.state[chunk_id] = ChunkState.DONE
+            self._check_finished()
+
+    def fail(self, chunk_id: int, attempt_id: int, error: str) -> bool:
+        """The worker reported an error; return True if the chunk is now FAILED.
+
+        A report re-sent for an attempt already counted changes nothing.
+        """
+        with self._lock:
+            self.leases.pop(attempt_id, None)
+            self.last_error[chunk_id] = error
+            if (self.state[chunk_id] in (ChunkState.DONE, ChunkState.FAILED)
+                    or attempt_id in self.failed_attempts):
+                return False
+            self.failed_attempts.add(attempt_id)
+            self.failures[chunk_id] += 1
+            if self.failures[chunk_id] >= self.max_attempts:
+                self._give_up(chunk_id, f"{error} (failed {self.failures[chunk_id]} times)")
+                return True
+            self._requeue(chunk_id)
+            return False
+
+    def refuse(self, chunk_id: int, attempt_id: int, reason: str) -> None:
+        """The chunk can never be handed out (say, its JOB exceeds the
+        workers' frame limit): end the attempt and FAIL the chunk at once."""
+        with self._lock:
+            self.leases.pop(attempt_id, None)
+            if self.state[chunk_id] == ChunkState.LEASED:
+                self._give_up(chunk_id, reason)
+
+    def release(self, conn: int) -> list[Lease]:
+        """The connection closed: end its leases as lost and re-queue their chunks."""
+        with self._lock:
+            gone = [lease for lease in self.leases.values() if lease.conn == conn]
+            self._lose(gone, lambda lease: f"worker {lease.worker_id}'s connection closed "
+                                           f"while it held the chunk")
+            return gone
+
+    def expire(self) -> list[Lease]:
+        """End every lease past its deadline as lost and re-queue their chunks."""
+        with self._lock:
+            now = self.clock()
+            gone = [lease for lease in self.leases.values() if lease.deadline <= now]
+            self._lose(gone, lambda lease: f"its lease expired after {self.lease_timeout:g} s "
+                                           f"({lease.worker_id})")
+            return gone
+
+    def lose(self, attempt_id: int, reason: str) -> None:
+        """End one live attempt as lost for ``reason`` (the JOB was never sent)."""
+        with self._lock:
+            lease = self.leases.get(attempt_id)
+            if lease is not None:
+                self._lose([lease], lambda _: reason)
+
+    def _lose(self, gone: list[Lease], reason) -> None:
+        for lease in gone:
+            del self.leases[lease.attempt_id]
+        for lease in gone:
+            chunk_id = lease.chunk_id
+            if self.state[chunk_id] != ChunkState.LEASED:
+                continue   # a result or a reported failure already decided it
+            self.losses[chunk_id] += 1
+            still_held = any(l.chunk_id == chunk_id for l in self.leases.values())
+            if self.losses[chunk_id] >= self.max_lost and not still_held:
+                self._give_up(chunk_id, (
+                    f"lost {self.losses[chunk_id]} times without a result or an error "
+                    f"report (last: {reason(lease)}); do workers crash or time out on it, "
+                    f"or is it too large for their frame limit?"))
+            else:
+                self._requeue(chunk_id)
+
+    def _give_up(self, chunk_id: int, why: str) -> None:
+        self.state[chunk_id] = ChunkState.FAILED
+        self.why_failed[chunk_id] = why
+        log.error("chunk %d FAILED: %s", chunk_id, why)
+        self._check_finished()
+
+    def _requeue(self, chunk_id: int) -> None:
+        # Another live lease may still hold the chunk (it was re-leased after
+        # an expiry): then it stays LEASED and is not queued twice.
+        if self.state[chunk_id] != ChunkState.LEASED:
+            return
+        if any(lease.chunk_id == chunk_id for lease in self.leases.values()):
+            return
+        self.state[chunk_id] = ChunkState.PENDING
+        self.queue.appendleft(chunk_id)  # retry first: it is what the job waits for
+
+    def _check_finished(self) -> None:
+        # DONE and FAILED are final (a late result turns FAILED into DONE,
+        # nothing leaves them), so the scan resumes where it last stopped:
+        # linear over the whole job instead of per completed chunk, which
+        # made a job of 10,000 chunks spend seconds here under the lock.
+        while (self._scanned < len(self.state)
+               and self.state[self._scanned] in (ChunkState.DONE, ChunkState.FAILED)):
+            self._scanned += 1
+        if self._scanned == len(self.state):
+            self.finished.set()
+
+    def counts(self) -> dict:
+        """``{'PENDING': n, 'LEASED': n, 'DONE': n, 'FAILED': n}``."""
+        with self._lock:
+            tally = collections.Counter(self.state)
+        return {s: tally.get(s, 0) for s in (ChunkState.PENDING, ChunkState.LEASED,
+                                             ChunkState.DONE, ChunkState.FAILED)}
+
+    def failed_chunks(self) -> dict[int, str]:
+        """``{chunk_id: why it failed}`` of the FAILED chunks (one line each)."""
+        with self._lock:
+            return {c: self.why_failed.get(c, "") for c, s in enumerate(self.state)
+                    if s == ChunkState.FAILED}
+
+
+# --- The lesson, part 2: the TCP server and one handler per message type -------
+
+class Timings:
+    """Seconds spent per phase (read, split, serialize, db, ...), thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.seconds = collections.defaultdict(float)
+        self.bytes_sent = 0   # every frame to workers, 4-byte headers included
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to ``phase``."""
+        with self._lock:
+            self.seconds[phase] += seconds
+
+    def sent(self, size: int) -> None:
+        """Count a frame of ``size`` bytes sent to a worker."""
+        with self._lock:
+            self.bytes_sent += size
+
+
+class JobServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP server (one thread per connection) that runs one job.
+
+    Holds the shared state the handlers use: the chunk source, the
+    :class:`ChunkBook`, the :class:`~db_utils.ResultStore` and the settings.
+    Refuses connections beyond ``max_connections`` at once.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, chunks, book: ChunkBook, store: ResultStore, job_id: str,
+                 info: CsvInfo, secret: bytes = b"", tls: ssl.SSLContext | None = None,
+                 max_frame: int = protocol.SERVER_MAX_FRAME, io_timeout: float = 10.0,
+                 idle_timeout: float = 600.0, max_connections: int = 256,
+                 wait_interval: float = 0.2):
+        self.chunks, self.book, self.store, self.job_id, self.info = chunks, book, store, job_id, info
+        self.secret, self.tls, self.max_frame = secret, tls, max_frame
+        self.io_timeout, self.idle_timeout = io_timeout, idle_timeout
+        self.max_connections, self.wait_interval = max_connections, wait_interval
+        self.timings = Timings()
+        self.progress = Progress(len(chunks), len(book) - book.counts()[ChunkState.PENDING])
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        self.stop = threading.Event()     # set by a signal, or by fail_job()
+        self.fatal: str | None = None     # why the job cannot go on, if it cannot
+        # Workers that took part in this job (in this run or an earlier one)
+        # and have not heard NO_JOB yet: the server lingers for them at the end.
+        # A job that is complete already was finished by the earlier run,
+        # which told its workers then: nobody is left to wait for.
+        self._untold = ({worker for _, worker in book.attempt_owner.values()}
+                        if not book.finished.is_set() else set())
+        super().__init__(address, Handler)
+
+    def fail_job(self, reason: str) -> None:
+        """Stop the job for a reason no worker can fix (the input or the
+        database broke); the first reason is the one reported."""
+        with self._conns_lock:
+            if self.fatal is None:
+                self.fatal = reason
+        self.stop.set()
+
+    def hello(self, worker_id: str) -> None:
+        """Note a worker that joined: it should hear NO_JOB before the server goes."""
+        with self._conns_lock:
+            self._untold.add(worker_id)
+
+    def told_done(self, worker_id: str) -> None:
+        """``worker_id`` has heard NO_JOB."""
+        with self._conns_lock:
+            self._untold.discard(worker_id)
+
+    def waiting_for(self) -> int:
+        """Connections still open plus workers that have not heard NO_JOB."""
+        with self._conns_lock:
+            return len(self._conns) + len(self._untold)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Admit a connection unless ``max_connections`` are already open."""
+        with self._conns_lock:
+            if len(self._conns) >= self.max_connections:
+                log.warning("refusing %s:%s: %d connections already open",
+                            *client_address[:2], len(self._conns))
+                return False
+            self._conns.add(request)
+        return True
+
+    def track(self, old: socket.socket, new: socket.socket) -> None:
+        """Follow a connection whose socket was replaced (wrapped in TLS)."""
+        with self._conns_lock:
+            self._conns.discard(old)
+            self._conns.add(new)
+
+    def forget(self, *socks: socket.socket) -> None:
+        """Drop a finished connection from the bookkeeping."""
+        with self._conns_lock:
+            for sock in socks:
+                self._conns.discard(sock)
+
+    def close_all(self) -> None:
+        """Shut every open connection down, waking handlers blocked in recv."""
+        with self._conns_lock:
+            socks = list(self._conns)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        log.exception("unexpected error with %s", client_address)
+
+
+class Handler(socketserver.BaseRequestHandler):
+    """Serves one worker connection: handshake, HELLO, then one message at a time.
+
+    Each message type has a method named after it (``handle_get_job``...).
+    Whatever a peer does wrong ends in one WARNING line with its address and
+    a closed connection; the leases it held go back to the queue.
+    """
+
+    server: JobServer
+    local_read = False   # the worker reads the input itself (its last GET_JOB said so)
+
+    def setup(self):
+        self.peer = "%s:%s" % self.client_address[:2]
+        self.conn = id(self.request)
+        self.worker_id = None
+        self.sock = self.request
+
+    def handle(self):
+        srv = self.server
+        try:
+            self.sock.settimeout(srv.io_timeout)
+            if srv.tls is not None:
+                self.sock = srv.tls.wrap_socket(self.sock, server_side=True)
+                srv.track(self.request, self.sock)  # wrapping detached the plain socket
+            # The timeout bounds the whole handshake, not each recv: see
+            # protocol._recv_handshake_frame.  (TLS bounds its own the same way.)
+            protocol.server_handshake(self.sock, srv.secret, srv.io_timeout)
+            hello = self.receive()
+            if hello["type"] != protocol.HELLO:
+                raise protocol.ProtocolError(f"expected HELLO, got {hello['type']}")
+            self.handle_hello(hello)
+            self.sock.settimeout(srv.idle_timeout)
+            while True:
+                message = self.receive()
+                method = self.dispatch.get(message["type"])
+                if method is None:
+                    raise protocol.ProtocolError(f"unexpected {message['type']} message")
+                method(self, message)
+        except protocol.ConnectionClosed:
+            log.debug("%s (%s) disconnected", self.peer, self.worker_id)
+        except protocol.ProtocolError as exc:
+            log.warning("dropping %s (%s): %s", self.peer, self.worker_id or "no HELLO", exc)
+            self.try_send(protocol.make(protocol.ERROR, reason=str(exc)[:200]))
+        except (InputError, StoreError) as exc:
+            # Not this peer's doing: the input file or the results database
+            # broke under the job.  Retrying would fail the same way, forever.
+            if not srv.stop.is_set():   # said once, not by every handler that meets it
+                log.error("stopping the job: %s", exc)
+            srv.fail_job(str(exc))
+        except (OSError, ssl.SSLError) as exc:  # includes TimeoutError
+            log.warning("dropping %s (%s): %s: %s", self.peer, self.worker_id or "no HELLO",
+                        type(exc).__name__, exc)
+        except MemoryError:
+            srv.fail_job(f"out of memory while serving {self.worker_id or self.peer}; "
+                         f"try more --chunks, or --stream")
+        except Exception:
+            log.exception("dropping %s (%s): unexpected error", self.peer, self.worker_id)
+        finally:
+            for lease in srv.book.release(self.conn):
+                log.info("chunk %d back in the queue: %s's connection closed (attempt %d)",
+                         lease.chunk_id, lease.worker_id, lease.attempt_id)
+                try:
+                    srv.store.end_attempt(srv.job_id, lease.attempt_id, Outcome.DROPPED)
+                except OSError as exc:  # StoreError: the history misses one line, no result is lost
+                    log.warning("cannot record the end of attempt %d: %s", lease.attempt_id, exc)
+
+    def finish(self):
+        self.server.forget(self.request, self.sock)
+        if self.sock is not self.request:
+            self.sock.close()
+
+    def receive(self) -> dict:
+        return protocol.recv_message(self.sock, self.server.max_frame, self.server.io_timeout)
+
+    def send(self, message: dict) -> None:
+        self.send_frame(protocol.encode(message))
+
+    def send_frame(self, payload: bytes) -> None:
+        protocol.send_frame(self.sock, payload)
+        self.server.timings.sent(protocol.HEADER.size + len(payload))
+
+    def send_frames(self, *payloads: bytes) -> None:
+        """Send a frame per payload, in order, with one write if they are small."""
+        protocol.send_frames(self.sock, payloads)
+        self.server.timings.sent(sum(protocol.HEADER.size + len(p) for p in payloads))
+
+    def try_send(self, message: dict) -> None:
+        try:
+            self.send(message)
+        except (OSError, ValueError):
+            pass
+
+    # --- one method per message type ----------------------------------------
+
+    def handle_hello(self, msg: dict) -> None:
+        worker_id = protocol.check(msg)["worker_id"]
+        # Printable only: the id is printed in the final table and logged, and
+        # a newline or an escape sequence in it could forge those lines.
+        if not (0 < len(worker_id) <= 200 and worker_id.isprintable()):
+            raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 printable characters")
+        self.worker_id = worker_id
+        self.server.hello(worker_id)
+        log.info("worker %s connected from %s", worker_id, self.peer)
+        chunks = self.server.chunks
+        local = chunks.local_source() if isinstance(chunks, StreamChunks) else {}
+        self.send(protocol.make(protocol.WELCOME, job_id=self.server.job_id,
+                                max_frame=self.server.max_frame, chunks=len(self.server.book),
+                                lease_timeout=self.server.book.lease_timeout, **local))
+
+    def handle_get_job(self, msg: dict) -> None:
+        srv = self.server
+        local = protocol.check(msg).get("local_read", False) and isinstance(srv.chunks,
+                                                                           StreamChunks)
+        if local != self.local_read:
+            log.info("worker %s %s", self.worker_id, "reads the chunks from its own copy of the "
+                     "input" if local else "gets the chunks' bytes")
+            self.local_read = local
+        held = srv.book.held_by(self.conn)
+        if held is not None:
+            # A worker computes one chunk at a time; a peer that asks again
+            # before reporting would hoard chunks and starve the others.
+            raise protocol.ProtocolError(f"GET_JOB while holding chunk {held}")
+        lease = srv.book.lease(self.worker_id, self.conn)
+        if lease is None and not srv.book.finished.is_set():
+            # Nothing pending, yet not finished: usually the last chunks are
+            # being computed.  Hold the request up to wait_interval before
+            # answering WAIT, so that the end of the job reaches this worker
+            # at once (NO_JOB) instead of after its retry_after sleep.
+            srv.book.finished.wait(srv.wait_interval)
+            lease = srv.book.lease(self.worker_id, self.conn)
+        frame = None if lease is None else self.job_frame(lease)
+        if frame is None:
+            self.send_no_job()
+            return
+        started = time.perf_counter()
+        srv.store.record_lease(srv.job_id, lease.attempt_id, lease.chunk_id,
+                               self.worker_id, time.time())
+        srv.timings.add("db", time.perf_counter() - started)
+        self.send_job(lease, frame)
+
+    def job_frame(self, lease: Lease) -> bytes | None:
+        """The encoded JOB of a fresh ``lease`` of this connection.
+
+        The caller records the lease in the store, then sends the frame
+        (:meth:`send_job`).  Returns None if the JOB cannot be built: the
+        attempt then ends here, lost, or the chunk refused when its frame
+        would exceed the workers' limit.  Raises :class:`InputError` if the
+        input changed under the job.  Used by GET_JOB and by a RESULT that
+        asks for its ``next`` chunk.
+        """
+        srv = self.server
+        srv.progress.begin()
+        started = time.perf_counter()
+        try:
+            if self.local_read:
+                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
+                                      lease.attempt_id, srv.chunks.header,
+                                      srv.chunks.span(lease.chunk_id))
+            else:
+                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
+                                      lease.attempt_id, srv.chunks.payload(lease.chunk_id))
+            frame = protocol.encode(message)
+        except InputError:
+            raise   # the file changed under the job: handle() stops it
+        except Exception as exc:
+            # Not the worker's fault (above all a MemoryError for a large
+            # chunk): a lost attempt, so that --max-lost bounds the retries.
+            reason = f"the server could not build its JOB ({type(exc).__name__}: {exc})"
+            log.warning("chunk %d: %s", lease.chunk_id, reason)
+            srv.book.lose(lease.attempt_id, reason)
+            return None
+        srv.timings.add("serialize", time.perf_counter() - started)
+        if len(frame) > protocol.WORKER_MAX_FRAME:
+            # A worker would refuse it unread and hang up, every time.
+            srv.book.refuse(lease.chunk_id, lease.attempt_id, (
+                f"its JOB frame is {len(frame)} bytes, over the workers' limit of "
+                f"{protocol.WORKER_MAX_FRAME}; use more --chunks"))
+            return None
+        return frame
+
+    def send_job(self, lease: Lease, frame: bytes, before: bytes = b"") -> None:
+        """Send a JOB ``frame`` whose lease is committed, after the encoded
+        message ``before`` (an ACK) if given, in one write."""
+        srv = self.server
+        log.debug("chunk %d leased to %s (attempt %d)", lease.chunk_id, self.worker_id, lease.attempt_id)
+        started = time.perf_counter()
+        if before:
+            self.send_frames(before, frame)
+        else:
+            self.send_frame(frame)
+        # Handing the frame to the kernel; a worker slow to read makes this
+        # grow once the socket buffers are full.
+        srv.timings.add("send", time.perf_counter() - started)
+
+    def send_no_job(self) -> None:
+        """Answer a GET_JOB that gets no chunk: NO_JOB if the job is over, else WAIT."""
+        srv = self.server
+        if srv.book.finished.is_set():
+            self.send(protocol.make(protocol.NO_JOB))
+            srv.told_done(self.worker_id)
+        else:
+            self.send(protocol.make(protocol.WAIT, retry_after=srv.wait_interval))
+
+    def handle_result(self, msg: dict) -> None:
+        srv = self.server
+        chunk_id, attempt_id = self.check_ids(msg)
+        fields = ("rows_processed", "rejected_rows", "total_sales", "min_price",
+                  "max_price", "avg_price", "price_count")
+        values = [msg.get(f) for f in fields]
+        try:
+            protocol.check(msg)
+            check_stats(f"chunk {chunk_id}", *values)
+            fewest, most = srv.chunks.row_bounds(chunk_id)
+            if not fewest <= msg["rows_processed"] <= most:
+                expected = fewest if fewest == most else f"{fewest}..{most}"
+                raise protocol.ProtocolError(
+                    f"chunk {chunk_id} has {expected} rows, result says {msg['rows_processed']}")
+            groups = self.check_groups(msg, chunk_id)
+        except protocol.ProtocolError as exc:
+            # An invalid result for a real lease is a failed attempt: if the
+            # worker computes it the same way every time, --max-attempts
+            # ends the job with this message instead of retrying for ever.
+            self.fail_attempt(chunk_id, attempt_id, f"invalid RESULT: {exc}")
+            raise
+        wants_next = msg.get("next", False)
+        other = srv.book.held_by(self.conn, besides=attempt_id) if wants_next else None
+        if other is not None:   # hoarding, as GET_JOB while holding a chunk
+            raise protocol.ProtocolError(f"RESULT asks for the next chunk while holding chunk {other}")
+        # The next chunk is leased now but committed with this result, in one
+        # transaction, and sent only after it: the ACK never precedes its
+        # commit, nor the JOB its attempt row (which a restarted server needs
+        # to accept that JOB's result).  See README, "The life of one chunk".
+        lease = srv.book.lease(self.worker_id, self.conn, besides=chunk_id) if wants_next else None
+        frame = None if lease is None else self.job_frame(lease)
+        started = time.perf_counter()
+        counted = srv.store.record_result(
+            srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,
+                             chunk_id=chunk_id, attempt_id=attempt_id), groups,
+            lease=None if frame is None else (lease.attempt_id, lease.chunk_id,
+                                              self.worker_id, time.time()))
+        srv.timings.add("db", time.perf_counter() - started)
+        srv.book.complete(chunk_id, attempt_id)
+        srv.chunks.forget(chunk_id)
+        if counted:
+            srv.progress.chunk_done(msg["rows_processed"], srv.book,
+                                    this_run=attempt_id >= srv.book.first_attempt_id)
+        else:
+            log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
+                     chunk_id, self.worker_id, attempt_id)
+        ack = protocol.encode(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted,
+                                            **({"next": True} if wants_next else {})))
+        if frame is not None:
+            self.send_job(lease, frame, before=ack)   # ACK, then the JOB: one write
+            return
+        self.send_frame(ack)
+        if wants_next:
+            # No chunk was pending (or its JOB could not be built): answer as
+            # GET_JOB does, which may hold the answer a moment (so the ACK
+            # went first) and lease a chunk that turned up meanwhile.
+            self.handle_get_job(msg)
+
+    def handle_failed(self, msg: dict) -> None:
+        chunk_id, attempt_id = self.check_ids(msg)
+        error = msg.get("error")
+        error = error[:500] if isinstance(error, str) else f"(no message: {_brief(error)})"
+        log.warning("chunk %d attempt %d failed on %s: %s", chunk_id, attempt_id,
+                    self.worker_id, error)
+        self.fail_attempt(chunk_id, attempt_id, error)
+        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=False))
+
+    def fail_attempt(self, chunk_id: int, attempt_id: int, error: str) -> None:
+        """Record a failed attempt; the chunk FAILS after --max-attempts of them
+        (the book logs that)."""
+        srv = self.server
+        srv.store.end_attempt(srv.job_id, attempt_id, Outcome.FAILED, error)
+        if srv.book.fail(chunk_id, attempt_id, error):
+            srv.chunks.forget(chunk_id)
+
+    dispatch = {protocol.GET_JOB: handle_get_job, protocol.RESULT: handle_result,
+                protocol.FAILED: handle_failed}
+
+    # --- validation ------------------------------------------------------------
+
+    def check_ids(self, msg: dict) -> tuple[int, int]:
+        """The message's (chunk_id, attempt_id), if they belong to this job.
+
+        Checks only the four id fields against the schema: a FAILED report's
+        ``error`` is recorded even when it is not text (see handle_failed),
+        and a RESULT's other fields are checked once the attempt is known,
+        so that a bad one fails that attempt.
+        """
+        srv = self.server
+        protocol.check(msg, ("job_id", "worker_id", "chunk_id", "attempt_id"))
+        chunk_id, attempt_id = msg["chunk_id"], msg["attempt_id"]
+        if msg["job_id"] != srv.job_id:
+            raise protocol.ProtocolError(f"result of another job ({_brief(msg['job_id'])})")
+        if msg["worker_id"] != self.worker_id:
+            raise protocol.ProtocolError("worker_id differs from the one in HELLO")
+        if not (_is_int(chunk_id) and 0 <= chunk_id < len(srv.book)):
+            raise protocol.ProtocolError(f"unknown chunk {_brief(chunk_id)}")
+        if not (_is_int(attempt_id) and srv.book.is_attempt_of(attempt_id, chunk_id, self.worker_id)):
+            raise protocol.ProtocolError(
+                f"unknown attempt {_brief(attempt_id)} for chunk {chunk_id}")
+        return chunk_id, attempt_id
+
+    def check_groups(self, msg: dict, chunk_id: int) -> list[tuple]:
+        """Validate the per-group rows of a RESULT; they must add up to its rows.
+
+        Their shape and types were checked with the rest of the message
+        (``protocol.GROUP_ROW``); what is left is what the schema cannot say.
+        """
+        groups = msg.get("groups", [])
+        if self.server.info.group_col is None:
+            if groups:
+                raise protocol.ProtocolError("groups sent but no --group-by is set")
+            return []
+        seen = set()
+        for group in groups:
+            key = group[0]
+            if key in seen:
+                raise protocol.ProtocolError("group values must be distinct strings or None")
+            seen.add(key)
+            check_stats(f"chunk {chunk_id} group {key!r}", *group[1:])
+            if group[1] == 0:
+                raise protocol.ProtocolError(f"chunk {chunk_id}: group {key!r} has no rows")
+        _check_group_totals(msg, groups, chunk_id)
+        return [tuple(g) for g in groups]
+
+
+def _check_group_totals(msg: dict, groups: list, chunk_id: int) -> None:
+    """The groups of a RESULT must add up to the chunk: rows, rejected rows and
+    valid prices exactly, sales to rounding (the groups are summed in another
+    order), and the chunk's min and max price are a group's.  Raises
+    ProtocolError naming what does not add up."""
+    counts = [("rows_processed", 1), ("rejected_rows", 2), ("price_count", 7)]
+    for name, at in counts:
+        if sum(g[at] for g in groups) != msg[name]:
+            raise protocol.ProtocolError(f"chunk {chunk_id}: group {name} do not add up")
+    sales = [g[3] for g in groups]
+    slack = 1e-9 * max(math.fsum(abs(s) for s in sales), abs(msg["total_sales"]), 1.0)
+    if abs(math.fsum(sales) - msg["total_sales"]) > slack:
+        raise protocol.ProtocolError(f"chunk {chunk_id}: group total_sales do not add up")
+    lows = [g[4] for g in groups if g[4] is not None]
+    highs = [g[5] for g in groups if g[5] is not None]
+    if (min(lows, default=None), max(highs, default=None)) != (msg["min_price"], msg["max_price"]):
+        raise protocol.ProtocolError(f"chunk {chunk_id}: group prices do not match the chunk's")
+
+
+# --- The lesson, part 3: progress, the main loop and the final report ----------
+
+class Progress:
+    """Logs done/total, rows per second and an ETA, at most once a second.
+
+    ``total`` chunks, of which ``resumed`` were done by an earlier run.
+    Rates count only chunks leased *in this run*, from this run's first
+    lease (:meth:`begin`), not from start-up: a server may wait a long time
+    for its first worker, and a result re-sent for an earlier run's attempt
+    (which can arrive before this run leased anything) took no time here.
+    Until a chunk of this run is done, no rate or ETA is shown.
+    """
+
+    def __init__(self, total: int, resumed: int = 0):
+        self.total, self.resumed = total, resumed
+        self.rows = self.done = 0   # rows and chunks leased and counted in this run
+        self.late = 0               # counted results of an earlier run's attempts
+        self.started = None
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def begin(self) -> None:
+        """The first chunk of this run went out: start the clock (idempotent)."""
+        with self._lock:
+            if self.started is None:
+                self.started = time.monotonic()
+
+    def chunk_done(self, rows: int, book: ChunkBook, this_run: bool = True) -> None:
+        """Count one newly counted chunk of ``rows`` rows, and maybe log.
+
+        ``this_run``: its attempt was leased by this run (else it is a result
+        of an earlier run's attempt, re-sent after a restart).
+        """
+        with self._lock:
+            if this_run:
+                self.rows += rows
+                self.done += 1
+            else:
+                self.late += 1
+            now = time.monotonic()
+            # Counting chunk states is linear in the chunks: do it only for
+            # a line that is logged, not for every result.
+            if now - self._last < 1.0 and not book.finished.is_set():
+                return
+            left = book.counts()
+            left = left[ChunkState.PENDING] + left[ChunkState.LEASED]
+            self._last = now
+            earlier = self.resumed + self.late
+            line = "progress: %d/%d chunks done (%.0f%%%s), %d rows in this run" % (
+                self.total - left, self.total, 100.0 * (self.total - left) / max(self.total, 1),
+                f", {earlier} from an earlier run" if earlier else "", self.rows)
+            if self.done and self.started is not None:
+                elapsed = now - self.started
+                if elapsed > 0:
+                    line += ", %.0f rows/s, ETA %.1f s" % (self.rows / elapsed,
+                                                          elapsed / self.done * left)
+            log.info("%s", line)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one job from the parsed command line; return the exit code.
+
+    Raises :class:`InputError` for problems found before listening.
+    """
+    secret = (args.secret if args.secret is not None else os.environ.get(SECRET_ENV, "")).encode()
+    tls = _tls_context(args)
+    if not secret and not _is_loopback(args.host):
+        log.warning("listening on %s without --secret: anyone who can reach this port can "
+                    "send pickles; unauthenticated pickle is unsafe on a network", args.host)
+    started = time.perf_counter()
+    info = inspect_csv(args.csv, args.sep, args.decimal, args.encoding,
+                       args.price_col, args.qty_col, args.group_by)
+    fingerprint = file_fingerprint(info.path)
+    inspected = time.perf_counter()
+    chunks = (StreamChunks(info, args.chunks, args.compress) if args.stream
+              else FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
+    store = None
+    try:
+        # The identity must describe the bytes that were chunked: a file
+        # replaced while it was cut would give a resumed job two contents.
+        if file_fingerprint(info.path) != fingerprint:
+            raise InputError(f"{info.path}: the file changed while it was read; run again")
+        # "split": the scan that cuts the input into chunks (after a pass that
+        # measures compressed text).  "inspect" is the head check.
+        loaded = {"inspect": inspected - started, "split": time.perf_counter() - inspected}
+        job_id, identity = job_identity(info, args, fingerprint)
+        store = ResultStore(args.db, retry_for=args.db_retry_for)
+        state = store.open_job(job_id, info.path, identity, len(chunks), fresh=args.fresh)
+        if state.done:
+            log.info("job %s: resuming, %d of %d chunks already done", job_id,
+                     len(state.done), len(chunks))
+        book = ChunkBook(len(chunks), args.lease_timeout, args.max_attempts, state.done,
+                         state.attempts, state.next_attempt_id, max_lost=args.max_lost)
+        try:
+            server = JobServer((args.host, args.port), chunks, book, store, job_id, info,
+                               secret=secret, tls=tls, max_frame=args.max_frame,
+                               io_timeout=args.io_timeout, idle_timeout=args.idle_timeout,
+                               max_connections=args.max_connections)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {args.host}:{args.port}: "
+                             f"{exc.strerror or exc}") from None
+        for phase, spent in loaded.items():
+            server.timings.add(phase, spent)
+        # The documented mode's producer starts parsing now ("parse" phase).
+        chunks.start(state.done, server.fail_job, server.timings)
+        return serve(server, args)
+    finally:
+        chunks.close()
+        if store is not None:
+            store.close()
+
+
+def serve(server: JobServer, args: argparse.Namespace) -> int:
+    """Accept workers until the job ends or a signal arrives; report; return the exit code."""
+    book, store, job_id = server.book, server.store, server.job_id
+    host, port = server.server_address[:2]
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(f"{port}\n")
+        os.replace(args.port_file + ".tmp", args.port_file)
+    log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
+             job_id, len(book), server.chunks.format, server.info.price_col,
+             server.info.qty_col, host, port)
+    for note in server.info.notes:
+        log.info("%s", note)
+    stop = server.stop
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    accept = threading.Thread(target=server.serve_forever, args=(0.05,), name="accept")
+    accept.start()
+    started = time.perf_counter()
+    tick = min(0.5, book.lease_timeout / 4)
+    try:
+        while not book.finished.is_set() and not stop.is_set():
+            book.finished.wait(tick)
+            for lease in book.expire():
+                log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
+                            lease.chunk_id, lease.worker_id, lease.attempt_id)
+                try:
+                    store.end_attempt(job_id, lease.attempt_id, Outcome.EXPIRED)
+                except StoreError as exc:
+                    server.fail_job(str(exc))
+        waited = time.perf_counter()
+        server.timings.add("wait", waited - started)
+        # Decided now: leases dropped by the shutdown below must not turn an
+        # interrupted job into a finished one.
+        completed = book.finished.is_set() and server.fatal is None
+        if completed:
+            # Let the workers ask once more and hear NO_JOB, so they exit 0
+            # instead of reconnecting to a server that is gone.  That includes
+            # workers of an earlier run that are still backing off before
+            # they reconnect: a resumed job may finish before they are back.
+            deadline = time.monotonic() + args.linger
+            while server.waiting_for() and time.monotonic() < deadline and not stop.is_set():
+                time.sleep(0.02)
+            server.timings.add("linger", time.perf_counter() - waited)
+    finally:
+        server.shutdown()
+        server.close_all()
+        server.chunks.close()   # wakes handlers waiting for a chunk to be parsed
+        accept.join()
+        server.server_close()   # joins the handler threads
+    if server.fatal is not None:
+        done = book.counts()[ChunkState.DONE]
+        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {done} "
+              f"of {len(book)} chunks are safely stored", file=sys.stderr)
+        return EXIT_FAILED
+    if not completed:
+        counts = book.counts()
+        log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
+                    "again to resume", signals[0], counts[ChunkState.DONE], len(book))
+        return 128 + signals[0]
+    return report(server)
+
+
+def report(server: JobServer) -> int:
+    """Print the final aggregate (or the failed chunks); return the exit code."""
+    book, store, job_id = server.book, server.store, server.job_id
+    failed = book.failed_chunks()
+    if failed:
+        chunk_id, why = min(failed.items())
+        print(f"server.py: error: job {job_id} failed: {len(failed)} of {len(book)} chunk(s) "
+              f"failed, e.g. chunk {chunk_id}: {why}", file=sys.stderr)
+        return EXIT_FAILED
+    started = time.perf_counter()
+    try:
+        final = store.final_aggregate(job_id)
+        groups = store.group_aggregate(job_id) if server.info.group_col else []
+    except AggregateOverflow as exc:
+        # Every chunk's totals were finite, their sum is not: the same
+        # error as with one chunk, whatever the chunking.
+        print(f"server.py: error: job {job_id} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    keys = ("total_rows", "total_sales", "min_price", "max_price", "avg_price", "rejected_rows")
+    print({key: final[key] for key in keys})
+    workers = store.per_worker(job_id)
+    print(f"{'worker':<24} {'chunks':>8} {'rows':>12}")
+    for row in workers:
+        print(f"{row['worker_id']:<24} {row['chunks']:>8} {row['rows']:>12}")
+    if server.info.group_col:
+        print_groups(server.info.group_col, groups)
+    server.timings.add("aggregate", time.perf_counter() - started)
+    sys.stdout.flush()
+    phases = ", ".join(f"{name} {sec:.2f} s" for name, sec in server.timings.seconds.items())
+    log.info("job %s done: %d dispatches for %d chunks; time per phase: %s; sent %d bytes",
+             job_id, book.dispatches, len(book), phases, server.timings.bytes_sent)
+    return EXIT_OK
+
+
+def print_groups(column: str, groups: list[dict]) -> None:
+    """Print the ``--group-by`` table, largest total sales first."""
+    def fmt(value):
+        return "-" if value is None else f"{value:.2f}"
+    print(f"\n{column:<32} {'rows':>10} {'rejected':>9} {'total_sales':>18} "
+          f"{'min_price':>10} {'max_price':>10} {'avg_price':>10}")
+    for g in groups:
+        name = "(missing)" if g["group_value"] is None else g["group_value"]
+        print(f"{name[:32]:<32} {g['total_rows']:>10} {g['rejected_rows']:>9} "
+              f"{g['total_sales']:>18.2f} {fmt(g['min_price']):>10} {fmt(g['max_price']):>10} "
+              f"{fmt(g['avg_price']):>10}")
+
+
+# ==============================================================================
+# The armour.  Everything below protects the lesson above from its input and
+# its users: it inspects the CSV and fails early with one line, cuts the file
+# into chunks of whole records (both modes), checks what workers send, and
+# parses the command line.  Read it when a test in tests/test_csv_*.py or
+# tests/test_hostile.py makes you curious; the lesson does not need it.
+# ==============================================================================
+# --- Checking what workers send -------------------------------------------------
+
+# A Python int is unbounded; SQLite's INTEGER is 64-bit.  A larger one would
+# make the insert raise OverflowError, and math.isfinite(10**400) and
+# repr(10**5000) raise too: all crashes instead of a clean refusal.
+_INT_RANGE = range(-2**63, 2**63)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value in _INT_RANGE
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def _brief(value) -> str:
+    """A short rendering of an untrusted value for a log line or an ERROR reply."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if value is None or isinstance(value, float) or _is_int(value):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def check_stats(where: str, rows, rejected, sales, low, high, mean, count) -> None:
+    """Check one set of partial metrics; raise ProtocolError naming ``where``.
+
+    Rules: counts are non-negative 64-bit ints with ``rejected <= rows`` and
+    ``count == rows - rejected``; sales is a finite number; with
+    ``count == 0`` the price statistics are None, otherwise finite with
+    ``min <= mean <= max`` (within rounding).
+    """
+    if not (_is_int(rows) and _is_int(rejected) and _is_int(count)):
+        raise protocol.ProtocolError(f"{where}: row counts must be 64-bit integers")
+    if rows < 0 or rejected < 0 or rejected > rows or count != rows - rejected:
+        raise protocol.ProtocolError(f"{where}: inconsistent row counts")
+    if not _is_number(sales):
+        raise protocol.ProtocolError(f"{where}: total_sales must be a finite number")
+    prices = (low, high, mean)
+    if count == 0:
+        if any(p is not None for p in prices):
+            raise protocol.ProtocolError(f"{where}: price statistics without valid rows")
+        return
+    if not all(_is_number(p) for p in prices):
+        raise protocol.ProtocolError(f"{where}: price statistics must be finite numbers")
+    slack = 1e-9 * max(abs(low), abs(high), 1.0)
+    if not (low <= high and low - slack <= mean <= high + slack):
+        raise protocol.ProtocolError(f"{where}: need min_price <= avg_price <= max_price")
+
+
 # --- Reading the input ---------------------------------------------------------
 
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz"}
+
+
 _SEPARATORS = (",", ";", "\t", "|")
+
+
 # --sep as typed in a shell: '\t' arrives as a backslash and a "t".
 _SEP_NAMES = {"\\t": "\t", "tab": "\t", "TAB": "\t"}
+
+
 _HEAD_BYTES = 256 * 1024
+
+
 # First bytes of files that are plainly not CSV text, and what to tell the user.
 _MAGIC = {
     b"\x1f\x8b": "gzip-compressed data; name the file .gz",
@@ -547,6 +1535,8 @@ def _guess_decimal(path: str, cells: list) -> tuple[str | None, str]:
 # server (FrameChunks, the documented mode) or the worker (StreamChunks).
 
 _HEAD_SAMPLE = 256 * 1024   # bytes read to find the header and to estimate line lengths
+
+
 # Above this many chunks, the line ends are counted first, so that the list
 # of cut targets is bounded by the records, not by --chunks.
 _COUNT_ABOVE = 100_000
@@ -1340,809 +2330,7 @@ def job_data_room(info: CsvInfo, chunks) -> int:
     return room - room // 1000 - 64 if chunks.compress else room
 
 
-# --- Chunk bookkeeping (no sockets, no database) -------------------------------
-
-class ChunkState:
-    """Where a chunk is in :class:`ChunkBook` (in memory; the database keeps
-    :class:`db_utils.Outcome` per attempt instead)."""
-
-    PENDING = "PENDING"   # waiting in the queue for a lease
-    LEASED = "LEASED"     # at least one live lease, no result yet
-    DONE = "DONE"         # a result is committed (final)
-    FAILED = "FAILED"     # cannot succeed: --max-attempts/--max-lost reached, or unsendable
-
-
-@dataclass
-class Lease:
-    """One attempt: ``chunk_id`` handed to ``worker_id`` on connection ``conn``
-    until ``deadline`` (``time.monotonic()`` seconds)."""
-    attempt_id: int
-    chunk_id: int
-    worker_id: str
-    conn: int
-    deadline: float
-
-
-class ChunkBook:
-    """The state of every chunk, and the leases that hand them out.
-
-    A chunk moves PENDING -> LEASED -> DONE, back to PENDING when its last
-    live lease ends without a result, and to FAILED when it cannot succeed:
-    after ``max_attempts`` *reported* failures (the worker said why), after
-    ``max_lost`` *lost* attempts (a lease expired, a connection dropped, the
-    JOB could not be built: nobody said why), or at once when it can never
-    be sent (:meth:`refuse`).  The two counts are kept apart: one crashed
-    worker says little about a chunk, but a chunk that every worker drops,
-    or that no worker may receive, would otherwise be handed out for ever.
-    One lock guards everything, so handler threads and the main thread's
-    expiry sweep see one consistent state.  ``clock`` is injectable so tests
-    can move time by hand.  ``finished`` is an Event set once no chunk is
-    PENDING or LEASED.  Attempt ids from ``next_attempt_id`` on are this
-    run's (``first_attempt_id``); lower ones were issued by an earlier run.
-    """
-
-    def __init__(self, chunks: int, lease_timeout: float, max_attempts: int,
-                 done=(), known_attempts=None, next_attempt_id: int = 1,
-                 clock=time.monotonic, max_lost: int = 10):
-        self.lease_timeout, self.max_attempts, self.clock = lease_timeout, max_attempts, clock
-        self.max_lost = max_lost
-        self.state = [ChunkState.PENDING] * chunks
-        for chunk_id in done:
-            self.state[chunk_id] = ChunkState.DONE
-        self.queue = collections.deque(
-            c for c in range(chunks) if self.state[c] == ChunkState.PENDING)
-        self.leases: dict[int, Lease] = {}
-        self.attempt_owner = dict(known_attempts or {})  # attempt_id -> (chunk_id, worker_id)
-        self.next_attempt_id = self.first_attempt_id = next_attempt_id
-        self.failures = [0] * chunks   # reported failures, toward max_attempts
-        self.losses = [0] * chunks     # lost attempts, toward max_lost
-        # Attempts whose failure is already counted: a worker that lost the
-        # ACK re-sends its FAILED, and one attempt must count only once.
-        self.failed_attempts: set[int] = set()
-        self.last_error: dict[int, str] = {}
-        self.why_failed: dict[int, str] = {}   # chunk_id -> why it is FAILED, for the report
-        self.dispatches = 0
-        self._lock = threading.Lock()
-        self.finished = threading.Event()
-        self._scanned = 0   # state[:_scanned] are all DONE or FAILED (see _check_finished)
-        self._check_finished()
-
-    def __len__(self) -> int:
-        return len(self.state)
-
-    def lease(self, worker_id: str, conn: int, besides: int | None = None) -> Lease | None:
-        """Lease the next pending chunk, or return None if none is pending.
-
-        Chunk ``besides`` is passed over (it stays where it is in the queue):
-        a RESULT for it is about to commit in the same transaction as this
-        lease (``Handler.handle_result``), so it must not be handed out again
-        to the very worker that reports it, as it could be if its lease had
-        expired meanwhile.
-        """
-        with self._lock:
-            passed = []
-            while self.queue:
-                chunk_id = self.queue.popleft()
-                if self.state[chunk_id] != ChunkState.PENDING:
-                    continue
-                if chunk_id != besides:
-                    break
-                passed.append(chunk_id)
-            else:
-                self.queue.extendleft(passed)
-                return None
-            self.queue.extendleft(passed)
-            lease = Lease(self.next_attempt_id, chunk_id, worker_id, conn,
-                          self.clock() + self.lease_timeout)
-            self.next_attempt_id += 1
-            self.state[chunk_id] = ChunkState.LEASED
-            self.leases[lease.attempt_id] = lease
-            self.attempt_owner[lease.attempt_id] = (chunk_id, worker_id)
-            self.dispatches += 1
-            return lease
-
-    def is_attempt_of(self, attempt_id: int, chunk_id: int, worker_id: str) -> bool:
-        """True if ``attempt_id`` was issued (now or in an earlier run) for
-        ``chunk_id`` to ``worker_id``: nobody reports another's attempt."""
-        with self._lock:
-            return self.attempt_owner.get(attempt_id) == (chunk_id, worker_id)
-
-    def held_by(self, conn: int, besides: int | None = None) -> int | None:
-        """The chunk a live lease of connection ``conn`` holds, if any (not
-        counting attempt ``besides``: the one a RESULT reports)."""
-        with self._lock:
-            return next((l.chunk_id for l in self.leases.values()
-                         if l.conn == conn and l.attempt_id != besides), None)
-
-    def complete(self, chunk_id: int, attempt_id: int) -> None:
-        """A result for the chunk is committed: it is DONE (idempotent)."""
-        with self._lock:
-            self.leases.pop(attempt_id, None)
-            self.state[chunk_id] = ChunkState.DONE
-            self._check_finished()
-
-    def fail(self, chunk_id: int, attempt_id: int, error: str) -> bool:
-        """The worker reported an error; return True if the chunk is now FAILED.
-
-        A report re-sent for an attempt already counted changes nothing.
-        """
-        with self._lock:
-            self.leases.pop(attempt_id, None)
-            self.last_error[chunk_id] = error
-            if (self.state[chunk_id] in (ChunkState.DONE, ChunkState.FAILED)
-                    or attempt_id in self.failed_attempts):
-                return False
-            self.failed_attempts.add(attempt_id)
-            self.failures[chunk_id] += 1
-            if self.failures[chunk_id] >= self.max_attempts:
-                self._give_up(chunk_id, f"{error} (failed {self.failures[chunk_id]} times)")
-                return True
-            self._requeue(chunk_id)
-            return False
-
-    def refuse(self, chunk_id: int, attempt_id: int, reason: str) -> None:
-        """The chunk can never be handed out (say, its JOB exceeds the
-        workers' frame limit): end the attempt and FAIL the chunk at once."""
-        with self._lock:
-            self.leases.pop(attempt_id, None)
-            if self.state[chunk_id] == ChunkState.LEASED:
-                self._give_up(chunk_id, reason)
-
-    def release(self, conn: int) -> list[Lease]:
-        """The connection closed: end its leases as lost and re-queue their chunks."""
-        with self._lock:
-            gone = [lease for lease in self.leases.values() if lease.conn == conn]
-            self._lose(gone, lambda lease: f"worker {lease.worker_id}'s connection closed "
-                                           f"while it held the chunk")
-            return gone
-
-    def expire(self) -> list[Lease]:
-        """End every lease past its deadline as lost and re-queue their chunks."""
-        with self._lock:
-            now = self.clock()
-            gone = [lease for lease in self.leases.values() if lease.deadline <= now]
-            self._lose(gone, lambda lease: f"its lease expired after {self.lease_timeout:g} s "
-                                           f"({lease.worker_id})")
-            return gone
-
-    def lose(self, attempt_id: int, reason: str) -> None:
-        """End one live attempt as lost for ``reason`` (the JOB was never sent)."""
-        with self._lock:
-            lease = self.leases.get(attempt_id)
-            if lease is not None:
-                self._lose([lease], lambda _: reason)
-
-    def _lose(self, gone: list[Lease], reason) -> None:
-        for lease in gone:
-            del self.leases[lease.attempt_id]
-        for lease in gone:
-            chunk_id = lease.chunk_id
-            if self.state[chunk_id] != ChunkState.LEASED:
-                continue   # a result or a reported failure already decided it
-            self.losses[chunk_id] += 1
-            still_held = any(l.chunk_id == chunk_id for l in self.leases.values())
-            if self.losses[chunk_id] >= self.max_lost and not still_held:
-                self._give_up(chunk_id, (
-                    f"lost {self.losses[chunk_id]} times without a result or an error "
-                    f"report (last: {reason(lease)}); do workers crash or time out on it, "
-                    f"or is it too large for their frame limit?"))
-            else:
-                self._requeue(chunk_id)
-
-    def _give_up(self, chunk_id: int, why: str) -> None:
-        self.state[chunk_id] = ChunkState.FAILED
-        self.why_failed[chunk_id] = why
-        log.error("chunk %d FAILED: %s", chunk_id, why)
-        self._check_finished()
-
-    def _requeue(self, chunk_id: int) -> None:
-        # Another live lease may still hold the chunk (it was re-leased after
-        # an expiry): then it stays LEASED and is not queued twice.
-        if self.state[chunk_id] != ChunkState.LEASED:
-            return
-        if any(lease.chunk_id == chunk_id for lease in self.leases.values()):
-            return
-        self.state[chunk_id] = ChunkState.PENDING
-        self.queue.appendleft(chunk_id)  # retry first: it is what the job waits for
-
-    def _check_finished(self) -> None:
-        # DONE and FAILED are final (a late result turns FAILED into DONE,
-        # nothing leaves them), so the scan resumes where it last stopped:
-        # linear over the whole job instead of per completed chunk, which
-        # made a job of 10,000 chunks spend seconds here under the lock.
-        while (self._scanned < len(self.state)
-               and self.state[self._scanned] in (ChunkState.DONE, ChunkState.FAILED)):
-            self._scanned += 1
-        if self._scanned == len(self.state):
-            self.finished.set()
-
-    def counts(self) -> dict:
-        """``{'PENDING': n, 'LEASED': n, 'DONE': n, 'FAILED': n}``."""
-        with self._lock:
-            tally = collections.Counter(self.state)
-        return {s: tally.get(s, 0) for s in (ChunkState.PENDING, ChunkState.LEASED,
-                                             ChunkState.DONE, ChunkState.FAILED)}
-
-    def failed_chunks(self) -> dict[int, str]:
-        """``{chunk_id: why it failed}`` of the FAILED chunks (one line each)."""
-        with self._lock:
-            return {c: self.why_failed.get(c, "") for c, s in enumerate(self.state)
-                    if s == ChunkState.FAILED}
-
-
-# --- Validating what workers send ----------------------------------------------
-
-# A Python int is unbounded; SQLite's INTEGER is 64-bit.  A larger one would
-# make the insert raise OverflowError, and math.isfinite(10**400) and
-# repr(10**5000) raise too: all crashes instead of a clean refusal.
-_INT_RANGE = range(-2**63, 2**63)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value in _INT_RANGE
-
-
-def _is_number(value) -> bool:
-    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
-
-
-def _brief(value) -> str:
-    """A short rendering of an untrusted value for a log line or an ERROR reply."""
-    if isinstance(value, str):
-        return repr(value[:40])
-    if value is None or isinstance(value, float) or _is_int(value):
-        return repr(value)
-    return f"a {type(value).__name__}"
-
-
-def check_stats(where: str, rows, rejected, sales, low, high, mean, count) -> None:
-    """Check one set of partial metrics; raise ProtocolError naming ``where``.
-
-    Rules: counts are non-negative 64-bit ints with ``rejected <= rows`` and
-    ``count == rows - rejected``; sales is a finite number; with
-    ``count == 0`` the price statistics are None, otherwise finite with
-    ``min <= mean <= max`` (within rounding).
-    """
-    if not (_is_int(rows) and _is_int(rejected) and _is_int(count)):
-        raise protocol.ProtocolError(f"{where}: row counts must be 64-bit integers")
-    if rows < 0 or rejected < 0 or rejected > rows or count != rows - rejected:
-        raise protocol.ProtocolError(f"{where}: inconsistent row counts")
-    if not _is_number(sales):
-        raise protocol.ProtocolError(f"{where}: total_sales must be a finite number")
-    prices = (low, high, mean)
-    if count == 0:
-        if any(p is not None for p in prices):
-            raise protocol.ProtocolError(f"{where}: price statistics without valid rows")
-        return
-    if not all(_is_number(p) for p in prices):
-        raise protocol.ProtocolError(f"{where}: price statistics must be finite numbers")
-    slack = 1e-9 * max(abs(low), abs(high), 1.0)
-    if not (low <= high and low - slack <= mean <= high + slack):
-        raise protocol.ProtocolError(f"{where}: need min_price <= avg_price <= max_price")
-
-
-# --- The TCP server ------------------------------------------------------------
-
-class Timings:
-    """Seconds spent per phase (read, split, serialize, db, ...), thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.seconds = collections.defaultdict(float)
-        self.bytes_sent = 0   # every frame to workers, 4-byte headers included
-
-    def add(self, phase: str, seconds: float) -> None:
-        """Add ``seconds`` to ``phase``."""
-        with self._lock:
-            self.seconds[phase] += seconds
-
-    def sent(self, size: int) -> None:
-        """Count a frame of ``size`` bytes sent to a worker."""
-        with self._lock:
-            self.bytes_sent += size
-
-
-class JobServer(socketserver.ThreadingTCPServer):
-    """A threaded TCP server (one thread per connection) that runs one job.
-
-    Holds the shared state the handlers use: the chunk source, the
-    :class:`ChunkBook`, the :class:`~db_utils.ResultStore` and the settings.
-    Refuses connections beyond ``max_connections`` at once.
-    """
-
-    daemon_threads = False
-    block_on_close = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address, chunks, book: ChunkBook, store: ResultStore, job_id: str,
-                 info: CsvInfo, secret: bytes = b"", tls: ssl.SSLContext | None = None,
-                 max_frame: int = protocol.SERVER_MAX_FRAME, io_timeout: float = 10.0,
-                 idle_timeout: float = 600.0, max_connections: int = 256,
-                 wait_interval: float = 0.2):
-        self.chunks, self.book, self.store, self.job_id, self.info = chunks, book, store, job_id, info
-        self.secret, self.tls, self.max_frame = secret, tls, max_frame
-        self.io_timeout, self.idle_timeout = io_timeout, idle_timeout
-        self.max_connections, self.wait_interval = max_connections, wait_interval
-        self.timings = Timings()
-        self.progress = Progress(len(chunks), len(book) - book.counts()[ChunkState.PENDING])
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        self.stop = threading.Event()     # set by a signal, or by fail_job()
-        self.fatal: str | None = None     # why the job cannot go on, if it cannot
-        # Workers that took part in this job (in this run or an earlier one)
-        # and have not heard NO_JOB yet: the server lingers for them at the end.
-        # A job that is complete already was finished by the earlier run,
-        # which told its workers then: nobody is left to wait for.
-        self._untold = ({worker for _, worker in book.attempt_owner.values()}
-                        if not book.finished.is_set() else set())
-        super().__init__(address, Handler)
-
-    def fail_job(self, reason: str) -> None:
-        """Stop the job for a reason no worker can fix (the input or the
-        database broke); the first reason is the one reported."""
-        with self._conns_lock:
-            if self.fatal is None:
-                self.fatal = reason
-        self.stop.set()
-
-    def hello(self, worker_id: str) -> None:
-        """Note a worker that joined: it should hear NO_JOB before the server goes."""
-        with self._conns_lock:
-            self._untold.add(worker_id)
-
-    def told_done(self, worker_id: str) -> None:
-        """``worker_id`` has heard NO_JOB."""
-        with self._conns_lock:
-            self._untold.discard(worker_id)
-
-    def waiting_for(self) -> int:
-        """Connections still open plus workers that have not heard NO_JOB."""
-        with self._conns_lock:
-            return len(self._conns) + len(self._untold)
-
-    def verify_request(self, request, client_address) -> bool:
-        """Admit a connection unless ``max_connections`` are already open."""
-        with self._conns_lock:
-            if len(self._conns) >= self.max_connections:
-                log.warning("refusing %s:%s: %d connections already open",
-                            *client_address[:2], len(self._conns))
-                return False
-            self._conns.add(request)
-        return True
-
-    def track(self, old: socket.socket, new: socket.socket) -> None:
-        """Follow a connection whose socket was replaced (wrapped in TLS)."""
-        with self._conns_lock:
-            self._conns.discard(old)
-            self._conns.add(new)
-
-    def forget(self, *socks: socket.socket) -> None:
-        """Drop a finished connection from the bookkeeping."""
-        with self._conns_lock:
-            for sock in socks:
-                self._conns.discard(sock)
-
-    def close_all(self) -> None:
-        """Shut every open connection down, waking handlers blocked in recv."""
-        with self._conns_lock:
-            socks = list(self._conns)
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request, client_address):
-        log.exception("unexpected error with %s", client_address)
-
-
-class Handler(socketserver.BaseRequestHandler):
-    """Serves one worker connection: handshake, HELLO, then one message at a time.
-
-    Each message type has a method named after it (``handle_get_job``...).
-    Whatever a peer does wrong ends in one WARNING line with its address and
-    a closed connection; the leases it held go back to the queue.
-    """
-
-    server: JobServer
-    local_read = False   # the worker reads the input itself (its last GET_JOB said so)
-
-    def setup(self):
-        self.peer = "%s:%s" % self.client_address[:2]
-        self.conn = id(self.request)
-        self.worker_id = None
-        self.sock = self.request
-
-    def handle(self):
-        srv = self.server
-        try:
-            self.sock.settimeout(srv.io_timeout)
-            if srv.tls is not None:
-                self.sock = srv.tls.wrap_socket(self.sock, server_side=True)
-                srv.track(self.request, self.sock)  # wrapping detached the plain socket
-            # The timeout bounds the whole handshake, not each recv: see
-            # protocol._recv_handshake_frame.  (TLS bounds its own the same way.)
-            protocol.server_handshake(self.sock, srv.secret, srv.io_timeout)
-            hello = self.receive()
-            if hello["type"] != protocol.HELLO:
-                raise protocol.ProtocolError(f"expected HELLO, got {hello['type']}")
-            self.handle_hello(hello)
-            self.sock.settimeout(srv.idle_timeout)
-            while True:
-                message = self.receive()
-                method = self.dispatch.get(message["type"])
-                if method is None:
-                    raise protocol.ProtocolError(f"unexpected {message['type']} message")
-                method(self, message)
-        except protocol.ConnectionClosed:
-            log.debug("%s (%s) disconnected", self.peer, self.worker_id)
-        except protocol.ProtocolError as exc:
-            log.warning("dropping %s (%s): %s", self.peer, self.worker_id or "no HELLO", exc)
-            self.try_send(protocol.make(protocol.ERROR, reason=str(exc)[:200]))
-        except (InputError, StoreError) as exc:
-            # Not this peer's doing: the input file or the results database
-            # broke under the job.  Retrying would fail the same way, forever.
-            if not srv.stop.is_set():   # said once, not by every handler that meets it
-                log.error("stopping the job: %s", exc)
-            srv.fail_job(str(exc))
-        except (OSError, ssl.SSLError) as exc:  # includes TimeoutError
-            log.warning("dropping %s (%s): %s: %s", self.peer, self.worker_id or "no HELLO",
-                        type(exc).__name__, exc)
-        except MemoryError:
-            srv.fail_job(f"out of memory while serving {self.worker_id or self.peer}; "
-                         f"try more --chunks, or --stream")
-        except Exception:
-            log.exception("dropping %s (%s): unexpected error", self.peer, self.worker_id)
-        finally:
-            for lease in srv.book.release(self.conn):
-                log.info("chunk %d back in the queue: %s's connection closed (attempt %d)",
-                         lease.chunk_id, lease.worker_id, lease.attempt_id)
-                try:
-                    srv.store.end_attempt(srv.job_id, lease.attempt_id, Outcome.DROPPED)
-                except OSError as exc:  # StoreError: the history misses one line, no result is lost
-                    log.warning("cannot record the end of attempt %d: %s", lease.attempt_id, exc)
-
-    def finish(self):
-        self.server.forget(self.request, self.sock)
-        if self.sock is not self.request:
-            self.sock.close()
-
-    def receive(self) -> dict:
-        return protocol.recv_message(self.sock, self.server.max_frame, self.server.io_timeout)
-
-    def send(self, message: dict) -> None:
-        self.send_frame(protocol.encode(message))
-
-    def send_frame(self, payload: bytes) -> None:
-        protocol.send_frame(self.sock, payload)
-        self.server.timings.sent(protocol.HEADER.size + len(payload))
-
-    def send_frames(self, *payloads: bytes) -> None:
-        """Send a frame per payload, in order, with one write if they are small."""
-        protocol.send_frames(self.sock, payloads)
-        self.server.timings.sent(sum(protocol.HEADER.size + len(p) for p in payloads))
-
-    def try_send(self, message: dict) -> None:
-        try:
-            self.send(message)
-        except (OSError, ValueError):
-            pass
-
-    # --- one method per message type ----------------------------------------
-
-    def handle_hello(self, msg: dict) -> None:
-        worker_id = protocol.check(msg)["worker_id"]
-        # Printable only: the id is printed in the final table and logged, and
-        # a newline or an escape sequence in it could forge those lines.
-        if not (0 < len(worker_id) <= 200 and worker_id.isprintable()):
-            raise protocol.ProtocolError("HELLO needs a worker_id of 1-200 printable characters")
-        self.worker_id = worker_id
-        self.server.hello(worker_id)
-        log.info("worker %s connected from %s", worker_id, self.peer)
-        chunks = self.server.chunks
-        local = chunks.local_source() if isinstance(chunks, StreamChunks) else {}
-        self.send(protocol.make(protocol.WELCOME, job_id=self.server.job_id,
-                                max_frame=self.server.max_frame, chunks=len(self.server.book),
-                                lease_timeout=self.server.book.lease_timeout, **local))
-
-    def handle_get_job(self, msg: dict) -> None:
-        srv = self.server
-        local = protocol.check(msg).get("local_read", False) and isinstance(srv.chunks,
-                                                                           StreamChunks)
-        if local != self.local_read:
-            log.info("worker %s %s", self.worker_id, "reads the chunks from its own copy of the "
-                     "input" if local else "gets the chunks' bytes")
-            self.local_read = local
-        held = srv.book.held_by(self.conn)
-        if held is not None:
-            # A worker computes one chunk at a time; a peer that asks again
-            # before reporting would hoard chunks and starve the others.
-            raise protocol.ProtocolError(f"GET_JOB while holding chunk {held}")
-        lease = srv.book.lease(self.worker_id, self.conn)
-        if lease is None and not srv.book.finished.is_set():
-            # Nothing pending, yet not finished: usually the last chunks are
-            # being computed.  Hold the request up to wait_interval before
-            # answering WAIT, so that the end of the job reaches this worker
-            # at once (NO_JOB) instead of after its retry_after sleep.
-            srv.book.finished.wait(srv.wait_interval)
-            lease = srv.book.lease(self.worker_id, self.conn)
-        frame = None if lease is None else self.job_frame(lease)
-        if frame is None:
-            self.send_no_job()
-            return
-        started = time.perf_counter()
-        srv.store.record_lease(srv.job_id, lease.attempt_id, lease.chunk_id,
-                               self.worker_id, time.time())
-        srv.timings.add("db", time.perf_counter() - started)
-        self.send_job(lease, frame)
-
-    def job_frame(self, lease: Lease) -> bytes | None:
-        """The encoded JOB of a fresh ``lease`` of this connection.
-
-        The caller records the lease in the store, then sends the frame
-        (:meth:`send_job`).  Returns None if the JOB cannot be built: the
-        attempt then ends here, lost, or the chunk refused when its frame
-        would exceed the workers' limit.  Raises :class:`InputError` if the
-        input changed under the job.  Used by GET_JOB and by a RESULT that
-        asks for its ``next`` chunk.
-        """
-        srv = self.server
-        srv.progress.begin()
-        started = time.perf_counter()
-        try:
-            if self.local_read:
-                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
-                                      lease.attempt_id, srv.chunks.header,
-                                      srv.chunks.span(lease.chunk_id))
-            else:
-                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
-                                      lease.attempt_id, srv.chunks.payload(lease.chunk_id))
-            frame = protocol.encode(message)
-        except InputError:
-            raise   # the file changed under the job: handle() stops it
-        except Exception as exc:
-            # Not the worker's fault (above all a MemoryError for a large
-            # chunk): a lost attempt, so that --max-lost bounds the retries.
-            reason = f"the server could not build its JOB ({type(exc).__name__}: {exc})"
-            log.warning("chunk %d: %s", lease.chunk_id, reason)
-            srv.book.lose(lease.attempt_id, reason)
-            return None
-        srv.timings.add("serialize", time.perf_counter() - started)
-        if len(frame) > protocol.WORKER_MAX_FRAME:
-            # A worker would refuse it unread and hang up, every time.
-            srv.book.refuse(lease.chunk_id, lease.attempt_id, (
-                f"its JOB frame is {len(frame)} bytes, over the workers' limit of "
-                f"{protocol.WORKER_MAX_FRAME}; use more --chunks"))
-            return None
-        return frame
-
-    def send_job(self, lease: Lease, frame: bytes, before: bytes = b"") -> None:
-        """Send a JOB ``frame`` whose lease is committed, after the encoded
-        message ``before`` (an ACK) if given, in one write."""
-        srv = self.server
-        log.debug("chunk %d leased to %s (attempt %d)", lease.chunk_id, self.worker_id, lease.attempt_id)
-        started = time.perf_counter()
-        if before:
-            self.send_frames(before, frame)
-        else:
-            self.send_frame(frame)
-        # Handing the frame to the kernel; a worker slow to read makes this
-        # grow once the socket buffers are full.
-        srv.timings.add("send", time.perf_counter() - started)
-
-    def send_no_job(self) -> None:
-        """Answer a GET_JOB that gets no chunk: NO_JOB if the job is over, else WAIT."""
-        srv = self.server
-        if srv.book.finished.is_set():
-            self.send(protocol.make(protocol.NO_JOB))
-            srv.told_done(self.worker_id)
-        else:
-            self.send(protocol.make(protocol.WAIT, retry_after=srv.wait_interval))
-
-    def handle_result(self, msg: dict) -> None:
-        srv = self.server
-        chunk_id, attempt_id = self.check_ids(msg)
-        fields = ("rows_processed", "rejected_rows", "total_sales", "min_price",
-                  "max_price", "avg_price", "price_count")
-        values = [msg.get(f) for f in fields]
-        try:
-            protocol.check(msg)
-            check_stats(f"chunk {chunk_id}", *values)
-            fewest, most = srv.chunks.row_bounds(chunk_id)
-            if not fewest <= msg["rows_processed"] <= most:
-                expected = fewest if fewest == most else f"{fewest}..{most}"
-                raise protocol.ProtocolError(
-                    f"chunk {chunk_id} has {expected} rows, result says {msg['rows_processed']}")
-            groups = self.check_groups(msg, chunk_id)
-        except protocol.ProtocolError as exc:
-            # An invalid result for a real lease is a failed attempt: if the
-            # worker computes it the same way every time, --max-attempts
-            # ends the job with this message instead of retrying for ever.
-            self.fail_attempt(chunk_id, attempt_id, f"invalid RESULT: {exc}")
-            raise
-        wants_next = msg.get("next", False)
-        other = srv.book.held_by(self.conn, besides=attempt_id) if wants_next else None
-        if other is not None:   # hoarding, as GET_JOB while holding a chunk
-            raise protocol.ProtocolError(f"RESULT asks for the next chunk while holding chunk {other}")
-        # The next chunk is leased now but committed with this result, in one
-        # transaction, and sent only after it: the ACK never precedes its
-        # commit, nor the JOB its attempt row (which a restarted server needs
-        # to accept that JOB's result).  See README, "The life of one chunk".
-        lease = srv.book.lease(self.worker_id, self.conn, besides=chunk_id) if wants_next else None
-        frame = None if lease is None else self.job_frame(lease)
-        started = time.perf_counter()
-        counted = srv.store.record_result(
-            srv.job_id, dict(zip(fields, values), worker_id=self.worker_id,
-                             chunk_id=chunk_id, attempt_id=attempt_id), groups,
-            lease=None if frame is None else (lease.attempt_id, lease.chunk_id,
-                                              self.worker_id, time.time()))
-        srv.timings.add("db", time.perf_counter() - started)
-        srv.book.complete(chunk_id, attempt_id)
-        srv.chunks.forget(chunk_id)
-        if counted:
-            srv.progress.chunk_done(msg["rows_processed"], srv.book,
-                                    this_run=attempt_id >= srv.book.first_attempt_id)
-        else:
-            log.info("duplicate result for chunk %d from %s (attempt %d): recorded, not counted",
-                     chunk_id, self.worker_id, attempt_id)
-        ack = protocol.encode(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted,
-                                            **({"next": True} if wants_next else {})))
-        if frame is not None:
-            self.send_job(lease, frame, before=ack)   # ACK, then the JOB: one write
-            return
-        self.send_frame(ack)
-        if wants_next:
-            # No chunk was pending (or its JOB could not be built): answer as
-            # GET_JOB does, which may hold the answer a moment (so the ACK
-            # went first) and lease a chunk that turned up meanwhile.
-            self.handle_get_job(msg)
-
-    def handle_failed(self, msg: dict) -> None:
-        chunk_id, attempt_id = self.check_ids(msg)
-        error = msg.get("error")
-        error = error[:500] if isinstance(error, str) else f"(no message: {_brief(error)})"
-        log.warning("chunk %d attempt %d failed on %s: %s", chunk_id, attempt_id,
-                    self.worker_id, error)
-        self.fail_attempt(chunk_id, attempt_id, error)
-        self.send(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=False))
-
-    def fail_attempt(self, chunk_id: int, attempt_id: int, error: str) -> None:
-        """Record a failed attempt; the chunk FAILS after --max-attempts of them
-        (the book logs that)."""
-        srv = self.server
-        srv.store.end_attempt(srv.job_id, attempt_id, Outcome.FAILED, error)
-        if srv.book.fail(chunk_id, attempt_id, error):
-            srv.chunks.forget(chunk_id)
-
-    dispatch = {protocol.GET_JOB: handle_get_job, protocol.RESULT: handle_result,
-                protocol.FAILED: handle_failed}
-
-    # --- validation ------------------------------------------------------------
-
-    def check_ids(self, msg: dict) -> tuple[int, int]:
-        """The message's (chunk_id, attempt_id), if they belong to this job.
-
-        Checks only the four id fields against the schema: a FAILED report's
-        ``error`` is recorded even when it is not text (see handle_failed),
-        and a RESULT's other fields are checked once the attempt is known,
-        so that a bad one fails that attempt.
-        """
-        srv = self.server
-        protocol.check(msg, ("job_id", "worker_id", "chunk_id", "attempt_id"))
-        chunk_id, attempt_id = msg["chunk_id"], msg["attempt_id"]
-        if msg["job_id"] != srv.job_id:
-            raise protocol.ProtocolError(f"result of another job ({_brief(msg['job_id'])})")
-        if msg["worker_id"] != self.worker_id:
-            raise protocol.ProtocolError("worker_id differs from the one in HELLO")
-        if not (_is_int(chunk_id) and 0 <= chunk_id < len(srv.book)):
-            raise protocol.ProtocolError(f"unknown chunk {_brief(chunk_id)}")
-        if not (_is_int(attempt_id) and srv.book.is_attempt_of(attempt_id, chunk_id, self.worker_id)):
-            raise protocol.ProtocolError(
-                f"unknown attempt {_brief(attempt_id)} for chunk {chunk_id}")
-        return chunk_id, attempt_id
-
-    def check_groups(self, msg: dict, chunk_id: int) -> list[tuple]:
-        """Validate the per-group rows of a RESULT; they must add up to its rows.
-
-        Their shape and types were checked with the rest of the message
-        (``protocol.GROUP_ROW``); what is left is what the schema cannot say.
-        """
-        groups = msg.get("groups", [])
-        if self.server.info.group_col is None:
-            if groups:
-                raise protocol.ProtocolError("groups sent but no --group-by is set")
-            return []
-        seen = set()
-        for group in groups:
-            key = group[0]
-            if key in seen:
-                raise protocol.ProtocolError("group values must be distinct strings or None")
-            seen.add(key)
-            check_stats(f"chunk {chunk_id} group {key!r}", *group[1:])
-            if group[1] == 0:
-                raise protocol.ProtocolError(f"chunk {chunk_id}: group {key!r} has no rows")
-        _check_group_totals(msg, groups, chunk_id)
-        return [tuple(g) for g in groups]
-
-
-def _check_group_totals(msg: dict, groups: list, chunk_id: int) -> None:
-    """The groups of a RESULT must add up to the chunk: rows, rejected rows and
-    valid prices exactly, sales to rounding (the groups are summed in another
-    order), and the chunk's min and max price are a group's.  Raises
-    ProtocolError naming what does not add up."""
-    counts = [("rows_processed", 1), ("rejected_rows", 2), ("price_count", 7)]
-    for name, at in counts:
-        if sum(g[at] for g in groups) != msg[name]:
-            raise protocol.ProtocolError(f"chunk {chunk_id}: group {name} do not add up")
-    sales = [g[3] for g in groups]
-    slack = 1e-9 * max(math.fsum(abs(s) for s in sales), abs(msg["total_sales"]), 1.0)
-    if abs(math.fsum(sales) - msg["total_sales"]) > slack:
-        raise protocol.ProtocolError(f"chunk {chunk_id}: group total_sales do not add up")
-    lows = [g[4] for g in groups if g[4] is not None]
-    highs = [g[5] for g in groups if g[5] is not None]
-    if (min(lows, default=None), max(highs, default=None)) != (msg["min_price"], msg["max_price"]):
-        raise protocol.ProtocolError(f"chunk {chunk_id}: group prices do not match the chunk's")
-
-
-# --- Progress and the main loop ------------------------------------------------
-
-class Progress:
-    """Logs done/total, rows per second and an ETA, at most once a second.
-
-    ``total`` chunks, of which ``resumed`` were done by an earlier run.
-    Rates count only chunks leased *in this run*, from this run's first
-    lease (:meth:`begin`), not from start-up: a server may wait a long time
-    for its first worker, and a result re-sent for an earlier run's attempt
-    (which can arrive before this run leased anything) took no time here.
-    Until a chunk of this run is done, no rate or ETA is shown.
-    """
-
-    def __init__(self, total: int, resumed: int = 0):
-        self.total, self.resumed = total, resumed
-        self.rows = self.done = 0   # rows and chunks leased and counted in this run
-        self.late = 0               # counted results of an earlier run's attempts
-        self.started = None
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def begin(self) -> None:
-        """The first chunk of this run went out: start the clock (idempotent)."""
-        with self._lock:
-            if self.started is None:
-                self.started = time.monotonic()
-
-    def chunk_done(self, rows: int, book: ChunkBook, this_run: bool = True) -> None:
-        """Count one newly counted chunk of ``rows`` rows, and maybe log.
-
-        ``this_run``: its attempt was leased by this run (else it is a result
-        of an earlier run's attempt, re-sent after a restart).
-        """
-        with self._lock:
-            if this_run:
-                self.rows += rows
-                self.done += 1
-            else:
-                self.late += 1
-            now = time.monotonic()
-            # Counting chunk states is linear in the chunks: do it only for
-            # a line that is logged, not for every result.
-            if now - self._last < 1.0 and not book.finished.is_set():
-                return
-            left = book.counts()
-            left = left[ChunkState.PENDING] + left[ChunkState.LEASED]
-            self._last = now
-            earlier = self.resumed + self.late
-            line = "progress: %d/%d chunks done (%.0f%%%s), %d rows in this run" % (
-                self.total - left, self.total, 100.0 * (self.total - left) / max(self.total, 1),
-                f", {earlier} from an earlier run" if earlier else "", self.rows)
-            if self.done and self.started is not None:
-                elapsed = now - self.started
-                if elapsed > 0:
-                    line += ", %.0f rows/s, ETA %.1f s" % (self.rows / elapsed,
-                                                          elapsed / self.done * left)
-            log.info("%s", line)
-
+# --- Job identity, TLS and the command line --------------------------------------
 
 def job_identity(info: CsvInfo, args: argparse.Namespace, fingerprint: dict) -> tuple[str, str]:
     """Return ``(job_id, identity)`` for this input and chunking.
@@ -2179,175 +2367,6 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run one job from the parsed command line; return the exit code.
-
-    Raises :class:`InputError` for problems found before listening.
-    """
-    secret = (args.secret if args.secret is not None else os.environ.get(SECRET_ENV, "")).encode()
-    tls = _tls_context(args)
-    if not secret and not _is_loopback(args.host):
-        log.warning("listening on %s without --secret: anyone who can reach this port can "
-                    "send pickles; unauthenticated pickle is unsafe on a network", args.host)
-    started = time.perf_counter()
-    info = inspect_csv(args.csv, args.sep, args.decimal, args.encoding,
-                       args.price_col, args.qty_col, args.group_by)
-    fingerprint = file_fingerprint(info.path)
-    inspected = time.perf_counter()
-    chunks = (StreamChunks(info, args.chunks, args.compress) if args.stream
-              else FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
-    store = None
-    try:
-        # The identity must describe the bytes that were chunked: a file
-        # replaced while it was cut would give a resumed job two contents.
-        if file_fingerprint(info.path) != fingerprint:
-            raise InputError(f"{info.path}: the file changed while it was read; run again")
-        # "split": the scan that cuts the input into chunks (after a pass that
-        # measures compressed text).  "inspect" is the head check.
-        loaded = {"inspect": inspected - started, "split": time.perf_counter() - inspected}
-        job_id, identity = job_identity(info, args, fingerprint)
-        store = ResultStore(args.db, retry_for=args.db_retry_for)
-        state = store.open_job(job_id, info.path, identity, len(chunks), fresh=args.fresh)
-        if state.done:
-            log.info("job %s: resuming, %d of %d chunks already done", job_id,
-                     len(state.done), len(chunks))
-        book = ChunkBook(len(chunks), args.lease_timeout, args.max_attempts, state.done,
-                         state.attempts, state.next_attempt_id, max_lost=args.max_lost)
-        try:
-            server = JobServer((args.host, args.port), chunks, book, store, job_id, info,
-                               secret=secret, tls=tls, max_frame=args.max_frame,
-                               io_timeout=args.io_timeout, idle_timeout=args.idle_timeout,
-                               max_connections=args.max_connections)
-        except OSError as exc:
-            raise InputError(f"cannot listen on {args.host}:{args.port}: "
-                             f"{exc.strerror or exc}") from None
-        for phase, spent in loaded.items():
-            server.timings.add(phase, spent)
-        # The documented mode's producer starts parsing now ("parse" phase).
-        chunks.start(state.done, server.fail_job, server.timings)
-        return serve(server, args)
-    finally:
-        chunks.close()
-        if store is not None:
-            store.close()
-
-
-def serve(server: JobServer, args: argparse.Namespace) -> int:
-    """Accept workers until the job ends or a signal arrives; report; return the exit code."""
-    book, store, job_id = server.book, server.store, server.job_id
-    host, port = server.server_address[:2]
-    if args.port_file:
-        with open(args.port_file + ".tmp", "w") as f:
-            f.write(f"{port}\n")
-        os.replace(args.port_file + ".tmp", args.port_file)
-    log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
-             job_id, len(book), server.chunks.format, server.info.price_col,
-             server.info.qty_col, host, port)
-    for note in server.info.notes:
-        log.info("%s", note)
-    stop = server.stop
-    signals = []
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    accept = threading.Thread(target=server.serve_forever, args=(0.05,), name="accept")
-    accept.start()
-    started = time.perf_counter()
-    tick = min(0.5, book.lease_timeout / 4)
-    try:
-        while not book.finished.is_set() and not stop.is_set():
-            book.finished.wait(tick)
-            for lease in book.expire():
-                log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
-                            lease.chunk_id, lease.worker_id, lease.attempt_id)
-                try:
-                    store.end_attempt(job_id, lease.attempt_id, Outcome.EXPIRED)
-                except StoreError as exc:
-                    server.fail_job(str(exc))
-        waited = time.perf_counter()
-        server.timings.add("wait", waited - started)
-        # Decided now: leases dropped by the shutdown below must not turn an
-        # interrupted job into a finished one.
-        completed = book.finished.is_set() and server.fatal is None
-        if completed:
-            # Let the workers ask once more and hear NO_JOB, so they exit 0
-            # instead of reconnecting to a server that is gone.  That includes
-            # workers of an earlier run that are still backing off before
-            # they reconnect: a resumed job may finish before they are back.
-            deadline = time.monotonic() + args.linger
-            while server.waiting_for() and time.monotonic() < deadline and not stop.is_set():
-                time.sleep(0.02)
-            server.timings.add("linger", time.perf_counter() - waited)
-    finally:
-        server.shutdown()
-        server.close_all()
-        server.chunks.close()   # wakes handlers waiting for a chunk to be parsed
-        accept.join()
-        server.server_close()   # joins the handler threads
-    if server.fatal is not None:
-        done = book.counts()[ChunkState.DONE]
-        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {done} "
-              f"of {len(book)} chunks are safely stored", file=sys.stderr)
-        return EXIT_FAILED
-    if not completed:
-        counts = book.counts()
-        log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
-                    "again to resume", signals[0], counts[ChunkState.DONE], len(book))
-        return 128 + signals[0]
-    return report(server)
-
-
-def report(server: JobServer) -> int:
-    """Print the final aggregate (or the failed chunks); return the exit code."""
-    book, store, job_id = server.book, server.store, server.job_id
-    failed = book.failed_chunks()
-    if failed:
-        chunk_id, why = min(failed.items())
-        print(f"server.py: error: job {job_id} failed: {len(failed)} of {len(book)} chunk(s) "
-              f"failed, e.g. chunk {chunk_id}: {why}", file=sys.stderr)
-        return EXIT_FAILED
-    started = time.perf_counter()
-    try:
-        final = store.final_aggregate(job_id)
-        groups = store.group_aggregate(job_id) if server.info.group_col else []
-    except AggregateOverflow as exc:
-        # Every chunk's totals were finite, their sum is not: the same
-        # error as with one chunk, whatever the chunking.
-        print(f"server.py: error: job {job_id} failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    keys = ("total_rows", "total_sales", "min_price", "max_price", "avg_price", "rejected_rows")
-    print({key: final[key] for key in keys})
-    workers = store.per_worker(job_id)
-    print(f"{'worker':<24} {'chunks':>8} {'rows':>12}")
-    for row in workers:
-        print(f"{row['worker_id']:<24} {row['chunks']:>8} {row['rows']:>12}")
-    if server.info.group_col:
-        print_groups(server.info.group_col, groups)
-    server.timings.add("aggregate", time.perf_counter() - started)
-    sys.stdout.flush()
-    phases = ", ".join(f"{name} {sec:.2f} s" for name, sec in server.timings.seconds.items())
-    log.info("job %s done: %d dispatches for %d chunks; time per phase: %s; sent %d bytes",
-             job_id, book.dispatches, len(book), phases, server.timings.bytes_sent)
-    return EXIT_OK
-
-
-def print_groups(column: str, groups: list[dict]) -> None:
-    """Print the ``--group-by`` table, largest total sales first."""
-    def fmt(value):
-        return "-" if value is None else f"{value:.2f}"
-    print(f"\n{column:<32} {'rows':>10} {'rejected':>9} {'total_sales':>18} "
-          f"{'min_price':>10} {'max_price':>10} {'avg_price':>10}")
-    for g in groups:
-        name = "(missing)" if g["group_value"] is None else g["group_value"]
-        print(f"{name[:32]:<32} {g['total_rows']:>10} {g['rejected_rows']:>9} "
-              f"{g['total_sales']:>18.2f} {fmt(g['min_price']):>10} {fmt(g['max_price']):>10} "
-              f"{fmt(g['avg_price']):>10}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
