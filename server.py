@@ -901,19 +901,8 @@ def run(args: argparse.Namespace) -> int:
 
 def serve(server: JobServer, args: argparse.Namespace) -> int:
     """Accept workers until the job ends or a signal arrives; report; return the exit code."""
-    book, store, job_id = server.book, server.store, server.job_id
-    host, port = server.server_address[:2]
-    if args.port_file:
-        with open(args.port_file + ".tmp", "w") as f:
-            f.write(f"{port}\n")
-        os.replace(args.port_file + ".tmp", args.port_file)
-    log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
-             job_id, len(book), server.chunks.format, server.info.price_col,
-             server.info.qty_col, host, port)
-    for note in server.info.notes:
-        log.info("%s", note)
-    stop = server.stop
-    signals = []
+    book, stop, signals = server.book, server.stop, []
+    _announce(server, args)
 
     def on_signal(signum, frame):
         signals.append(signum)
@@ -924,17 +913,10 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
     accept = threading.Thread(target=server.serve_forever, args=(0.05,), name="accept")
     accept.start()
     started = time.perf_counter()
-    tick = min(0.5, book.lease_timeout / 4)
     try:
         while not book.finished.is_set() and not stop.is_set():
-            book.finished.wait(tick)
-            for lease in book.expire():
-                log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
-                            lease.chunk_id, lease.worker_id, lease.attempt_id)
-                try:
-                    store.end_attempt(job_id, lease.attempt_id, Outcome.EXPIRED)
-                except StoreError as exc:
-                    server.fail_job(str(exc))
+            book.finished.wait(min(0.5, book.lease_timeout / 4))
+            _expire_leases(server)
         waited = time.perf_counter()
         server.timings.add("wait", waited - started)
         # Decided now: leases dropped by the shutdown below must not turn an
@@ -957,15 +939,41 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
         server.server_close()   # joins the handler threads
     if server.fatal is not None:
         done = book.counts()[ChunkState.DONE]
-        print(f"server.py: error: job {job_id} stopped: {server.fatal}; {done} "
+        print(f"server.py: error: job {server.job_id} stopped: {server.fatal}; {done} "
               f"of {len(book)} chunks are safely stored", file=sys.stderr)
         return EXIT_FAILED
     if not completed:
-        counts = book.counts()
         log.warning("interrupted by signal %d: %d of %d chunks done; run the same command "
-                    "again to resume", signals[0], counts[ChunkState.DONE], len(book))
+                    "again to resume", signals[0], book.counts()[ChunkState.DONE], len(book))
         return 128 + signals[0]
     return report(server)
+
+
+def _announce(server: JobServer, args: argparse.Namespace) -> None:
+    """Write ``--port-file`` (atomically: a reader never sees half a number) and
+    log what the job is and where it listens."""
+    host, port = server.server_address[:2]
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(f"{port}\n")
+        os.replace(args.port_file + ".tmp", args.port_file)
+    log.info("job %s: %d chunks (%s mode, columns %r x %r), listening on %s:%d",
+             server.job_id, len(server.book), server.chunks.format, server.info.price_col,
+             server.info.qty_col, host, port)
+    for note in server.info.notes:
+        log.info("%s", note)
+
+
+def _expire_leases(server: JobServer) -> None:
+    """Put the chunks of expired leases back in the queue (at-least-once
+    delivery) and record each attempt as expired."""
+    for lease in server.book.expire():
+        log.warning("lease of chunk %d expired (%s, attempt %d); back in the queue",
+                    lease.chunk_id, lease.worker_id, lease.attempt_id)
+        try:
+            server.store.end_attempt(server.job_id, lease.attempt_id, Outcome.EXPIRED)
+        except StoreError as exc:
+            server.fail_job(str(exc))
 
 
 def report(server: JobServer) -> int:
@@ -1256,12 +1264,7 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
     quantity column (the message lists the columns found and the accepted
     names).
     """
-    if sep is not None:
-        sep = _SEP_NAMES.get(sep, sep)
-        if len(sep) != 1 or not sep.isascii() or sep in '"\r\n':
-            # pandas' fast parser, and worker.RecordScanner, take a one-byte separator.
-            raise InputError(f"--sep must be one ASCII character other than a quote or a line "
-                             f"end (or '\\t' for a tab), got {sep!r}")
+    sep = _check_sep(sep)
     given_encoding = encoding is not None
     encoding = _text_encoding(path, encoding)
     if not os.path.isfile(path):
@@ -1272,37 +1275,7 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
         raise InputError(f"{path}: input CSV is empty (0 bytes, no header)")
     compression = _COMPRESSION.get(os.path.splitext(path)[1].lower())
     with _open_decompressed(path, compression) as f:
-        head = f.read(_HEAD_BYTES)
-        _refuse_non_text(path, head, given_encoding)
-        decoder = codecs.getincrementaldecoder(encoding)()
-        text = _decode(path, decoder, head, 0, encoding, final=len(head) < _HEAD_BYTES)
-        # A BOM belongs to no column name, whatever --encoding says (pandas
-        # drops it too); a file of only a BOM and blank lines is empty.
-        text = text.removeprefix("\ufeff")
-        if not text.strip():
-            raise InputError(f"{path}: input CSV is empty (no header)")
-        if "\x00" in text:
-            raise InputError(f"{path}: binary data, not CSV text")
-        if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
-            raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
-        sep = sep or _guess_sep(text)
-        # Read on until the head holds the whole header and 128 KiB of records.
-        read, ended = len(head), len(head) < _HEAD_BYTES
-        while not ended:
-            header_end, records_end = _head_bounds(text, sep)
-            if header_end is not None and records_end - header_end >= _HEAD_BYTES // 2:
-                break
-            if read >= _MAX_HEADER:
-                if header_end is None:
-                    raise InputError(f"{path}: no end of the header in the first "
-                                     f"{_MAX_HEADER >> 20} MiB; is this a CSV file? (--sep?)")
-                break
-            more = f.read(read)       # doubling: the scans above stay linear overall
-            ended = len(more) < read
-            text += _decode(path, decoder, more, read, encoding, final=ended)
-            read += len(more)
-        if not ended:
-            text = _complete_records(text, sep)  # the head may end inside a quoted value
+        text, sep = _read_head(path, f, encoding, given_encoding, sep)
     try:
         header, records = _read_sample(text, sep)
     except _ExtraFields as exc:
@@ -1324,6 +1297,58 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
         reason = f"{decimal!r} (--decimal)"
     return CsvInfo(path, columns, price_col, qty_col, group_col, sep, decimal,
                    encoding, compression, size, [f"decimal mark: {reason}"])
+
+
+def _check_sep(sep: str | None) -> str | None:
+    """``--sep`` as a one-character separator (``\\t`` spelled out is a tab), or None."""
+    if sep is not None:
+        sep = _SEP_NAMES.get(sep, sep)
+        if len(sep) != 1 or not sep.isascii() or sep in '"\r\n':
+            # pandas' fast parser, and worker.RecordScanner, take a one-byte separator.
+            raise InputError(f"--sep must be one ASCII character other than a quote or a line "
+                             f"end (or '\\t' for a tab), got {sep!r}")
+    return sep
+
+
+def _read_head(path: str, f, encoding: str, given_encoding: bool,
+               sep: str | None) -> tuple[str, str]:
+    """The decoded head of ``f`` (see :func:`inspect_csv`) and the separator.
+
+    Raises :class:`InputError` for what the first bytes show is not CSV
+    text, and for a header that does not end within :data:`_MAX_HEADER`.
+    """
+    head = f.read(_HEAD_BYTES)
+    _refuse_non_text(path, head, given_encoding)
+    decoder = codecs.getincrementaldecoder(encoding)()
+    text = _decode(path, decoder, head, 0, encoding, final=len(head) < _HEAD_BYTES)
+    # A BOM belongs to no column name, whatever --encoding says (pandas
+    # drops it too); a file of only a BOM and blank lines is empty.
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise InputError(f"{path}: input CSV is empty (no header)")
+    if "\x00" in text:
+        raise InputError(f"{path}: binary data, not CSV text")
+    if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml", "{", "[")):
+        raise InputError(f"{path}: looks like HTML, XML or JSON, not CSV")
+    sep = sep or _guess_sep(text)
+    # Read on until the head holds the whole header and 128 KiB of records.
+    read, ended = len(head), len(head) < _HEAD_BYTES
+    while not ended:
+        header_end, records_end = _head_bounds(text, sep)
+        if header_end is not None and records_end - header_end >= _HEAD_BYTES // 2:
+            break
+        if read >= _MAX_HEADER:
+            if header_end is None:
+                raise InputError(f"{path}: no end of the header in the first "
+                                 f"{_MAX_HEADER >> 20} MiB; is this a CSV file? (--sep?)")
+            break
+        more = f.read(read)       # doubling: the scans above stay linear overall
+        ended = len(more) < read
+        text += _decode(path, decoder, more, read, encoding, final=ended)
+        read += len(more)
+    if not ended:
+        text = _complete_records(text, sep)  # the head may end inside a quoted value
+    return text, sep
 
 
 _MAX_HEADER = 64 * 1024 * 1024   # bytes of head read, at most, looking for the header's end
@@ -1565,22 +1590,7 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     arguments always give the same chunks: that is what lets a chunk id
     name the same records on every run of a job.
     """
-    with open_text() as f:
-        head = f.read(_HEAD_SAMPLE)
-    blank = len(head) - len(head.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
-    eol = _line_end(head[blank:])
-    # pandas skips blank lines (also of spaces) before the header, after a BOM
-    # if any; so must the cut, or a lone "\n" becomes every chunk's header and
-    # each chunk's first record its column names.
-    header_end = 0
-    while header_end < size:
-        start = header_end
-        header_end = record_boundaries(open_text(), [start], sep=sep, eol=eol)[0]
-        if header_end > len(head):   # a header longer than the sample
-            with open_text() as f:
-                head = f.read(header_end)
-        if not is_blank(head[start:header_end], sep, at_start=start == 0):
-            break
+    head, header_end, eol = _find_header(open_text, size, sep)
     header = head[:header_end]
     body = size - header_end
     # Targets every num / den bytes after the header (integers: exact on every
@@ -1615,6 +1625,29 @@ def cut_text(open_text, size: int, chunks: int, chunk_rows: int | None = None,
     cuts = [header_end] + record_boundaries(open_text(), targets, sep=sep, eol=eol) + [size]
     cuts = sorted(set(cuts))
     return header, [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _find_header(open_text, size: int, sep: str) -> tuple[bytes, int, bytes]:
+    """``(head, header_end, eol)`` of the text :func:`cut_text` cuts: its
+    first bytes (at least the header), the offset where the first data
+    record starts, and its line end (``b"\\n"``, ``b"\\r\\n"`` or ``b"\\r"``)."""
+    with open_text() as f:
+        head = f.read(_HEAD_SAMPLE)
+    blank = len(head) - len(head.removeprefix(codecs.BOM_UTF8).lstrip(b"\r\n"))
+    eol = _line_end(head[blank:])
+    # pandas skips blank lines (also of spaces) before the header, after a BOM
+    # if any; so must the cut, or a lone "\n" becomes every chunk's header and
+    # each chunk's first record its column names.
+    header_end = 0
+    while header_end < size:
+        start = header_end
+        header_end = record_boundaries(open_text(), [start], sep=sep, eol=eol)[0]
+        if header_end > len(head):   # a header longer than the sample
+            with open_text() as f:
+                head = f.read(header_end)
+        if not is_blank(head[start:header_end], sep, at_start=start == 0):
+            break
+    return head, header_end, eol
 
 
 def _line_end(text: bytes) -> bytes:
@@ -2370,7 +2403,16 @@ def _is_loopback(host: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The server's command line (see ``--help``)."""
+    """The server's command line (see ``--help``); exits 2 on a usage error."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.chunk_rows and args.stream:
+        p.error("--chunk-rows works in documented mode only")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's options: the job's own first, then one group per concern."""
     p = argparse.ArgumentParser(
         description="Split a sales CSV into chunks, hand them to workers, aggregate in SQL.",
         formatter_class=HelpFormatter)
@@ -2392,6 +2434,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="how much to log; DEBUG shows every lease")
     p.add_argument("--port-file", default=None, help="write the bound port to this file")
+    _add_scheduling_and_input_options(p)
+    _add_security_options(p)
+    return p
+
+
+def _add_scheduling_and_input_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheduling")
     g.add_argument("--lease-timeout", type=seconds, default=60.0,
                    help="seconds a worker may hold a chunk before it is handed out again")
@@ -2416,6 +2464,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="send the chunks' CSV bytes for the workers to parse (the server "
                         "parses nothing)")
     m.add_argument("--compress", action="store_true", help="zlib-compress chunk payloads")
+
+
+def _add_security_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("security and limits")
     s.add_argument("--secret", default=None,
                    help=f"shared secret for the handshake (prefer the {SECRET_ENV} "
@@ -2430,10 +2481,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a connection may stay silent between frames")
     s.add_argument("--max-connections", type=_positive_int, default=256,
                    help="connections open at once")
-    args = p.parse_args(argv)
-    if args.chunk_rows and args.stream:
-        p.error("--chunk-rows works in documented mode only")
-    return args
 
 
 def _positive_int(text: str) -> int:
