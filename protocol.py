@@ -115,7 +115,6 @@ __all__ = [
     "SERVER_MAX_FRAME", "WORKER_MAX_FRAME",
 ]
 
-# --- Message types: the whole vocabulary of the protocol, in one block. ---
 HELLO = "HELLO"
 WELCOME = "WELCOME"
 GET_JOB = "GET_JOB"
@@ -129,7 +128,6 @@ ERROR = "ERROR"
 MESSAGE_TYPES = frozenset(
     {HELLO, WELCOME, GET_JOB, JOB, WAIT, NO_JOB, RESULT, FAILED, ACK, ERROR})
 
-# --- The message schema: every field of every message, and its types. ---
 # A field's spec is a tuple of the exact types it may hold (``type(v) in
 # spec``, not isinstance: bool is not an int here, and numpy's float64,
 # a float subclass, is refused where it is made rather than pickled as a
@@ -229,6 +227,8 @@ def check(message: dict, fields=None) -> dict:
     return message
 
 
+# --- Framing -----------------------------------------------------------------
+
 HEADER = struct.Struct("!I")
 # Worker messages are a few hundred bytes (a little more with --group-by);
 # 1 MiB leaves room and still keeps a hostile peer's frames cheap.
@@ -238,7 +238,6 @@ SERVER_MAX_FRAME = 1 << 20
 # sizes its chunks to fit it.  (Tests lower it for both sides through
 # SALES_TEST_WORKER_MAX_FRAME, to try "too large" chunks of a few KiB.)
 WORKER_MAX_FRAME = int(os.environ.get("SALES_TEST_WORKER_MAX_FRAME") or 1 << 30)
-
 NONCE_SIZE = 32          # bytes of os.urandom per side and connection
 MAC_SIZE = 32            # HMAC-SHA256
 _CHALLENGE = b"#CHALLENGE#"
@@ -270,8 +269,6 @@ class AuthenticationError(ProtocolError):
 class ServerRefused(Exception):
     """The server answered ERROR: it refused the last message."""
 
-
-# --- Framing -----------------------------------------------------------------
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
     """Send one frame: the 4-byte length of ``payload``, then ``payload``.
@@ -375,123 +372,6 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden")
-
-
-# Refusing globals is not enough: three tiny pickles made only of builtins
-# still hurt the C unpickler or whoever touches the result.
-# * LONG_BINPUT 2**28 (9 bytes) makes it allocate and zero a 4 GiB memo;
-# * 300 KB of TUPLE1 opcodes nest a tuple 300,000 deep, and hashing it (a
-#   dict key, or `in` a set) overflows the C stack: a segfault;
-# * 40 levels of (t, t) built with memo GETs is a 300-byte tuple whose hash
-#   or repr visits 2**40 nodes, holding the GIL: the whole server freezes.
-# * a dict or set of 85,000 ints that all hash alike (i * (2**61 - 1)) takes
-#   quadratic time to build, again holding the GIL: a minute per frame.
-# So decode_safe first walks the opcodes with pickletools (no object is
-# built) and admits plain values, nesting up to MAX_DEPTH, memo slots in
-# order, shared references to scalars only (what pickle.dumps emits for a
-# repeated string), no sets, and at most MAX_DICT_ENTRIES dict entries in
-# all (no message has more than a few dozen).  What is left is a tree no
-# bigger than the frame, built in linear time.
-MAX_DEPTH = 16
-MAX_DICT_ENTRIES = 1024
-_SCALAR_OPS = frozenset({
-    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG",
-    "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING",
-    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES",
-    "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"})
-_EMPTY_OPS = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE"})
-_FROM_MARK_OPS = frozenset({"TUPLE", "LIST", "DICT"})
-_FILL_FROM_MARK_OPS = frozenset({"APPENDS", "SETITEMS"})
-_DICT_OPS = frozenset({"DICT", "SETITEM", "SETITEMS"})
-_POP_COUNT = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "APPEND": 1, "SETITEM": 2}
-_MEMO_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
-_MEMO_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_MARK = -1  # a MARK on the simulated stack; values are their nesting depth
-
-
-def _check_shape(payload: bytes) -> None:
-    """Walk a pickle's opcodes without building anything; refuse dangerous shapes.
-
-    Simulates the unpickler's stack with one int per object: its nesting
-    depth (0 for a scalar).  Raises :class:`ProtocolError` for an opcode
-    that is not a plain value or a list, tuple or dict (every global,
-    REDUCE, BUILD, DUP, sets, buffers...), nesting deeper than
-    :data:`MAX_DEPTH`, more than :data:`MAX_DICT_ENTRIES` dict entries, a
-    memo slot out of order, or a memo reference to a container (a shared or
-    cyclic structure).  Cost: linear in ``len(payload)``.
-    """
-    stack, memo = [], []
-    entries = 0  # dict entries so far
-    marks = []  # positions of the MARKs in `stack`, so no search is needed
-
-    def pop(count):
-        floor = marks[-1] + 1 if marks else 0
-        if count > len(stack) - floor:
-            raise ValueError("stack underflow")
-        items = stack[len(stack) - count:]
-        del stack[len(stack) - count:]
-        return items
-
-    def pop_to_mark():
-        if not marks:
-            raise ValueError("no MARK on the stack")
-        at = marks.pop()
-        items = stack[at + 1:]
-        del stack[at:]
-        return items
-
-    def nest(container, items):
-        depth = max([container] + [1 + d for d in items])
-        if depth > MAX_DEPTH:
-            raise ValueError(f"nested deeper than {MAX_DEPTH}")
-        return depth
-
-    try:
-        for opcode, arg, _pos in pickletools.genops(payload):
-            name = opcode.name
-            if name in _DICT_OPS:
-                # Counted before the items are popped: DICT/SETITEMS take
-                # everything down to their MARK, SETITEM one key and value.
-                floor = marks[-1] + 1 if marks and name != "SETITEM" else len(stack) - 2
-                entries += (len(stack) - floor) // 2
-                if entries > MAX_DICT_ENTRIES:
-                    raise ValueError(f"more than {MAX_DICT_ENTRIES} dict entries")
-            if name in _SCALAR_OPS:
-                stack.append(0)
-            elif name in _EMPTY_OPS:
-                stack.append(1)
-            elif name == "MARK":
-                marks.append(len(stack))
-                stack.append(_MARK)
-            elif name in _FROM_MARK_OPS:
-                stack.append(nest(1, pop_to_mark()))
-            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                stack.append(nest(1, pop(_POP_COUNT[name])))
-            elif name in ("APPEND", "SETITEM"):
-                items = pop(_POP_COUNT[name])
-                stack.append(nest(*pop(1), items))
-            elif name in _FILL_FROM_MARK_OPS:
-                items = pop_to_mark()
-                stack.append(nest(*pop(1), items))
-            elif name == "POP":
-                pop_to_mark() if marks and marks[-1] == len(stack) - 1 else pop(1)
-            elif name == "POP_MARK":
-                pop_to_mark()
-            elif name in _MEMO_PUT_OPS:
-                index = len(memo) if name == "MEMOIZE" else arg
-                if not 0 <= index <= len(memo):
-                    raise ValueError(f"memo slot {index} out of order")
-                (top,) = pop(1)
-                stack.append(top)
-                memo[index:index + 1] = [top]
-            elif name in _MEMO_GET_OPS:
-                if not (0 <= arg < len(memo) and memo[arg] == 0):
-                    raise ValueError("memo reference to a container or an empty slot")
-                stack.append(0)
-            elif name not in ("PROTO", "FRAME", "STOP"):
-                raise ValueError(f"opcode {name} is not allowed")
-    except ValueError as exc:  # genops raises ValueError on garbage too
-        raise ProtocolError(f"refused pickle: {exc}") from None
 
 
 def decode_safe(payload: bytes) -> dict:
@@ -625,3 +505,137 @@ def client_handshake(sock: socket.socket, secret: bytes, timeout: float | None =
                                                       worker_nonce)):
         raise AuthenticationError("the server failed the challenge (wrong secret, or not "
                                   "the real server)")
+
+
+# --- Appendix: why decode_safe walks a pickle's opcodes before it loads it --------
+
+# Refusing globals is not enough: three tiny pickles made only of builtins
+# still hurt the C unpickler or whoever touches the result.
+# * LONG_BINPUT 2**28 (9 bytes) makes it allocate and zero a 4 GiB memo;
+# * 300 KB of TUPLE1 opcodes nest a tuple 300,000 deep, and hashing it (a
+#   dict key, or `in` a set) overflows the C stack: a segfault;
+# * 40 levels of (t, t) built with memo GETs is a 300-byte tuple whose hash
+#   or repr visits 2**40 nodes, holding the GIL: the whole server freezes.
+# * a dict or set of 85,000 ints that all hash alike (i * (2**61 - 1)) takes
+#   quadratic time to build, again holding the GIL: a minute per frame.
+# So decode_safe first walks the opcodes with pickletools (no object is
+# built) and admits plain values, nesting up to MAX_DEPTH, memo slots in
+# order, shared references to scalars only (what pickle.dumps emits for a
+# repeated string), no sets, and at most MAX_DICT_ENTRIES dict entries in
+# all (no message has more than a few dozen).  What is left is a tree no
+# bigger than the frame, built in linear time.
+MAX_DEPTH = 16
+MAX_DICT_ENTRIES = 1024
+_SCALAR_OPS = frozenset({
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG",
+    "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES",
+    "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"})
+_EMPTY_OPS = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE"})
+_FROM_MARK_OPS = frozenset({"TUPLE", "LIST", "DICT"})
+_FILL_FROM_MARK_OPS = frozenset({"APPENDS", "SETITEMS"})
+_DICT_OPS = frozenset({"DICT", "SETITEM", "SETITEMS"})
+_POP_COUNT = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "APPEND": 1, "SETITEM": 2}
+_MEMO_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_MEMO_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_MARK = -1  # a MARK on the simulated stack; values are their nesting depth
+
+
+def _check_shape(payload: bytes) -> None:
+    """Walk a pickle's opcodes without building anything; refuse dangerous shapes.
+
+    Simulates the unpickler's stack with one int per object: its nesting
+    depth (0 for a scalar).  Raises :class:`ProtocolError` for an opcode
+    that is not a plain value or a list, tuple or dict (every global,
+    REDUCE, BUILD, DUP, sets, buffers...), nesting deeper than
+    :data:`MAX_DEPTH`, more than :data:`MAX_DICT_ENTRIES` dict entries, a
+    memo slot out of order, or a memo reference to a container (a shared or
+    cyclic structure).  Cost: linear in ``len(payload)``.
+    """
+    walk = _ShapeWalk()
+    try:
+        for opcode, arg, _pos in pickletools.genops(payload):
+            walk.step(opcode.name, arg)
+    except ValueError as exc:  # genops raises ValueError on garbage too
+        raise ProtocolError(f"refused pickle: {exc}") from None
+
+
+class _ShapeWalk:
+    """The simulated unpickler stack of :func:`_check_shape`; ``step`` raises
+    ``ValueError`` at the first opcode it refuses."""
+
+    def __init__(self):
+        self.stack, self.memo = [], []
+        self.entries = 0   # dict entries so far
+        self.marks = []    # positions of the MARKs in `stack`, so no search is needed
+
+    def pop(self, count: int) -> list:
+        floor = self.marks[-1] + 1 if self.marks else 0
+        if count > len(self.stack) - floor:
+            raise ValueError("stack underflow")
+        items = self.stack[len(self.stack) - count:]
+        del self.stack[len(self.stack) - count:]
+        return items
+
+    def pop_to_mark(self) -> list:
+        if not self.marks:
+            raise ValueError("no MARK on the stack")
+        at = self.marks.pop()
+        items = self.stack[at + 1:]
+        del self.stack[at:]
+        return items
+
+    @staticmethod
+    def nest(container: int, items: list) -> int:
+        depth = max([container] + [1 + d for d in items])
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH}")
+        return depth
+
+    def count_entries(self, name: str) -> None:
+        # Counted before the items are popped: DICT/SETITEMS take
+        # everything down to their MARK, SETITEM one key and value.
+        stack, marks = self.stack, self.marks
+        floor = marks[-1] + 1 if marks and name != "SETITEM" else len(stack) - 2
+        self.entries += (len(stack) - floor) // 2
+        if self.entries > MAX_DICT_ENTRIES:
+            raise ValueError(f"more than {MAX_DICT_ENTRIES} dict entries")
+
+    def step(self, name: str, arg) -> None:
+        stack, memo = self.stack, self.memo
+        if name in _DICT_OPS:
+            self.count_entries(name)
+        if name in _SCALAR_OPS:
+            stack.append(0)
+        elif name in _EMPTY_OPS:
+            stack.append(1)
+        elif name == "MARK":
+            self.marks.append(len(stack))
+            stack.append(_MARK)
+        elif name in _FROM_MARK_OPS:
+            stack.append(self.nest(1, self.pop_to_mark()))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            stack.append(self.nest(1, self.pop(_POP_COUNT[name])))
+        elif name in ("APPEND", "SETITEM"):
+            items = self.pop(_POP_COUNT[name])
+            stack.append(self.nest(*self.pop(1), items))
+        elif name in _FILL_FROM_MARK_OPS:
+            items = self.pop_to_mark()
+            stack.append(self.nest(*self.pop(1), items))
+        elif name == "POP":
+            self.pop_to_mark() if self.marks and self.marks[-1] == len(stack) - 1 else self.pop(1)
+        elif name == "POP_MARK":
+            self.pop_to_mark()
+        elif name in _MEMO_PUT_OPS:
+            index = len(memo) if name == "MEMOIZE" else arg
+            if not 0 <= index <= len(memo):
+                raise ValueError(f"memo slot {index} out of order")
+            (top,) = self.pop(1)
+            stack.append(top)
+            memo[index:index + 1] = [top]
+        elif name in _MEMO_GET_OPS:
+            if not (0 <= arg < len(memo) and memo[arg] == 0):
+                raise ValueError("memo reference to a container or an empty slot")
+            stack.append(0)
+        elif name not in ("PROTO", "FRAME", "STOP"):
+            raise ValueError(f"opcode {name} is not allowed")
