@@ -507,7 +507,8 @@ def _clean_in_memory(stream, sep: str, encoding: str) -> bytes | None:
         return None
     if _may_hide_empty_field(data, sep) or data.endswith(sep.encode()):
         return None
-    return data[:line] + (sep + SURPLUS).encode() + data[line:]
+    # One copy: slicing the rest of the data first would make two.
+    return b"".join((data[:line], (sep + SURPLUS).encode(), memoryview(data)[line:]))
 
 
 @functools.lru_cache(maxsize=None)
