@@ -494,8 +494,13 @@ def _clean_in_memory(stream, sep: str, encoding: str) -> bytes | None:
         data = data[at:]
     if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
         if not data.isascii():
+            # Decoded a block at a time, so the text (up to 4 bytes a
+            # character) never holds more than a block's worth of memory.
+            decoder, view = codecs.getincrementaldecoder("utf-8")(), memoryview(data)
             try:
-                codecs.utf_8_decode(data, "strict", True)
+                for block in range(0, len(data), READ_BLOCK):
+                    decoder.decode(view[block:block + READ_BLOCK])
+                decoder.decode(b"", final=True)
             except UnicodeDecodeError:
                 return None
     elif not (_reads_ascii_as_ascii(encoding) and data.isascii()):

@@ -314,6 +314,19 @@ def test_clean_input_in_memory_takes_the_fast_path():
                                    "utf-8") is None
 
 
+def test_fast_path_checks_utf8_across_its_blocks(monkeypatch_block):
+    """The fast path validates UTF-8 a block at a time (bounded memory): a character cut
+    by a block boundary is completed by the next block, and an invalid or unfinished
+    one, anywhere, sends the input to the careful path, which raises its own error."""
+    monkeypatch_block(3)
+    good = "Price,Qty\n1,2\né,€\n".encode()
+    assert worker._clean_in_memory(io.BytesIO(good), ",", "utf-8") is not None
+    for bad in (good + b"\xe2\x82", good.replace("€".encode(), b"\xe2\x82x")):
+        assert worker._clean_in_memory(io.BytesIO(bad), ",", "utf-8") is None
+        with pytest.raises(UnicodeDecodeError):
+            worker.read_columns(io.BytesIO(bad), ",", ".", "utf-8", ["Price", "Qty"])
+
+
 # --- 2. Surplus fields ------------------------------------------------------------------
 
 def test_regression_surplus_into_an_empty_trailing_column(tmp_path):
