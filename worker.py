@@ -700,6 +700,10 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
       plain ASCII bytes (UTF-16, Shift-JIS, see :func:`byte_transparent`)
       is transcoded to UTF-8 on the way in, so the same byte-level check
       serves every encoding.
+    * A ``BytesIO`` (what both callers pass) that is the clean common case
+      is checked in bulk and handed to pandas whole, with the very bytes the
+      careful path would give it (:func:`_clean_in_memory`); anything else
+      takes the careful path, block by block through the streams above.
 
     Returns a DataFrame with the ``wanted`` columns.  Raises ``ValueError``
     for malformed data (pandas' ``ParserError``, :class:`TooManyFields`,
@@ -707,23 +711,35 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
     ``UnicodeDecodeError`` for bytes not in ``encoding``.
     """
     numbers = [c for c in wanted if c != group_col]
-    start = stream.tell() if decimal is not None and stream.seekable() else None
-    if start is not None:
+    text = _clean_in_memory(stream, sep, encoding)
+    if text is not None:
+        # The fast path: the input, checked in bulk, goes to pandas as one
+        # BytesIO, which its C parser reads without a Python call per block.
+        def parse(number_type):
+            return _read(io.BytesIO(text), sep, decimal, "utf-8", wanted, numbers, number_type)
+        start = None
+    else:
+        def parse(number_type):
+            return _parse(stream, sep, decimal, encoding, wanted, numbers, number_type)
+        start = stream.tell() if stream.seekable() else None
+    frame = None
+    if decimal is not None and (text is not None or start is not None):
         try:
-            frame = _parse(stream, sep, decimal, encoding, wanted, numbers, "float64")
+            frame = parse("float64")
         except (TooManyFields, MisreadRecord, UnicodeError, pd.errors.ParserError):
             raise            # the same again as text
         except ValueError:   # a number column holds text ("$2.50", "TBD"): read it as text
-            stream.seek(start)
-            frame = None
-    if start is None or frame is None:
-        frame = _parse(stream, sep, decimal, encoding, wanted, numbers, str)
+            if start is not None:
+                stream.seek(start)
+    if frame is None:
+        frame = parse(str)
     for column in numbers:
         frame[column] = to_number(frame[column], decimal)
     return frame
 
 
 def _parse(stream, sep, decimal, encoding, wanted, numbers, number_type) -> pd.DataFrame:
+    """The careful path of :func:`read_columns`: any stream, checked block by block."""
     if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
         # pandas reads UTF-8 bytes as they are (and drops a BOM), which is
         # faster than the decoding it does for any other name, but then checks
@@ -731,21 +747,92 @@ def _parse(stream, sep, decimal, encoding, wanted, numbers, number_type) -> pd.D
         stream, encoding = _ValidUtf8(stream), "utf-8"
     elif not byte_transparent(encoding):
         stream, encoding = _Utf8(stream, encoding), "utf-8"
+    return _read(_FieldCheck(stream, sep), sep, decimal, encoding, wanted, numbers, number_type)
+
+
+def _read(source, sep, decimal, encoding, wanted, numbers, number_type) -> pd.DataFrame:
+    """pandas' parse of ``source``, whose header names :data:`SURPLUS` last; raises
+    :class:`TooManyFields` if a record put a value in that marker column."""
     columns = wanted + [SURPLUS]
     types = {column: number_type if column in numbers else str for column in wanted}
     # Almost always empty, the marker column costs next to nothing as a
     # category, where the default type inference would cost as much as a
     # number column.
     types[SURPLUS] = "category"
-    frame = pd.read_csv(_FieldCheck(stream, sep), sep=sep, decimal=decimal or ".",
-                        encoding=encoding, usecols=columns, dtype=types, keep_default_na=False,
-                        na_values={column: [""] for column in columns})
+    # One list for every column: the same as one list per column (only these
+    # columns are read), and pandas builds its lookup table once, not per column.
+    frame = pd.read_csv(source, sep=sep, decimal=decimal or ".", encoding=encoding,
+                        usecols=columns, dtype=types, keep_default_na=False, na_values=[""])
     surplus = frame.pop(SURPLUS).notna().to_numpy()
     if surplus.any():
         raise TooManyFields(f"data record {int(surplus.argmax()) + 1} has more fields than the "
                             f"header; quote values that contain the separator {sep!r}, and end "
                             f"lines without a separator")
     return frame
+
+
+def _clean_in_memory(stream, sep: str, encoding: str) -> bytes | None:
+    """The text :func:`read_columns`' careful path would hand pandas, or None to take
+    that path.
+
+    Taken when ``stream`` is a ``BytesIO`` (both callers hold the input in
+    memory) that is, checked all at once in C or numpy, the clean common case:
+
+    * valid UTF-8 (``encoding`` a UTF-8 name), or ASCII in an encoding that
+      reads ASCII bytes as ASCII (:func:`_reads_ascii_as_ascii`);
+    * its first line is the header: not blank, no quote, ended by LF or CR LF;
+    * nowhere a pattern an empty surplus field needs (:func:`_may_hide_empty_field`,
+      or a separator at the very end), which also rules out pandas' lone-CR
+      quirk (:meth:`_FieldCheck._refuse_pandas_cr_quirk`).
+
+    Then :class:`_FieldCheck` would count no record and pass every byte on,
+    with the marker column added to the header: this returns those same
+    bytes, so both paths give pandas the same text and return the same frame
+    or raise the same error.  Anything else, including bytes that are not
+    valid text (so the careful path raises its own error at the same place),
+    returns None and leaves ``stream`` where it was.
+    """
+    if type(stream) is not io.BytesIO:
+        return None
+    at = stream.tell()
+    data = stream.getvalue()        # no copy: the BytesIO shares the caller's bytes
+    if at:
+        data = data[at:]
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        if not data.isascii():
+            # Decoded a block at a time, so the text (up to 4 bytes a
+            # character) never holds more than a block's worth of memory.
+            decoder, view = codecs.getincrementaldecoder("utf-8")(), memoryview(data)
+            try:
+                for block in range(0, len(data), READ_BLOCK):
+                    decoder.decode(view[block:block + READ_BLOCK])
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                return None
+    elif not (_reads_ascii_as_ascii(encoding) and data.isascii()):
+        return None
+    end = data.find(b"\n")
+    line = end - 1 if end > 0 and data[end - 1] == _CR else end
+    if end == -1 or data.find(b'"', 0, line) != -1 or data.find(b"\r", 0, line) != -1 or \
+            is_blank(data[:end + 1], sep, at_start=True):
+        return None
+    if _may_hide_empty_field(data, sep) or data.endswith(sep.encode()):
+        return None
+    # One copy: slicing the rest of the data first would make two.
+    return b"".join((data[:line], (sep + SURPLUS).encode(), memoryview(data)[line:]))
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_ascii_as_ascii(encoding: str) -> bool:
+    """True if ``encoding`` decodes any ASCII bytes (0x00-0x7F) as the same ASCII text:
+    then ASCII input reads the same as UTF-8.  False for UTF-16/32, UTF-7 and stateful
+    or multi-byte encodings (:func:`byte_transparent` tells those)."""
+    ascii_bytes = bytes(range(128))
+    try:
+        same = ascii_bytes.decode(encoding) == ascii_bytes.decode("ascii")
+    except (UnicodeDecodeError, LookupError):
+        return False
+    return same and byte_transparent(encoding)
 
 
 @functools.lru_cache(maxsize=None)

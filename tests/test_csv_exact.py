@@ -235,6 +235,98 @@ def test_regression_pandas_cr_quirk():
         assert frame["Price"].isna().all() and frame["Qty"].tolist() == [5.0]
 
 
+# The pieces of messy input: numbers in both marks, text, empty and quoted fields, every
+# line end, a BOM, non-ASCII and invalid UTF-8, spaces (blank lines).
+READER_TOKENS = [b"1", b"2.5", b"3,75", b"-4", b"x", b"NA", b" ", b",", b";", b",,", b"\n",
+                 b"\r\n", b"\r", b'"', b'""', b'"a,b"', b"\xc3\xa9", b"\xe9", b"\xff",
+                 codecs.BOM_UTF8, b"\x00"]
+
+
+def read_outcome(make_stream, sep, decimal, encoding, wanted, group):
+    """read_columns' frame, or the type and message of the error it raises."""
+    try:
+        return worker.read_columns(make_stream(), sep, decimal, encoding, wanted, group)
+    except (ValueError, UnicodeError) as exc:
+        return type(exc), str(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(sep=st.sampled_from([",", ";"]), bom=st.booleans(), group=st.booleans(),
+       extra=st.sampled_from(["", "Note", "Note,", ' "Q"']),
+       body=st.lists(st.sampled_from(READER_TOKENS), max_size=40),
+       decimal=st.sampled_from([".", ",", None]),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "cp1252"]),
+       skip=st.sampled_from([b"", b"junk\n"]))
+def test_fast_path_reads_like_the_careful_path(sep, bom, group, extra, body, decimal, encoding,
+                                               skip):
+    """read_columns on a BytesIO (both callers pass one: the fast path, where its bulk
+    checks pass) and on any other stream (the careful path, block by block) return equal
+    frames, or raise the same error with the same message, on messy input: quotes,
+    empty and surplus fields, CR, LF and CR LF, blank lines, BOMs, NUL, non-ASCII and
+    invalid bytes, a header with a quote or a trailing separator."""
+    names = ["Region", "Price", "Qty"] if group else ["Price", "Qty"]
+    header = (sep.join(names) + (sep + extra if extra else "")).encode()
+    data = (codecs.BOM_UTF8 if bom else b"") + header + b"\n" + b"".join(body)
+    wanted = ["Price", "Qty", "Region"] if group else ["Price", "Qty"]
+    region = "Region" if group else None
+
+    def in_memory():
+        stream = io.BytesIO(skip + data)
+        stream.seek(len(skip))
+        return stream
+
+    def careful():
+        stream = io.BufferedReader(io.BytesIO(skip + data))
+        stream.seek(len(skip))
+        return stream
+
+    fast = worker._clean_in_memory(in_memory(), sep, encoding) is not None
+    event("fast path" if fast else "careful path")
+    got = read_outcome(in_memory, sep, decimal, encoding, wanted, region)
+    want = read_outcome(careful, sep, decimal, encoding, wanted, region)
+    if isinstance(want, pd.DataFrame):
+        assert isinstance(got, pd.DataFrame), got
+        pd.testing.assert_frame_equal(got, want)
+    else:
+        assert got == want
+
+
+def test_clean_input_in_memory_takes_the_fast_path():
+    """The clean common case (UTF-8 or ASCII in cp1252, LF or CR LF, a BOM) is read by the
+    fast path, with the marker column added to the header exactly where the careful
+    path's _FieldCheck adds it; an empty field, a trailing separator, a quote in the
+    header, a lone CR or invalid UTF-8 sends the input to the careful path."""
+    marker = ("," + worker.SURPLUS).encode()
+    for data, encoding in [(b"Price,Qty\n1.5,2\n", "utf-8"),
+                           (b"\xef\xbb\xbfPrice,Qty\r\n1.5,2\r\n2,3", "utf-8-sig"),
+                           ("Région,Price,Qty\né,1,2\n".encode(), "utf-8"),
+                           (b"Price,Qty\n1.5,2\n", "cp1252")]:
+        text = worker._clean_in_memory(io.BytesIO(data), ",", encoding)
+        line = data.index(b"\n") - data[:data.index(b"\n")].endswith(b"\r")
+        assert text == data[:line] + marker + data[line:]
+    for data, encoding in [(b"Price,Qty\n1.5,\n", "utf-8"), (b"Price,Qty\n1.5,2,", "utf-8"),
+                           (b'"Price",Qty\n1.5,2\n', "utf-8"), (b"Price,Qty\r1.5,2\r", "utf-8"),
+                           (b"Price,Qty\n\xe9,2\n", "utf-8"), (b"Price,Qty\n\xe9,2\n", "cp1252"),
+                           (b"Price,Qty\n1,2\n", "utf-16"), (b"\nPrice,Qty\n1,2\n", "utf-8"),
+                           (b"Price,Qty\n1,,2\n", "utf-8"), (b'Price,Qty\n"",2\n', "utf-8")]:
+        assert worker._clean_in_memory(io.BytesIO(data), ",", encoding) is None, data
+    assert worker._clean_in_memory(io.BufferedReader(io.BytesIO(b"Price,Qty\n1,2\n")), ",",
+                                   "utf-8") is None
+
+
+def test_fast_path_checks_utf8_across_its_blocks(monkeypatch_block):
+    """The fast path validates UTF-8 a block at a time (bounded memory): a character cut
+    by a block boundary is completed by the next block, and an invalid or unfinished
+    one, anywhere, sends the input to the careful path, which raises its own error."""
+    monkeypatch_block(3)
+    good = "Price,Qty\n1,2\né,€\n".encode()
+    assert worker._clean_in_memory(io.BytesIO(good), ",", "utf-8") is not None
+    for bad in (good + b"\xe2\x82", good.replace("€".encode(), b"\xe2\x82x")):
+        assert worker._clean_in_memory(io.BytesIO(bad), ",", "utf-8") is None
+        with pytest.raises(UnicodeDecodeError):
+            worker.read_columns(io.BytesIO(bad), ",", ".", "utf-8", ["Price", "Qty"])
+
+
 # --- 2. Surplus fields ------------------------------------------------------------------
 
 def test_regression_surplus_into_an_empty_trailing_column(tmp_path):
