@@ -200,7 +200,6 @@ VALUES ({", ".join("?" for _ in _NAMES)})
 ON CONFLICT (job_id, worker_id, chunk_id) DO UPDATE SET
     {", ".join(f"{n} = excluded.{n}" for n in _NAMES[3:])}
 """
-
 # First result wins.  SQLite needs the WHERE to parse ON CONFLICT after a
 # SELECT; it is also what picks the row just upserted.
 _CLAIM_CHUNK = """
@@ -208,7 +207,6 @@ INSERT INTO chunk_results
 SELECT * FROM worker_results WHERE job_id = ? AND worker_id = ? AND chunk_id = ?
 ON CONFLICT (job_id, chunk_id) DO NOTHING
 """
-
 # The weighted mean of chunk means: sum(avg_i * n_i) / sum(n_i), where n_i is
 # how many prices chunk i averaged.  NULLIF turns "no prices at all" into
 # NULL instead of a division by zero; NULL averages (n_i = 0) drop out of SUM.
@@ -222,7 +220,6 @@ SELECT COALESCE(SUM(rows_processed), 0)                       AS total_rows,
 FROM chunk_results
 WHERE job_id = ?
 """
-
 GROUP_AGGREGATE_SQL = """
 SELECT group_value,
        SUM(rows_processed)                                    AS total_rows,
@@ -236,9 +233,6 @@ WHERE job_id = ?
 GROUP BY group_value
 ORDER BY total_sales DESC, group_value NULLS FIRST
 """
-# NULLS FIRST is SQLite's default for ASC and PostgreSQL's opposite; spelling
-# it out gives both backends one order for a tie in total_sales.
-
 PER_WORKER_SQL = """
 SELECT worker_id, COUNT(*) AS chunks, SUM(rows_processed) AS rows
 FROM chunk_results
@@ -248,20 +242,7 @@ ORDER BY worker_id
 """
 
 
-# --- Backends --------------------------------------------------------------
-# A backend runs the SQL above on one kind of database.  Both offer the same
-# three operations, which is all ResultStore uses:
-#
-#     transaction(body)   run body(cursor) as one transaction; commit and
-#                         return its value, or roll back and re-raise
-#     query(sql, params)  one read, as a list of {column: value} dicts
-#     close()             release the connection(s)
-#
-# ``cursor`` has execute(sql, params), executemany(sql, rows) and rowcount,
-# and takes "?" placeholders on both backends.
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-
+# --- The store: first result wins, the final answer in SQL -------------------
 
 class StoreError(OSError):
     """The results database cannot be opened, reached or written.
@@ -283,6 +264,249 @@ class AggregateOverflow(ArithmeticError):
 
 
 OVERFLOW = "overflows a float (prices or quantities near 1e308?)"   # as worker.py says it
+
+
+class JobState:
+    """What the database already knows about a job when the server starts.
+
+    ``done``: set of chunk ids with a counted result.  ``attempts``: dict
+    attempt_id -> (chunk_id, worker_id) of every earlier attempt (so a
+    result re-sent after a server restart is still recognised).  ``next_attempt_id``: the
+    first attempt id this run may use.
+    """
+
+    def __init__(self, done, attempts, next_attempt_id):
+        self.done = done
+        self.attempts = attempts
+        self.next_attempt_id = next_attempt_id
+
+
+def _lease_statement(job_id: str, attempt_id: int, chunk_id: int, worker_id: str,
+                     leased_at: float) -> tuple[str, tuple]:
+    """The insert of a new attempt row (outcome ``leased``); idempotent, so a
+    transaction of unknown outcome can run it again."""
+    return ("INSERT INTO attempts (job_id, attempt_id, chunk_id, worker_id, leased_at, outcome) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt_id) DO NOTHING",
+            (job_id, attempt_id, chunk_id, worker_id, leased_at, Outcome.LEASED))
+
+
+class ResultStore:
+    """Thread-safe access to the results database ``path``.
+
+    ``path`` is a SQLite file (``results.sqlite``) or a PostgreSQL URL
+    (``postgresql://user:password@host:5432/dbname``); see "Two backends"
+    in the module docstring.  Every public method is one transaction,
+    retried for up to ``retry_for`` seconds while the database is
+    unreachable or busy (see "Errors that can clear").  Raises
+    :class:`StoreError` if the database cannot be opened, belongs to
+    another program, stays unreachable, or a statement fails; the final
+    and group aggregates raise :class:`AggregateOverflow`.  ``label`` is
+    ``path`` with the password masked: log that, never ``path``.
+    """
+
+    def __init__(self, path: str, retry_for: float = 60.0):
+        self.path = path
+        self.label = mask_password(path)
+        backend = _PostgresBackend if is_postgres_url(path) else _SqliteBackend
+        self._backend = backend(path, retry_for)
+
+    def close(self) -> None:
+        """Close the connection(s) (idempotent)."""
+        self._backend.close()
+
+    def _transaction(self, statements):
+        """Run [(sql, params), ...] atomically; return the last rowcount."""
+        def run(cur):
+            rowcount = 0
+            for sql, params in statements:
+                cur.execute(sql, params)
+                rowcount = cur.rowcount
+            return rowcount
+        return self._backend.transaction(run)
+
+    # --- job lifecycle --------------------------------------------------
+
+    def open_job(self, job_id: str, csv_path: str, identity: str, chunks: int,
+                 fresh: bool = False) -> JobState:
+        """Create the job, or resume it, and return its :class:`JobState`.
+
+        With ``fresh=True`` every row of this job is deleted first.  Attempts
+        left ``leased`` by a previous server run are marked ``interrupted``;
+        their results are still accepted if a worker re-sends them.
+        """
+        now = time.time()
+        guard, states = _replaceable(Outcome.INTERRUPTED)
+        statements = []
+        if fresh:
+            for table in ("jobs", "attempts", "worker_results", "chunk_results", "group_results"):
+                statements.append((f"DELETE FROM {table} WHERE job_id = ?", (job_id,)))
+        statements += [
+            ("INSERT INTO jobs (job_id, csv_path, identity, chunks, created_at) "
+             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+             (job_id, csv_path, identity, chunks, now)),
+            ("UPDATE attempts SET outcome = ?, ended_at = ? "
+             f"WHERE job_id = ? AND {guard}", (Outcome.INTERRUPTED, now, job_id, *states)),
+        ]
+        self._transaction(statements)
+        done = {row["chunk_id"] for row in self._query(
+            "SELECT chunk_id FROM chunk_results WHERE job_id = ?", (job_id,))}
+        attempts = {row["attempt_id"]: (row["chunk_id"], row["worker_id"]) for row in self._query(
+            "SELECT attempt_id, chunk_id, worker_id FROM attempts WHERE job_id = ?", (job_id,))}
+        return JobState(done, attempts, max(attempts, default=0) + 1)
+
+    # --- attempts ----------------------------------------------------------
+
+    def record_lease(self, job_id: str, attempt_id: int, chunk_id: int,
+                     worker_id: str, leased_at: float) -> None:
+        """Insert the attempt row for a new lease (outcome ``leased``)."""
+        self._transaction([_lease_statement(job_id, attempt_id, chunk_id, worker_id, leased_at)])
+
+    def end_attempt(self, job_id: str, attempt_id: int, outcome: str,
+                    error: str | None = None) -> None:
+        """Record how an attempt ended without a result (failed, expired, ...).
+
+        An attempt that already ended is left as it is (a late RESULT after
+        an expiry is recorded by :meth:`record_result` instead), except that
+        a worker's own FAILED report replaces an ending the server only
+        inferred (expired, dropped, interrupted): the failure is counted
+        toward ``--max-attempts``, so the table must show it too.
+        """
+        guard, states = _replaceable(outcome)
+        self._transaction([(
+            "UPDATE attempts SET outcome = ?, error = ?, ended_at = ? "
+            f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
+            (outcome, error, time.time(), job_id, attempt_id, *states))])
+
+    def record_result(self, job_id: str, result: dict, groups=(), lease=None) -> bool:
+        """Commit one RESULT; return True if it is the one that counts.
+
+        ``result`` holds the keys of :data:`RESULT_COLUMNS` except
+        ``job_id`` and ``received_at``.  ``groups`` is a sequence of
+        ``(group_value, rows_processed, rejected_rows, total_sales,
+        min_price, max_price, avg_price, price_count)``, stored only when
+        this result counts.  ``lease``, if given, is the worker's next
+        attempt, ``(attempt_id, chunk_id, worker_id, leased_at)``, inserted
+        as :meth:`record_lease` would: the ACK and the next JOB then wait
+        for one commit instead of two (README, "The life of one chunk").
+        One transaction: either all of it lands or none.
+        """
+        now = time.time()
+        row = dict(result, job_id=job_id, received_at=now)
+        key = (job_id, result["worker_id"], result["chunk_id"])
+        runs = []
+
+        def commit_result(cur) -> bool:
+            runs.append(1)
+            cur.execute(_UPSERT_RESULT, [row[n] for n in _NAMES])
+            cur.execute(_CLAIM_CHUNK, key)
+            counted = cur.rowcount == 1
+            if counted and groups:
+                cur.executemany(
+                    "INSERT INTO group_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(job_id, result["chunk_id"], *g) for g in groups])
+            elif len(runs) > 1:
+                # Run again after a failure: if the earlier run's COMMIT did
+                # land (its outcome was unknown), this attempt already claimed
+                # the chunk, and it still counts (its groups are stored once).
+                cur.execute("SELECT attempt_id FROM chunk_results WHERE job_id = ? "
+                            "AND chunk_id = ?", (job_id, result["chunk_id"]))
+                claimed = cur.fetchone()
+                counted = claimed is not None and claimed[0] == result["attempt_id"]
+            outcome = Outcome.COUNTED if counted else Outcome.DUPLICATE
+            guard, states = _replaceable(outcome)
+            cur.execute(
+                "UPDATE attempts SET outcome = ?, ended_at = ?, error = NULL "
+                f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
+                (outcome, now, job_id, result["attempt_id"], *states))
+            if lease is not None:
+                cur.execute(*_lease_statement(job_id, *lease))
+            return counted
+
+        return self._backend.transaction(commit_result)
+
+    # --- reading -----------------------------------------------------------
+
+    def _query(self, sql, params):
+        return self._backend.query(sql, params)
+
+    def final_aggregate(self, job_id: str) -> dict:
+        """The job's final aggregate, computed in SQL (:data:`FINAL_AGGREGATE_SQL`).
+
+        Returns ``{'total_rows', 'total_sales', 'min_price', 'max_price',
+        'avg_price', 'rejected_rows'}``; the price statistics are None when
+        no row had a valid price and quantity.  Raises
+        :class:`AggregateOverflow` when the sum of the chunks' sales or
+        prices passes the float range.
+        """
+        try:
+            final = self._query(FINAL_AGGREGATE_SQL, (job_id,))[0]
+        except AggregateOverflow:
+            raise AggregateOverflow(f"the total of all chunks {OVERFLOW}") from None
+        if not _finite_totals(final):
+            raise AggregateOverflow(f"the total of all chunks {OVERFLOW}")
+        return final
+
+    def group_aggregate(self, job_id: str) -> list[dict]:
+        """Per-group aggregates (``--group-by``), sorted by total sales, descending.
+
+        Raises :class:`AggregateOverflow` as :meth:`final_aggregate` does,
+        for any group.
+        """
+        try:
+            groups = self._query(GROUP_AGGREGATE_SQL, (job_id,))
+        except AggregateOverflow:
+            raise AggregateOverflow(f"the total of a group {OVERFLOW}") from None
+        for group in groups:
+            if not _finite_totals(group):
+                raise AggregateOverflow(f"the total of group {group['group_value']!r} {OVERFLOW}")
+        return groups
+
+    def per_worker(self, job_id: str) -> list[dict]:
+        """Counted chunks and rows per worker: ``[{'worker_id', 'chunks', 'rows'}]``."""
+        return self._query(PER_WORKER_SQL, (job_id,))
+
+    def attempts(self, job_id: str) -> list[dict]:
+        """Every attempt of the job, in attempt order (for tests and the timeline)."""
+        return self._query(
+            "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt_id", (job_id,))
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception's message on one line (libpq's span several)."""
+    return " ".join(str(exc).split())
+
+
+def _finite_totals(row: dict) -> bool:
+    """The sums of an aggregate row are finite numbers.
+
+    SQLite adds floats past the range into inf, and inf - inf into NaN,
+    which it stores and returns as NULL: a NULL ``avg_price`` beside a
+    ``min_price`` means the price sum broke, not that there were no prices.
+    """
+    sales, mean = row["total_sales"], row["avg_price"]
+    if mean is None and row["min_price"] is not None:
+        return False
+    return sales is not None and math.isfinite(sales) and (mean is None or math.isfinite(mean))
+
+
+# ==============================================================================
+# The armour.  Below: the two database backends behind ResultStore, with the
+# retries that ride out a database restart, the check that a database holds
+# only this project's tables, and PostgreSQL's URLs and dialect.
+# ==============================================================================
+# --- Backends --------------------------------------------------------------
+# A backend runs the SQL above on one kind of database.  Both offer the same
+# three operations, which is all ResultStore uses:
+#
+#     transaction(body)   run body(cursor) as one transaction; commit and
+#                         return its value, or roll back and re-raise
+#     query(sql, params)  one read, as a list of {column: value} dicts
+#     close()             release the connection(s)
+#
+# ``cursor`` has execute(sql, params), executemany(sql, rows) and rowcount,
+# and takes "?" placeholders on both backends.
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def is_postgres_url(target: str) -> bool:
@@ -638,226 +862,3 @@ class _PostgresBackend:
 
     def close(self) -> None:
         self._pool.close()
-
-
-def _one_line(exc: Exception) -> str:
-    """An exception's message on one line (libpq's span several)."""
-    return " ".join(str(exc).split())
-
-
-def _finite_totals(row: dict) -> bool:
-    """The sums of an aggregate row are finite numbers.
-
-    SQLite adds floats past the range into inf, and inf - inf into NaN,
-    which it stores and returns as NULL: a NULL ``avg_price`` beside a
-    ``min_price`` means the price sum broke, not that there were no prices.
-    """
-    sales, mean = row["total_sales"], row["avg_price"]
-    if mean is None and row["min_price"] is not None:
-        return False
-    return sales is not None and math.isfinite(sales) and (mean is None or math.isfinite(mean))
-
-
-class JobState:
-    """What the database already knows about a job when the server starts.
-
-    ``done``: set of chunk ids with a counted result.  ``attempts``: dict
-    attempt_id -> (chunk_id, worker_id) of every earlier attempt (so a
-    result re-sent after a server restart is still recognised).  ``next_attempt_id``: the
-    first attempt id this run may use.
-    """
-
-    def __init__(self, done, attempts, next_attempt_id):
-        self.done = done
-        self.attempts = attempts
-        self.next_attempt_id = next_attempt_id
-
-
-def _lease_statement(job_id: str, attempt_id: int, chunk_id: int, worker_id: str,
-                     leased_at: float) -> tuple[str, tuple]:
-    """The insert of a new attempt row (outcome ``leased``); idempotent, so a
-    transaction of unknown outcome can run it again."""
-    return ("INSERT INTO attempts (job_id, attempt_id, chunk_id, worker_id, leased_at, outcome) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt_id) DO NOTHING",
-            (job_id, attempt_id, chunk_id, worker_id, leased_at, Outcome.LEASED))
-
-
-class ResultStore:
-    """Thread-safe access to the results database ``path``.
-
-    ``path`` is a SQLite file (``results.sqlite``) or a PostgreSQL URL
-    (``postgresql://user:password@host:5432/dbname``); see "Two backends"
-    in the module docstring.  Every public method is one transaction,
-    retried for up to ``retry_for`` seconds while the database is
-    unreachable or busy (see "Errors that can clear").  Raises
-    :class:`StoreError` if the database cannot be opened, belongs to
-    another program, stays unreachable, or a statement fails; the final
-    and group aggregates raise :class:`AggregateOverflow`.  ``label`` is
-    ``path`` with the password masked: log that, never ``path``.
-    """
-
-    def __init__(self, path: str, retry_for: float = 60.0):
-        self.path = path
-        self.label = mask_password(path)
-        backend = _PostgresBackend if is_postgres_url(path) else _SqliteBackend
-        self._backend = backend(path, retry_for)
-
-    def close(self) -> None:
-        """Close the connection(s) (idempotent)."""
-        self._backend.close()
-
-    def _transaction(self, statements):
-        """Run [(sql, params), ...] atomically; return the last rowcount."""
-        def run(cur):
-            rowcount = 0
-            for sql, params in statements:
-                cur.execute(sql, params)
-                rowcount = cur.rowcount
-            return rowcount
-        return self._backend.transaction(run)
-
-    # --- job lifecycle --------------------------------------------------
-
-    def open_job(self, job_id: str, csv_path: str, identity: str, chunks: int,
-                 fresh: bool = False) -> JobState:
-        """Create the job, or resume it, and return its :class:`JobState`.
-
-        With ``fresh=True`` every row of this job is deleted first.  Attempts
-        left ``leased`` by a previous server run are marked ``interrupted``;
-        their results are still accepted if a worker re-sends them.
-        """
-        now = time.time()
-        guard, states = _replaceable(Outcome.INTERRUPTED)
-        statements = []
-        if fresh:
-            for table in ("jobs", "attempts", "worker_results", "chunk_results", "group_results"):
-                statements.append((f"DELETE FROM {table} WHERE job_id = ?", (job_id,)))
-        statements += [
-            ("INSERT INTO jobs (job_id, csv_path, identity, chunks, created_at) "
-             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
-             (job_id, csv_path, identity, chunks, now)),
-            ("UPDATE attempts SET outcome = ?, ended_at = ? "
-             f"WHERE job_id = ? AND {guard}", (Outcome.INTERRUPTED, now, job_id, *states)),
-        ]
-        self._transaction(statements)
-        done = {row["chunk_id"] for row in self._query(
-            "SELECT chunk_id FROM chunk_results WHERE job_id = ?", (job_id,))}
-        attempts = {row["attempt_id"]: (row["chunk_id"], row["worker_id"]) for row in self._query(
-            "SELECT attempt_id, chunk_id, worker_id FROM attempts WHERE job_id = ?", (job_id,))}
-        return JobState(done, attempts, max(attempts, default=0) + 1)
-
-    # --- attempts ----------------------------------------------------------
-
-    def record_lease(self, job_id: str, attempt_id: int, chunk_id: int,
-                     worker_id: str, leased_at: float) -> None:
-        """Insert the attempt row for a new lease (outcome ``leased``)."""
-        self._transaction([_lease_statement(job_id, attempt_id, chunk_id, worker_id, leased_at)])
-
-    def end_attempt(self, job_id: str, attempt_id: int, outcome: str,
-                    error: str | None = None) -> None:
-        """Record how an attempt ended without a result (failed, expired, ...).
-
-        An attempt that already ended is left as it is (a late RESULT after
-        an expiry is recorded by :meth:`record_result` instead), except that
-        a worker's own FAILED report replaces an ending the server only
-        inferred (expired, dropped, interrupted): the failure is counted
-        toward ``--max-attempts``, so the table must show it too.
-        """
-        guard, states = _replaceable(outcome)
-        self._transaction([(
-            "UPDATE attempts SET outcome = ?, error = ?, ended_at = ? "
-            f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
-            (outcome, error, time.time(), job_id, attempt_id, *states))])
-
-    def record_result(self, job_id: str, result: dict, groups=(), lease=None) -> bool:
-        """Commit one RESULT; return True if it is the one that counts.
-
-        ``result`` holds the keys of :data:`RESULT_COLUMNS` except
-        ``job_id`` and ``received_at``.  ``groups`` is a sequence of
-        ``(group_value, rows_processed, rejected_rows, total_sales,
-        min_price, max_price, avg_price, price_count)``, stored only when
-        this result counts.  ``lease``, if given, is the worker's next
-        attempt, ``(attempt_id, chunk_id, worker_id, leased_at)``, inserted
-        as :meth:`record_lease` would: the ACK and the next JOB then wait
-        for one commit instead of two (README, "The life of one chunk").
-        One transaction: either all of it lands or none.
-        """
-        now = time.time()
-        row = dict(result, job_id=job_id, received_at=now)
-        key = (job_id, result["worker_id"], result["chunk_id"])
-        runs = []
-
-        def commit_result(cur) -> bool:
-            runs.append(1)
-            cur.execute(_UPSERT_RESULT, [row[n] for n in _NAMES])
-            cur.execute(_CLAIM_CHUNK, key)
-            counted = cur.rowcount == 1
-            if counted and groups:
-                cur.executemany(
-                    "INSERT INTO group_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(job_id, result["chunk_id"], *g) for g in groups])
-            elif len(runs) > 1:
-                # Run again after a failure: if the earlier run's COMMIT did
-                # land (its outcome was unknown), this attempt already claimed
-                # the chunk, and it still counts (its groups are stored once).
-                cur.execute("SELECT attempt_id FROM chunk_results WHERE job_id = ? "
-                            "AND chunk_id = ?", (job_id, result["chunk_id"]))
-                claimed = cur.fetchone()
-                counted = claimed is not None and claimed[0] == result["attempt_id"]
-            outcome = Outcome.COUNTED if counted else Outcome.DUPLICATE
-            guard, states = _replaceable(outcome)
-            cur.execute(
-                "UPDATE attempts SET outcome = ?, ended_at = ?, error = NULL "
-                f"WHERE job_id = ? AND attempt_id = ? AND {guard}",
-                (outcome, now, job_id, result["attempt_id"], *states))
-            if lease is not None:
-                cur.execute(*_lease_statement(job_id, *lease))
-            return counted
-
-        return self._backend.transaction(commit_result)
-
-    # --- reading -----------------------------------------------------------
-
-    def _query(self, sql, params):
-        return self._backend.query(sql, params)
-
-    def final_aggregate(self, job_id: str) -> dict:
-        """The job's final aggregate, computed in SQL (:data:`FINAL_AGGREGATE_SQL`).
-
-        Returns ``{'total_rows', 'total_sales', 'min_price', 'max_price',
-        'avg_price', 'rejected_rows'}``; the price statistics are None when
-        no row had a valid price and quantity.  Raises
-        :class:`AggregateOverflow` when the sum of the chunks' sales or
-        prices passes the float range.
-        """
-        try:
-            final = self._query(FINAL_AGGREGATE_SQL, (job_id,))[0]
-        except AggregateOverflow:
-            raise AggregateOverflow(f"the total of all chunks {OVERFLOW}") from None
-        if not _finite_totals(final):
-            raise AggregateOverflow(f"the total of all chunks {OVERFLOW}")
-        return final
-
-    def group_aggregate(self, job_id: str) -> list[dict]:
-        """Per-group aggregates (``--group-by``), sorted by total sales, descending.
-
-        Raises :class:`AggregateOverflow` as :meth:`final_aggregate` does,
-        for any group.
-        """
-        try:
-            groups = self._query(GROUP_AGGREGATE_SQL, (job_id,))
-        except AggregateOverflow:
-            raise AggregateOverflow(f"the total of a group {OVERFLOW}") from None
-        for group in groups:
-            if not _finite_totals(group):
-                raise AggregateOverflow(f"the total of group {group['group_value']!r} {OVERFLOW}")
-        return groups
-
-    def per_worker(self, job_id: str) -> list[dict]:
-        """Counted chunks and rows per worker: ``[{'worker_id', 'chunks', 'rows'}]``."""
-        return self._query(PER_WORKER_SQL, (job_id,))
-
-    def attempts(self, job_id: str) -> list[dict]:
-        """Every attempt of the job, in attempt order (for tests and the timeline)."""
-        return self._query(
-            "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt_id", (job_id,))

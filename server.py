@@ -40,6 +40,12 @@ Rules the code keeps (README, "How it stays correct", says why):
 * No JOB is built over the workers' frame limit (see :func:`job_data_room`).
 * The job is identified by the input file and the chunking, so a restart
   with the same arguments resumes and a different file never mixes in.
+
+The module reads in that order: the chunk book (leases, attempts), the
+server and one handler per message type, the main loop and the report.
+Below the banner that starts ``# The armour.`` come the checks of what
+workers send, the inspection of the input, the two chunk sources and the
+command line: what keeps the lesson above safe from its input.
 """
 
 from __future__ import annotations
