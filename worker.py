@@ -971,10 +971,9 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
       pandas guess would convert the file in pieces (2**20 / columns rows
       each), some numeric and some text, and a numeric "0.125" turned back
       into text is read as 125 under a decimal comma.
-    * Only empty cells are missing values.  pandas' default list would turn
-      the group "NA" (North America) into a missing group; a price "NA" is
-      rejected either way, because it is not a number.
-    * The group column is read as text: "007" stays "007".
+    * Only empty cells are missing values (pandas' default list would make
+      the group "NA", North America, a missing group).  The group column is
+      read as text: "007" stays "007".
     * A record with more fields than the header is an error
       (:class:`TooManyFields`), even if the extra fields are empty, so a
       trailing separator is one too: with ``usecols`` pandas would read it
@@ -992,16 +991,12 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
     """
     numbers = [c for c in wanted if c != group_col]
     text = _clean_in_memory(stream, sep, encoding)
-    if text is not None:
-        # The fast path: the input, checked in bulk, goes to pandas as one
-        # BytesIO, which its C parser reads without a Python call per block.
-        def parse(number_type):
+    start = stream.tell() if text is None and stream.seekable() else None
+
+    def parse(number_type):
+        if text is not None:   # the fast path: checked in bulk, one BytesIO for pandas' C parser
             return _read(io.BytesIO(text), sep, decimal, "utf-8", wanted, numbers, number_type)
-        start = None
-    else:
-        def parse(number_type):
-            return _parse(stream, sep, decimal, encoding, wanted, numbers, number_type)
-        start = stream.tell() if stream.seekable() else None
+        return _parse(stream, sep, decimal, encoding, wanted, numbers, number_type)
     frame = None
     if decimal is not None and (text is not None or start is not None):
         try:
