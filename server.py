@@ -703,8 +703,9 @@ class Handler(socketserver.BaseRequestHandler):
         if wants_next:
             # No chunk was pending (or its JOB could not be built): answer as
             # GET_JOB does, which may hold the answer a moment (so the ACK
-            # went first) and lease a chunk that turned up meanwhile.
-            self.handle_get_job(msg)
+            # went first) and lease a chunk that turned up meanwhile; as a
+            # GET_JOB that repeats the worker's last word on local reads.
+            self.handle_get_job(protocol.make(protocol.GET_JOB, local_read=self.local_read))
 
     def handle_failed(self, msg: dict) -> None:
         chunk_id, attempt_id = self.check_ids(msg)

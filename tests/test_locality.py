@@ -63,6 +63,10 @@ def test_local_read_gives_the_exact_answer(procs, tmp_path):
     assert_aggregate(finish_ok(server), csv_oracle(csv, PRICE, QTY))
     assert_counted_once(server.db, 8)
     assert "reads the chunks from its own copy of the input" in server.stderr()
+    # Regression: a RESULT asking for the next chunk when none was pending
+    # was answered as a GET_JOB without local_read, so the worker was
+    # switched to bytes (and logged so) at the end of every job.
+    assert "gets the chunks' bytes" not in server.stderr()
     assert sent_bytes(server.stderr()) < csv.stat().st_size // 20
     for w in workers:
         w.wait(timeout=30)
