@@ -598,15 +598,12 @@ class Handler(socketserver.BaseRequestHandler):
         srv = self.server
         srv.progress.begin()
         started = time.perf_counter()
+        chunk_id, chunks = lease.chunk_id, srv.chunks
         try:
-            if self.local_read:
-                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
-                                      lease.attempt_id, srv.chunks.header,
-                                      srv.chunks.span(lease.chunk_id))
-            else:
-                message = job_message(srv.info, srv.chunks, srv.job_id, lease.chunk_id,
-                                      lease.attempt_id, srv.chunks.payload(lease.chunk_id))
-            frame = protocol.encode(message)
+            data, span = ((chunks.header, chunks.span(chunk_id)) if self.local_read
+                          else (chunks.payload(chunk_id), None))
+            frame = protocol.encode(job_message(srv.info, chunks, srv.job_id, chunk_id,
+                                                lease.attempt_id, data, span))
         except InputError:
             raise   # the file changed under the job: handle() stops it
         except Exception as exc:
@@ -625,16 +622,13 @@ class Handler(socketserver.BaseRequestHandler):
             return None
         return frame
 
-    def send_job(self, lease: Lease, frame: bytes, before: bytes = b"") -> None:
-        """Send a JOB ``frame`` whose lease is committed, after the encoded
-        message ``before`` (an ACK) if given, in one write."""
+    def send_job(self, lease: Lease, *frames: bytes) -> None:
+        """Send ``frames`` in one write: the JOB frame of a committed
+        ``lease`` last, after an encoded ACK if there is one."""
         srv = self.server
         log.debug("chunk %d leased to %s (attempt %d)", lease.chunk_id, self.worker_id, lease.attempt_id)
         started = time.perf_counter()
-        if before:
-            self.send_frames(before, frame)
-        else:
-            self.send_frame(frame)
+        self.send_frames(*frames)
         # Handing the frame to the kernel; a worker slow to read makes this
         # grow once the socket buffers are full.
         srv.timings.add("send", time.perf_counter() - started)
@@ -697,7 +691,7 @@ class Handler(socketserver.BaseRequestHandler):
         ack = protocol.encode(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted,
                                             **({"next": True} if wants_next else {})))
         if frame is not None:
-            self.send_job(lease, frame, before=ack)   # ACK, then the JOB: one write
+            self.send_job(lease, ack, frame)   # ACK, then the JOB: one write
             return
         self.send_frame(ack)
         if wants_next:

@@ -66,10 +66,14 @@ class LazyModule:
     """
 
     def __init__(self, name: str):
-        self._name = name
+        self._name, self._module = name, None
 
     def __getattr__(self, attr: str):
-        return getattr(importlib.import_module(self._name), attr)
+        # Called only for names this object lacks, so for every pandas name:
+        # the module is looked up once, not on each call of a hot path.
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
 
 
 pd = LazyModule("pandas")
