@@ -622,13 +622,16 @@ class Handler(socketserver.BaseRequestHandler):
             return None
         return frame
 
-    def send_job(self, lease: Lease, *frames: bytes) -> None:
-        """Send ``frames`` in one write: the JOB frame of a committed
-        ``lease`` last, after an encoded ACK if there is one."""
+    def send_job(self, lease: Lease, frame: bytes, before: bytes = b"") -> None:
+        """Send a JOB ``frame`` whose lease is committed, after the encoded
+        message ``before`` (an ACK) if given, in one write."""
         srv = self.server
         log.debug("chunk %d leased to %s (attempt %d)", lease.chunk_id, self.worker_id, lease.attempt_id)
         started = time.perf_counter()
-        self.send_frames(*frames)
+        if before:
+            self.send_frames(before, frame)
+        else:
+            self.send_frame(frame)
         # Handing the frame to the kernel; a worker slow to read makes this
         # grow once the socket buffers are full.
         srv.timings.add("send", time.perf_counter() - started)
@@ -691,7 +694,7 @@ class Handler(socketserver.BaseRequestHandler):
         ack = protocol.encode(protocol.make(protocol.ACK, chunk_id=chunk_id, counted=counted,
                                             **({"next": True} if wants_next else {})))
         if frame is not None:
-            self.send_job(lease, ack, frame)   # ACK, then the JOB: one write
+            self.send_job(lease, frame, before=ack)   # ACK, then the JOB: one write
             return
         self.send_frame(ack)
         if wants_next:
