@@ -184,9 +184,10 @@ def test_field_check_counts_fields_like_the_csv_module(monkeypatch_block, text, 
 
 @pytest.fixture
 def monkeypatch_block(monkeypatch):
-    """Set worker.READ_BLOCK (the reader's own block size) for one test."""
+    """Set worker.READ_BLOCK and CHECK_BLOCK (the reader's own block sizes) for one test."""
     def set_block(size: int) -> None:
         monkeypatch.setattr(worker, "READ_BLOCK", size)
+        monkeypatch.setattr(worker, "CHECK_BLOCK", size)
     return set_block
 
 
@@ -301,9 +302,9 @@ def test_clean_input_in_memory_takes_the_fast_path():
                            (b"\xef\xbb\xbfPrice,Qty\r\n1.5,2\r\n2,3", "utf-8-sig"),
                            ("Région,Price,Qty\né,1,2\n".encode(), "utf-8"),
                            (b"Price,Qty\n1.5,2\n", "cp1252")]:
-        text = worker._clean_in_memory(io.BytesIO(data), ",", encoding)
+        head, rest = worker._clean_in_memory(io.BytesIO(data), ",", encoding)
         line = data.index(b"\n") - data[:data.index(b"\n")].endswith(b"\r")
-        assert text == data[:line] + marker + data[line:]
+        assert head + bytes(rest) == data[:line] + marker + data[line:]
     for data, encoding in [(b"Price,Qty\n1.5,\n", "utf-8"), (b"Price,Qty\n1.5,2,", "utf-8"),
                            (b'"Price",Qty\n1.5,2\n', "utf-8"), (b"Price,Qty\r1.5,2\r", "utf-8"),
                            (b"Price,Qty\n\xe9,2\n", "utf-8"), (b"Price,Qty\n\xe9,2\n", "cp1252"),
@@ -325,6 +326,19 @@ def test_fast_path_checks_utf8_across_its_blocks(monkeypatch_block):
         assert worker._clean_in_memory(io.BytesIO(bad), ",", "utf-8") is None
         with pytest.raises(UnicodeDecodeError):
             worker.read_columns(io.BytesIO(bad), ",", ".", "utf-8", ["Price", "Qty"])
+
+
+@pytest.mark.parametrize("pattern", [b",,", b",\n", b'""', b",\r", b"\r,"])
+def test_fast_path_screens_pairs_across_its_blocks(monkeypatch_block, pattern):
+    """The fast path screens its blocks with one byte of overlap: a pair of bytes that
+    may hide an empty surplus field sends the input to the careful path wherever it
+    falls, across a block boundary too (blocks of 4 bytes here)."""
+    monkeypatch_block(4)
+    clean = b"Price,Qty\n" + b"1.5,2\n" * 4
+    assert worker._clean_in_memory(io.BytesIO(clean), ",", "utf-8") is not None
+    for at in range(len(b"Price,Qty\n"), len(clean) - 1):
+        data = clean[:at] + pattern + clean[at:]
+        assert worker._clean_in_memory(io.BytesIO(data), ",", "utf-8") is None, (at, data)
 
 
 # --- 2. Surplus fields ------------------------------------------------------------------

@@ -86,7 +86,7 @@ class Spy(server.FrameChunks):
         self.ready_at_parse: list[int] = []     # pieces waiting, when the producer began one
 
     def _parse(self, piece):
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() in self._threads:
             with self._lock:
                 if not self._waiting:
                     self.ready_at_parse.append(len(self._ready_in))
@@ -95,8 +95,10 @@ class Spy(server.FrameChunks):
 
 
 def spy(path: Path, chunks: int = 20, **limits) -> Spy:
-    """A Spy whose chunks are each a piece of their own, unless ``limits`` says otherwise."""
+    """A Spy whose chunks are each a piece of their own, with one producer, unless
+    ``limits`` says otherwise."""
     limits.setdefault("min_piece_bytes", 0)
+    limits.setdefault("parsers", 1)
     return Spy(server.inspect_csv(str(path)), chunks, None, False, **limits)
 
 
@@ -250,6 +252,61 @@ def test_producer_byte_bound_keeps_one_chunk_waiting(tmp_path):
         chunks.close()
 
 
+def test_two_producers_give_the_same_chunks_within_the_same_bound(tmp_path):
+    """Two producers (the default for a plain file) parse each piece once when the
+    chunks are taken in order, keep at most `ahead` pieces parsed or in progress when
+    nobody takes them, and give every chunk the very bytes one producer gives."""
+    path = write_forms(tmp_path, sales_text(5_000))["plain"]
+    one = spy(path, 30)
+    try:
+        one.start()
+        alone = [one.payload(i) for i in range(30)]
+    finally:
+        one.close()
+    two = spy(path, 30, ahead=3, parsers=2)
+    try:
+        two.start()
+        assert len(two._threads) == 2
+        wait_for(lambda: len(two._ready) == 3 and len(two._space._waiters) == 2, 30,
+                 "both producers to fill the cache and wait")
+        assert sorted(two.parsed) == [0, 1, 2]
+        assert [two.payload(i) for i in range(30)] == alone
+        assert sorted(two.parsed) == list(range(30))
+    finally:
+        two.close()
+
+
+def test_two_producers_that_both_fail_report_one_error(tmp_path, monkeypatch):
+    """Both producers failing at once (here every piece after the first fails) stop
+    the job once: one call of on_error, one message for every later payload()."""
+    path = write_forms(tmp_path, sales_text(2_000))["plain"]
+    real, started = server.read_columns, threading.Barrier(2, timeout=30)
+
+    def read_columns(stream, *args):
+        frame = real(stream, *args)
+        if frame[PRICE].iloc[0] != first_price:
+            started.wait()          # both producers are in a parse: fail them together
+            raise MemoryError
+        return frame
+
+    probe = frames(path, 10, min_piece_bytes=0)
+    first_price = unpickle(probe.payload(0))[PRICE].iloc[0]
+    probe.close()
+    monkeypatch.setattr(server, "read_columns", read_columns)
+    errors = []
+    chunks = frames(path, 10, min_piece_bytes=0, parsers=2)
+    try:
+        chunks.start(on_error=errors.append)
+        chunks.payload(0)
+        with pytest.raises(server.InputError, match="out of memory while parsing chunk") as e:
+            chunks.payload(5)
+        wait_for(lambda: not any(t.is_alive() for t in chunks._threads), 30,
+                 "both producers to stop")
+        assert errors == [str(e.value)]
+    finally:
+        chunks.close()
+
+
 @pytest.mark.parametrize("form, kept", [("plain", False), ("gz", True)])
 def test_a_retried_chunk_comes_from_the_cache_or_the_file(tmp_path, form, kept):
     """A chunk handed out and asked for again (its lease expired): a compressed one is
@@ -284,7 +341,8 @@ def test_chunks_done_earlier_or_meanwhile_are_never_parsed(tmp_path, form):
         for chunk_id in todo:
             chunks.payload(chunk_id)
             chunks.forget(chunk_id)
-        wait_for(lambda: not chunks._thread.is_alive(), 30, "the producer to finish")
+        wait_for(lambda: not any(t.is_alive() for t in chunks._threads), 30,
+                 "the producer to finish")
         assert chunks.parsed == todo
     finally:
         chunks.close()
@@ -413,7 +471,7 @@ def test_out_of_memory_while_parsing_stops_the_job_with_one_line(tmp_path, monke
     probe.close()
     monkeypatch.setattr(server, "read_columns", read_columns)
     errors = []
-    chunks = frames(path, 5, min_piece_bytes=0)
+    chunks = frames(path, 5, min_piece_bytes=0, parsers=1)   # never past the failed piece
     try:
         chunks.start(on_error=errors.append)
         chunks.payload(0), chunks.payload(1)
