@@ -336,6 +336,50 @@ def test_mutated_valid_pickles_raise_only_protocol_errors(base, data):
     assert _is_protocol_error(exc), repr(exc)
 
 
+@settings(max_examples=300, deadline=None)
+@given(base=st.one_of(st.sampled_from(VALID), messages), proto=st.integers(0, 5),
+       data=st.data())
+def test_shape_walk_steps_over_arguments_as_pickletools_does(base, proto, data):
+    """The shape check reads each opcode's argument size itself (not with
+    pickletools.genops): on any pickle of a message, in every protocol, and on the
+    same with one byte changed, it meets exactly the opcodes genops meets, in order,
+    up to the first one either refuses."""
+    payload = bytearray(pickle.dumps(base, protocol=proto))
+    if data.draw(st.booleans()):
+        payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    payload = bytes(payload)
+    seen = []
+
+    class Recording(protocol._ShapeWalk):
+        def step(self, name, arg):
+            seen.append(name)
+            super().step(name, arg)
+
+    real, refused = protocol._ShapeWalk, False
+    protocol._ShapeWalk = Recording
+    try:
+        protocol._check_shape(payload)
+    except protocol.ProtocolError:
+        refused = True
+    finally:
+        protocol._ShapeWalk = real
+    expected, decoded = [], True
+    try:
+        for op, _arg, _pos in pickletools.genops(payload):
+            expected.append(op.name)
+    except ValueError:
+        decoded = False
+    # The walk stops at the first opcode it refuses; genops at the first it cannot
+    # decode (it checks each argument's content too, which the unpickler checks
+    # later): where both go on, they agree.
+    common = min(len(seen), len(expected))
+    assert seen[:common] == expected[:common]
+    if decoded and not refused:
+        assert seen == expected and seen[-1] == "STOP"   # both read it all: the same walk
+    if payload == pickle.dumps(base, protocol=proto):
+        assert decoded and seen == expected[:len(seen)]
+
+
 def test_decode_safe_never_runs_code(tmp_path):
     """Rule: a pickle that calls os.system on load is refused and the command
     never runs (pickle.loads would run it: checked on the same bytes)."""
