@@ -284,8 +284,12 @@ def _sales_bench_report():
               "cpu_s": usage.ru_utime + usage.ru_stime}
     folder = os.environ.get("SALES_BENCH_RUSAGE_DIR")
     if folder:
-        with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as f:
+        # Written under another name, then renamed: a process killed while it
+        # writes (a Dask worker, when its cluster goes) leaves no half report.
+        path = os.path.join(folder, f"{os.getpid()}.json")
+        with open(path + ".part", "w") as f:
             json.dump(record, f)
+        os.replace(path + ".part", path)
 
 atexit.register(_sales_bench_report)
 """
