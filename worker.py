@@ -1829,7 +1829,12 @@ def run_worker(args: argparse.Namespace, make_worker) -> int:
     # A worker parses, so it imports pandas now, before it waits for the
     # server: a launcher that starts both at once overlaps this 0.3 s with
     # the server's own start-up (the LazyModule is for the server's sake).
-    importlib.import_module("pandas")
+    try:
+        importlib.import_module("pandas")
+    except ImportError as exc:
+        log.error("%s: cannot import pandas (%s): pip install -r requirements.txt",
+                  args.worker_id, exc)
+        return 1
     keep_freed_memory()
     try:
         if args.port_file:
