@@ -525,9 +525,10 @@ def client_handshake(sock: socket.socket, secret: bytes, timeout: float | None =
 # So decode_safe first walks the opcodes (pickletools gives their argument
 # sizes; no object is built) and admits plain values, nesting up to
 # MAX_DEPTH, memo slots in order, shared references to scalars only (what
-# pickle.dumps emits for a repeated string), no sets, and at most MAX_DICT_ENTRIES dict entries in
-# all (no message has more than a few dozen).  What is left is a tree no
-# bigger than the frame, built in linear time.
+# pickle.dumps emits for a repeated string), no sets, and at most
+# MAX_DICT_ENTRIES dict entries in all (no message has more than a few
+# dozen).  What is left is a tree no bigger than the frame, built in linear
+# time.
 MAX_DEPTH = 16
 MAX_DICT_ENTRIES = 1024
 _SCALAR_OPS = frozenset({

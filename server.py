@@ -1963,11 +1963,12 @@ class FrameChunks:
 
     The chunks are byte ranges of the text (:class:`InputText`), cut by
     :func:`cut_text` as in ``--stream`` (on a plain file, the very same
-    ranges), at most :data:`MAX_CHUNK_BYTES` of text each.  A producer
-    thread (:meth:`start`; two for a plain file) reads them in order, parses them with
-    ``read_columns`` (the header, then the bytes: what a ``--stream`` worker
-    would parse) and pickles a DataFrame of the wanted columns per chunk
-    (plain arrays for a small one: ``worker.py:SmallChunk``), so a chunk
+    ranges), at most :data:`MAX_CHUNK_BYTES` of text each.  Producer
+    threads (:meth:`start`: two for a plain file, one for a compressed one)
+    claim them in order, parse them with ``read_columns`` (the header, then
+    the bytes: what a ``--stream`` worker would parse) and pickle a
+    DataFrame of the wanted columns per chunk (plain arrays for a small
+    one: ``worker.py:SmallChunk``), so a chunk
     moves as soon as it is parsed, not once the whole file is.
 
     One ``read_columns`` call costs about a millisecond whatever its size,
@@ -2162,12 +2163,17 @@ class FrameChunks:
         return data
 
     def _make_room(self) -> None:
-        """Wake a waiting producer if there is room now, or its next piece is done (lock
-        held).  Not on every chunk taken: a wake-up that finds no room costs two thread
-        switches, a tenth of what the server spends on a chunk."""
-        if self._idle and (self._room() or self._claimed < len(self.pieces)
-                           and self._all_finished(self._claimed)):
+        """Wake a waiting producer if it may claim a piece now (lock held).  Not on
+        every chunk taken: a wake-up that finds no room costs two thread switches,
+        a tenth of what the server spends on a chunk."""
+        if self._idle and self._may_claim():
             self._space.notify()
+
+    def _may_claim(self) -> bool:
+        """True if a producer may claim the next piece now: there is room, every piece
+        is claimed (it then stops), or the next one is all done (it skips it)."""
+        return (self._room() or self._claimed >= len(self.pieces)
+                or self._all_finished(self._claimed))
 
     def _room(self) -> bool:
         # A handler waiting means its chunk was leased, and leases go in
@@ -2186,9 +2192,7 @@ class FrameChunks:
         try:
             while True:
                 with self._lock:
-                    while not (self._closed or self._error or self._room()
-                               or self._claimed >= len(self.pieces)
-                               or self._all_finished(self._claimed)):
+                    while not (self._closed or self._error or self._may_claim()):
                         self._idle += 1
                         try:
                             self._space.wait()
