@@ -56,6 +56,7 @@ import codecs
 import collections
 import contextlib
 import csv
+import gc
 import gzip
 import hashlib
 import io
@@ -376,6 +377,9 @@ class JobServer(socketserver.ThreadingTCPServer):
         self.progress = Progress(len(chunks), len(book) - book.counts()[ChunkState.PENDING])
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        # Notified when a connection ends or a worker hears NO_JOB: the end
+        # of a job waits on it, not in a polling loop.
+        self._conns_changed = threading.Condition(self._conns_lock)
         self.stop = threading.Event()     # set by a signal, or by fail_job()
         self.fatal: str | None = None     # why the job cannot go on, if it cannot
         # Workers that took part in this job (in this run or an earlier one)
@@ -401,13 +405,21 @@ class JobServer(socketserver.ThreadingTCPServer):
 
     def told_done(self, worker_id: str) -> None:
         """``worker_id`` has heard NO_JOB."""
-        with self._conns_lock:
+        with self._conns_changed:
             self._untold.discard(worker_id)
+            self._conns_changed.notify_all()
 
-    def waiting_for(self) -> int:
-        """Connections still open plus workers that have not heard NO_JOB."""
-        with self._conns_lock:
-            return len(self._conns) + len(self._untold)
+    def wait_for_workers(self, timeout: float) -> None:
+        """Wait until no connection is open and every worker has heard NO_JOB,
+        for at most ``timeout`` seconds or until :attr:`stop` is set."""
+        deadline = time.monotonic() + timeout
+        with self._conns_changed:
+            while (self._conns or self._untold) and not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                # A signal sets stop without notifying: look again 10 times a second.
+                self._conns_changed.wait(min(left, 0.1))
 
     def verify_request(self, request, client_address) -> bool:
         """Admit a connection unless ``max_connections`` are already open."""
@@ -427,9 +439,10 @@ class JobServer(socketserver.ThreadingTCPServer):
 
     def forget(self, *socks: socket.socket) -> None:
         """Drop a finished connection from the bookkeeping."""
-        with self._conns_lock:
+        with self._conns_changed:
             for sock in socks:
                 self._conns.discard(sock)
+            self._conns_changed.notify_all()
 
     def close_all(self) -> None:
         """Shut every open connection down, waking handlers blocked in recv."""
@@ -466,6 +479,10 @@ class Handler(socketserver.BaseRequestHandler):
         srv = self.server
         try:
             self.sock.settimeout(srv.io_timeout)
+            # Nagle's algorithm holds a small write back while an earlier one
+            # is unacknowledged, and the worker delays its TCP ACK by up to
+            # 40 ms: an ACK frame followed by NO_JOB or WAIT waited that long.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if srv.tls is not None:
                 self.sock = srv.tls.wrap_socket(self.sock, server_side=True)
                 srv.track(self.request, self.sock)  # wrapping detached the plain socket
@@ -867,10 +884,16 @@ def run(args: argparse.Namespace) -> int:
                        args.price_col, args.qty_col, args.group_by)
     fingerprint = file_fingerprint(info.path)
     inspected = time.perf_counter()
-    chunks = (StreamChunks(info, args.chunks, args.compress) if args.stream
-              else FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
-    store = None
+    # The documented mode parses: pandas' 0.3 s import runs while the scan
+    # below cuts the file, which mostly waits for reads without the GIL.
+    importing = None if args.stream else threading.Thread(target=_import_pandas,
+                                                          name="import-pandas")
+    if importing is not None:
+        importing.start()
+    chunks = store = None
     try:
+        chunks = (StreamChunks(info, args.chunks, args.compress) if args.stream
+                  else FrameChunks(info, args.chunks, args.chunk_rows, args.compress))
         # The identity must describe the bytes that were chunked: a file
         # replaced while it was cut would give a resumed job two contents.
         if file_fingerprint(info.path) != fingerprint:
@@ -900,9 +923,21 @@ def run(args: argparse.Namespace) -> int:
         chunks.start(state.done, server.fail_job, server.timings)
         return serve(server, args)
     finally:
-        chunks.close()
+        if importing is not None:
+            importing.join()   # an import cut short by the exit would print a traceback
+        if chunks is not None:
+            chunks.close()
         if store is not None:
             store.close()
+
+
+def _import_pandas() -> None:
+    try:
+        pd.DataFrame   # noqa: B018 (the LazyModule imports pandas on first use)
+    except ImportError:
+        return         # the parse meets the same error and reports it
+    # See worker.run_worker: objects alive from now to exit are never walked.
+    gc.freeze()
 
 
 def serve(server: JobServer, args: argparse.Namespace) -> int:
@@ -916,7 +951,9 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    accept = threading.Thread(target=server.serve_forever, args=(0.05,), name="accept")
+    # The poll interval is how long shutdown() below waits for the accept
+    # loop to notice: on the critical path of every job's end.
+    accept = threading.Thread(target=server.serve_forever, args=(0.01,), name="accept")
     accept.start()
     started = time.perf_counter()
     try:
@@ -933,9 +970,7 @@ def serve(server: JobServer, args: argparse.Namespace) -> int:
             # instead of reconnecting to a server that is gone.  That includes
             # workers of an earlier run that are still backing off before
             # they reconnect: a resumed job may finish before they are back.
-            deadline = time.monotonic() + args.linger
-            while server.waiting_for() and time.monotonic() < deadline and not stop.is_set():
-                time.sleep(0.02)
+            server.wait_for_workers(args.linger)
             server.timings.add("linger", time.perf_counter() - waited)
     finally:
         server.shutdown()
@@ -2550,6 +2585,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gc.freeze()   # the modules: see worker.run_worker
     signals = []
 
     def interrupt(signum, frame):

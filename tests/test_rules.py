@@ -1039,3 +1039,40 @@ def test_server_refuses_bounds_that_break_a_rule(option, value, capsys):
         server_mod.parse_args(["--csv", "x.csv", option, value])
     assert stop.value.code == 2
     assert option in capsys.readouterr().err
+
+
+def test_server_writes_small_frames_at_once(job_server):
+    """Rule: the server's sockets have Nagle's algorithm off (TCP_NODELAY): an ACK
+    followed by a separate NO_JOB or WAIT otherwise waited for the worker's delayed
+    TCP acknowledgement, 40 ms on Linux, at the end of every job."""
+    job = job_server(chunks=1)
+    client = job.client("w")
+    assert client.send_result(client.take())["counted"] is True
+    assert client.get_job()["type"] == protocol.NO_JOB
+    conns = list(job.server._conns)
+    assert conns
+    for sock in conns:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_end_of_job_waits_until_every_worker_heard_no_job_and_hung_up(job_server):
+    """Rule: at the end of a job the server waits (up to --linger) while a worker of
+    the job has not heard NO_JOB or is still connected, and no longer: the waiting
+    call returns once the last one hangs up, or at once when the job is stopped."""
+    job = job_server(chunks=1)
+    client = job.client("w")
+    assert client.send_result(client.take())["counted"] is True
+    waiter = threading.Thread(target=job.server.wait_for_workers, args=(60.0,))
+    waiter.start()
+    assert client.get_job()["type"] == protocol.NO_JOB
+    client.close()
+    waiter.join(30)
+    assert not waiter.is_alive(), "still waiting after the worker heard NO_JOB and left"
+
+    other = job.client("late")      # connected, never told: only a stop ends the wait
+    waiter = threading.Thread(target=job.server.wait_for_workers, args=(60.0,))
+    waiter.start()
+    job.server.stop.set()
+    waiter.join(30)
+    assert not waiter.is_alive(), "a stopped job still waits for its workers"
+    other.close()
