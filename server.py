@@ -85,8 +85,9 @@ from db_utils import AggregateOverflow, Outcome, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
                     HelpFormatter, LazyModule, RecordScanner, SmallChunk, byte_transparent,
                     fd_fingerprint, file_fingerprint, fingerprint_text, find_columns,
-                    inside_mask, is_blank, keep_freed_memory, normalize_name, port_number,
-                    read_columns, record_ends, seconds, seconds_or_zero, show_names, text_readings)
+                    import_pandas, inside_mask, is_blank, keep_freed_memory, normalize_name,
+                    port_number, read_columns, record_ends, seconds, seconds_or_zero,
+                    show_names, text_readings)
 
 log = logging.getLogger("server")
 # Imported by the first parse: the documented mode's chunks, an unusual header.
@@ -933,11 +934,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _import_pandas() -> None:
     try:
-        pd.DataFrame   # noqa: B018 (the LazyModule imports pandas on first use)
+        import_pandas()
     except ImportError:
-        return         # the parse meets the same error and reports it
-    # See worker.run_worker: objects alive from now to exit are never walked.
-    gc.freeze()
+        pass   # the parse meets the same error and reports it
 
 
 def serve(server: JobServer, args: argparse.Namespace) -> int:
@@ -2585,7 +2584,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    gc.freeze()   # the modules: see worker.run_worker
+    gc.freeze()   # the modules: see worker.import_pandas
     signals = []
 
     def interrupt(signum, frame):
