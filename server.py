@@ -2339,7 +2339,12 @@ class FrameChunks:
         return pickle.dumps(frame.iloc[start:stop].reset_index(drop=True), protocol=5)
 
 
-def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOCK, *,
+# Bytes the cut scans at a time: a buffer that stays in the CPU's cache, so the
+# quote search reads what the read just wrote there (16 MiB took a quarter longer).
+SCAN_BLOCK = 1 << 20
+
+
+def record_boundaries(source, targets: list[int], block: int = SCAN_BLOCK, *,
                       sep: str = ",", eol: bytes = b"\n") -> list[int]:
     """For each offset in sorted ``targets``, the start of the next record.
 
@@ -2360,8 +2365,8 @@ def record_boundaries(source, targets: list[int], block: int = StreamChunks.BLOC
     pending = collections.deque(targets)
     scanner = RecordScanner(sep)
     offset = 0          # file offset of data[0]
-    # One buffer, refilled: a fresh 16 MiB bytes object per block costs more
-    # than the scan (its pages are zero-filled by the kernel, then copied into).
+    # One buffer, refilled: a fresh bytes object per block costs more than
+    # the scan (its pages are zero-filled by the kernel, then copied into).
     buffer = bytearray(block)
     with (open(source, "rb") if isinstance(source, (str, os.PathLike)) else source) as f:
         while pending:

@@ -39,6 +39,7 @@ from tools import bench
 
 # --- the benchmark itself ----------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bench_json_every_mode_matches_the_oracle(tmp_path):
     """Every mode of bench.py runs once, --json parses, and each answer is the oracle's."""
@@ -129,6 +130,24 @@ def test_installed_baseline_equals_the_oracle(mode, tmp_path):
         expected = oracle(path, price, qty)
         assert_aggregate(bench.parse_json_result(out.stdout), expected, rel=1e-9)
     assert expected["rejected_rows"] == 3 and expected["total_sales"] == 12.5
+
+
+@pytest.mark.timeout(120)
+def test_pandas_halves_bound_equals_the_oracle(tmp_path):
+    """The two halves of ``pandas-halves`` hold every record once: the oracle's
+    answer on a file with rejected rows (the middle byte inside a record),
+    and on one with a single record (one half empty)."""
+    dirty, single = tmp_path / "dirty.csv", tmp_path / "single.csv"
+    dirty.write_text("Price,Qty\n2.5,4\nTBD,1\n3,inf\n1.25,2\n,3\n")
+    single.write_text("Price,Qty\n2.5,4\n")
+    args = bench.parse_args([])
+    for path in (dirty, single):
+        out = subprocess.run(bench.mode_command("pandas-halves", bench.describe_input(str(path)),
+                                                args), cwd=ROOT, capture_output=True,
+                             text=True, timeout=100)
+        assert out.returncode == 0, out.stderr
+        assert_aggregate(bench.parse_json_result(out.stdout), oracle(path, "Price", "Qty"),
+                         rel=1e-9)
 
 
 def test_cost_lines_name_the_fastest_single_process_baseline():

@@ -789,6 +789,7 @@ def test_regression_huge_chunk_count_is_capped_by_the_records(tmp_path, monkeypa
 
 # --- 6. Through real processes ------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_processes_large_inputs(procs, tmp_path):
     """The regressions that need more than a head's worth of data, through real server

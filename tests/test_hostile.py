@@ -345,11 +345,25 @@ def test_dripping_tls_handshake_is_dropped_after_io_timeout(procs, sales, tls_fi
 def open_idle_peers(procs, port: int, count: int) -> tuple[list[socket.socket], list[str]]:
     """``count`` connections that each send half a length header, then
     nothing; returns the sockets (closed at the end of the test at the
-    latest) and their host:port names."""
-    socks = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    latest) and their host:port names.
+
+    Each binds a port of its own on 127.0.0.2 before it connects.  A port the
+    kernel picks is free again once the server resets the connection, and the
+    next connection (a worker's retry) could get it: two peers of one name.
+    """
+    socks, candidate = [], 20_000
+    while len(socks) < count:
+        sock = socket.socket()
         procs.clients.append(sock)
+        try:
+            sock.bind(("127.0.0.2", candidate))
+        except OSError:      # in use: try the next
+            sock.close()
+            continue
+        finally:
+            candidate += 1
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
         try:
             sock.sendall(b"\x00\x00")
         except OSError:

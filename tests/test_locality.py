@@ -23,7 +23,7 @@ import pytest
 
 import protocol
 import worker
-from conftest import (FakeServer, Server, WorkerThread, assert_aggregate, db_rows,
+from conftest import (FakeServer, Gate, Server, WorkerThread, assert_aggregate, db_rows,
                       make_sales_csv, parse_final, wait_for)
 from conftest import oracle as csv_oracle
 
@@ -58,10 +58,15 @@ def test_local_read_gives_the_exact_answer(procs, tmp_path):
     themselves; the answer is the oracle's, every chunk counts once, and the
     server sends a few hundred bytes per chunk instead of the chunk."""
     csv = small_csv(tmp_path / "sales.csv", 20_000)
-    server = procs.server(csv, args=("--stream", "--chunks", 8))
+    server = procs.server(csv, args=("--stream", "--chunks", 40))
+    # Regression (flaky): one worker could do every chunk before the other had
+    # started; that one then reconnected to a server that was gone until it
+    # gave up, 20 s later.  The gate (its one chunk sent as bytes) holds the job open.
+    gate = Gate(procs, server)
     workers = [procs.worker(server.port, f"w{i}") for i in range(2)]
+    gate.open_when_connected(["w0", "w1"])
     assert_aggregate(finish_ok(server), csv_oracle(csv, PRICE, QTY))
-    assert_counted_once(server.db, 8)
+    assert_counted_once(server.db, 40)
     assert "reads the chunks from its own copy of the input" in server.stderr()
     # Regression: a RESULT asking for the next chunk when none was pending
     # was answered as a GET_JOB without local_read, so the worker was

@@ -161,6 +161,7 @@ def test_partition_shorter_than_a_lease_goes_unnoticed(network, procs, tmp_path,
     assert "connection lost" not in job.log("w1")
 
 
+@pytest.mark.slow
 def test_partition_longer_than_io_timeout_worker_reconnects_after_heal(
         network, procs, tmp_path, sales_12k):
     """A 4-second cut, longer than the worker's --io-timeout (2 s) and the

@@ -249,6 +249,7 @@ def test_database_restart_mid_job_is_ridden_out(procs, tmp_path, restartable_pos
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_database_gone_for_good_stops_the_job_after_the_retry_window(procs, tmp_path,
                                                                       restartable_postgres):

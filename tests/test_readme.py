@@ -8,6 +8,7 @@ nothing is imported or run).
 from __future__ import annotations
 
 import ast
+import functools
 import re
 
 from conftest import ROOT
@@ -16,6 +17,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 REFERENCE = re.compile(r"`([\w./-]+\.py):(\w+)`")
 
 
+@functools.lru_cache(maxsize=None)   # the README names some files dozens of times
 def defined_names(path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     return {node.name for node in ast.walk(tree)

@@ -145,6 +145,7 @@ FAULTY = ["--crash-rate", "0.5", "--stall-rate", "0.5", "--stall-seconds", "2",
           "--fault-seed", "2"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_timeline_of_a_faulty_job(procs, tmp_path, sales_100k):
     """Rule: the PNG of a real job with a stall past the lease and a crash has

@@ -215,6 +215,8 @@ FAULTS = ["--stall-rate", "0.2", "--stall-seconds", "1.5", "--error-rate", "0.15
           "--delay", "0.05"]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)],
+                         indirect=True)   # the PostgreSQL run: python -m pytest -m slow
 @pytest.mark.timeout(120)
 def test_once_counts_equal_the_database_after_a_faulty_job(procs, tmp_path, sales_100k, db_url):
     """Rule: after a job with stalls past the lease (re-leases, duplicates)
@@ -239,6 +241,7 @@ def test_once_counts_equal_the_database_after_a_faulty_job(procs, tmp_path, sale
     assert "ETA done" in once.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_mid_job_snapshots_equal_the_database(procs, tmp_path, sales_100k):
     """Rule: mid-job, a snapshot read in one transaction agrees exactly with

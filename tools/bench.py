@@ -21,6 +21,12 @@ mode            command
 =============== =============================================================
 pandas-all      one process: ``pd.read_csv(path)`` (all columns) + metrics
 pandas-usecols  one process: ``pd.read_csv(path, usecols=[price, qty])``
+pandas-halves   two processes at once, each the pandas-usecols script on half
+                of the records (the file cut after the record that holds its
+                middle byte; right for files without quoted line breaks, as
+                tools/make_csv.py writes them), partial answers merged: the
+                split with no coordination at all, the bound for any design
+                that parses with pandas in two processes
 duckdb          one process: one DuckDB SQL query (multi-threaded)
 polars          one process: ``pl.scan_csv`` of the two columns, one lazy
                 query (multi-threaded)
@@ -127,7 +133,7 @@ REL_TOLERANCE = 1e-9
 RESULT_KEYS = ("total_rows", "total_sales", "min_price", "max_price", "avg_price",
                "rejected_rows")
 
-BASELINES = ("pandas-all", "pandas-usecols", "duckdb", "polars", "dask")
+BASELINES = ("pandas-all", "pandas-usecols", "pandas-halves", "duckdb", "polars", "dask")
 # The baselines that need a package the project does not depend on, and the
 # modules that must import for each (tools/requirements-bench.txt installs them).
 OPTIONAL_BASELINES = {
@@ -170,6 +176,69 @@ print(json.dumps({
     "max_price": float(valid.max()) if len(valid) else None,
     "avg_price": float(valid.mean()) if len(valid) else None,
     "rejected_rows": int((~ok).sum())}))
+"""
+
+# pandas-halves: this driver imports no pandas; each child (HALF_SCRIPT, passed
+# as the last argument) parses its half and prints partial metrics, merged here
+# as the server merges chunk results.
+HALVES_SCRIPT = """
+import json, os, subprocess, sys
+path, price, qty, sep, decimal, encoding, half_script = sys.argv[1:8]
+size = os.path.getsize(path)
+with open(path, "rb") as f:
+    header_end = len(f.readline())
+    f.seek(max(header_end, size // 2) - 1)
+    f.readline()                     # to the end of the record the middle byte is in
+    middle = f.tell()
+children = [subprocess.Popen([sys.executable, "-c", half_script, path, price, qty, sep,
+                              decimal, encoding, str(a), str(b)], stdout=subprocess.PIPE)
+            for a, b in ((header_end, middle), (middle, size))]
+parts = [json.loads(child.communicate()[0]) for child in children]
+if any(child.returncode for child in children):
+    sys.exit("a half failed")
+count = sum(p["count"] for p in parts)
+lows = [p["min"] for p in parts if p["count"]]
+highs = [p["max"] for p in parts if p["count"]]
+print(json.dumps({
+    "total_rows": sum(p["rows"] for p in parts), "total_sales": sum(p["sales"] for p in parts),
+    "min_price": min(lows) if lows else None, "max_price": max(highs) if highs else None,
+    "avg_price": sum(p["prices"] for p in parts) / count if count else None,
+    "rejected_rows": sum(p["rows"] - p["count"] for p in parts)}))
+"""
+
+HALF_SCRIPT = """
+import io, json, math, sys
+import pandas as pd
+path, price, qty, sep, decimal, encoding, start, end = sys.argv[1:9]
+
+class Records(io.RawIOBase):
+    # The header line, then bytes start..end of the file.
+    def __init__(self):
+        self.f = open(path, "rb")
+        self.head = self.f.readline()
+        self.f.seek(int(start))
+        self.left = int(end) - int(start)
+    def readable(self):
+        return True
+    def readinto(self, buffer):
+        if self.head:
+            data, self.head = self.head[:len(buffer)], self.head[len(buffer):]
+        else:
+            data = self.f.read(min(len(buffer), self.left))
+            self.left -= len(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+df = pd.read_csv(io.BufferedReader(Records(), 1 << 20), sep=sep, decimal=decimal,
+                 encoding=encoding, usecols=[price, qty])
+p = pd.to_numeric(df[price], errors="coerce")
+q = pd.to_numeric(df[qty], errors="coerce")
+ok = p.notna() & q.notna() & (p.abs() < math.inf) & (q.abs() < math.inf)
+valid = p[ok]
+print(json.dumps({"rows": len(df), "count": int(ok.sum()), "sales": float((valid * q[ok]).sum()),
+                  "prices": float(valid.sum()),
+                  "min": float(valid.min()) if len(valid) else None,
+                  "max": float(valid.max()) if len(valid) else None}))
 """
 
 DUCKDB_SCRIPT = """
@@ -498,6 +567,9 @@ def mode_command(mode: str, data: Input, args) -> list:
         columns = "usecols" if mode == "pandas-usecols" else "all"
         return [PY, "-c", PANDAS_SCRIPT, data.path, data.price, data.qty, data.sep,
                 data.decimal, data.encoding, columns]
+    if mode == "pandas-halves":
+        return [PY, "-c", HALVES_SCRIPT, data.path, data.price, data.qty, data.sep,
+                data.decimal, data.encoding, HALF_SCRIPT]
     if mode == "duckdb":
         return [PY, "-c", DUCKDB_SCRIPT, data.path, data.price, data.qty, data.sep, data.decimal]
     if mode == "polars":

@@ -16,7 +16,8 @@ notice.  For each mutant the tool
    temporary folder, so the working tree is never touched;
 2. replaces the mutant's exact text in its file (it must occur exactly once);
 3. runs only that mutant's tests there:
-   ``python -m pytest -x -q -p no:cacheprovider TEST...``, with a deadline.
+   ``python -m pytest -x -q -p no:cacheprovider -m "" TEST...``, with a
+   deadline (``-m ""``: also tests marked slow, which the suite leaves out).
 
 Outcomes: ``caught`` (a test failed, as it must), ``SURVIVED`` (every test
 passed: the rule can be broken unseen), ``STALE`` (the text to replace is
@@ -588,7 +589,9 @@ def run_tests(folder: Path, tests, timeout: float) -> tuple[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTHONPATH")}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["COLUMNS"] = "160"   # room for the reason in pytest's "FAILED ..." summary line
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    # -m "": a mutant's tests run even if marked slow (pytest.ini deselects those).
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "",
+           *tests]
     proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
