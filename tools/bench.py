@@ -193,9 +193,10 @@ with open(path, "rb") as f:
 children = [subprocess.Popen([sys.executable, "-c", half_script, path, price, qty, sep,
                               decimal, encoding, str(a), str(b)], stdout=subprocess.PIPE)
             for a, b in ((header_end, middle), (middle, size))]
-parts = [json.loads(child.communicate()[0]) for child in children]
+outputs = [child.communicate()[0] for child in children]
 if any(child.returncode for child in children):
     sys.exit("a half failed")
+parts = [json.loads(output) for output in outputs]
 count = sum(p["count"] for p in parts)
 lows = [p["min"] for p in parts if p["count"]]
 highs = [p["max"] for p in parts if p["count"]]
