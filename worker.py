@@ -219,7 +219,10 @@ class Worker:
                                  f"{self.give_up_after:.0f} s ({exc}); if its job is "
                                  f"finished, the server has exited and nothing is left "
                                  f"to do") from None
-                if self.stopping.wait(random.uniform(0, bound)):
+                # Never past the deadline: a last draw of up to 5 s would keep
+                # a worker told to give up after 3 s trying for 8.
+                delay = min(random.uniform(0, bound), max(deadline - time.monotonic(), 0.0))
+                if self.stopping.wait(delay):
                     raise GiveUp("stopped while reconnecting") from None
                 bound = min(bound * 2, 5.0)
 

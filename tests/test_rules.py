@@ -855,6 +855,28 @@ def test_reconnect_delays_are_jittered(monkeypatch):
     assert delays[0] != delays[1] and delays[0] != BOUNDS
 
 
+def test_last_reconnect_delay_ends_at_the_give_up_deadline(monkeypatch):
+    """Rule: no reconnect delay runs past the --give-up-after deadline; the
+    worker tries once more there and gives up.  Regression: with 3 s and each
+    delay drawn at its bound, it slept 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s and gave
+    up at 3.1 s; with jitter, a last draw of up to 5 s made 3 s into 8."""
+    clock = FakeClock()
+    monkeypatch.setattr(worker_mod.time, "monotonic", clock)
+    monkeypatch.setattr(worker_mod.random, "uniform", lambda low, high: high)
+    worker = refusing_worker(monkeypatch, give_up_after=3)
+    record = worker.stopping.wait
+
+    def wait(seconds):
+        clock.now += seconds
+        return record(seconds)
+
+    worker.stopping.wait = wait
+    with pytest.raises(worker_mod.GiveUp, match="unreachable"):
+        worker.connect()
+    assert worker.stopping.delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.5])
+    assert clock.now == pytest.approx(3.0)
+
+
 def test_worker_gives_up_after_give_up_after(monkeypatch):
     """Rule: a server unreachable for --give-up-after seconds ends the worker
     (GiveUp, exit 1) instead of a reconnect loop for ever."""
