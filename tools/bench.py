@@ -161,11 +161,33 @@ NOT_INSTALLED = "not installed (pip install -r tools/requirements-bench.txt)"
 # counts when its price and its quantity are both finite numbers.
 
 PANDAS_SCRIPT = """
-import json, math, sys
+import io, json, math, sys
 import pandas as pd
 path, price, qty, sep, decimal, encoding, columns = sys.argv[1:8]
 usecols = [price, qty] if columns == "usecols" else None
-df = pd.read_csv(path, sep=sep, decimal=decimal, encoding=encoding, usecols=usecols)
+source = path
+
+class Records(io.RawIOBase):
+    # pandas-halves: the header line, then bytes start..end of the file.
+    def __init__(self, start, end):
+        self.f = open(path, "rb")
+        self.head = self.f.readline()
+        self.f.seek(start)
+        self.left = end - start
+    def readable(self):
+        return True
+    def readinto(self, buffer):
+        if self.head:
+            data, self.head = self.head[:len(buffer)], self.head[len(buffer):]
+        else:
+            data = self.f.read(min(len(buffer), self.left))
+            self.left -= len(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+if len(sys.argv) > 8:
+    source = io.BufferedReader(Records(int(sys.argv[8]), int(sys.argv[9])), 1 << 20)
+df = pd.read_csv(source, sep=sep, decimal=decimal, encoding=encoding, usecols=usecols)
 p = pd.to_numeric(df[price], errors="coerce")
 q = pd.to_numeric(df[qty], errors="coerce")
 ok = p.notna() & q.notna() & (p.abs() < math.inf) & (q.abs() < math.inf)
@@ -178,68 +200,36 @@ print(json.dumps({
     "rejected_rows": int((~ok).sum())}))
 """
 
-# pandas-halves: this driver imports no pandas; each child (HALF_SCRIPT, passed
-# as the last argument) parses its half and prints partial metrics, merged here
-# as the server merges chunk results.
+# pandas-halves: this driver imports no pandas; each child runs PANDAS_SCRIPT
+# (passed as the last argument) on its half, and the answers merge as the
+# server merges chunk results (the mean weighted by the valid prices).
 HALVES_SCRIPT = """
 import json, os, subprocess, sys
-path, price, qty, sep, decimal, encoding, half_script = sys.argv[1:8]
+path, price, qty, sep, decimal, encoding, pandas_script = sys.argv[1:8]
 size = os.path.getsize(path)
 with open(path, "rb") as f:
     header_end = len(f.readline())
     f.seek(max(header_end, size // 2) - 1)
     f.readline()                     # to the end of the record the middle byte is in
     middle = f.tell()
-children = [subprocess.Popen([sys.executable, "-c", half_script, path, price, qty, sep,
-                              decimal, encoding, str(a), str(b)], stdout=subprocess.PIPE)
+children = [subprocess.Popen([sys.executable, "-c", pandas_script, path, price, qty, sep,
+                              decimal, encoding, "usecols", str(a), str(b)],
+                             stdout=subprocess.PIPE)
             for a, b in ((header_end, middle), (middle, size))]
 outputs = [child.communicate()[0] for child in children]
 if any(child.returncode for child in children):
     sys.exit("a half failed")
 parts = [json.loads(output) for output in outputs]
-count = sum(p["count"] for p in parts)
-lows = [p["min"] for p in parts if p["count"]]
-highs = [p["max"] for p in parts if p["count"]]
+counts = [p["total_rows"] - p["rejected_rows"] for p in parts]
+lows = [p["min_price"] for p in parts if p["min_price"] is not None]
+highs = [p["max_price"] for p in parts if p["max_price"] is not None]
 print(json.dumps({
-    "total_rows": sum(p["rows"] for p in parts), "total_sales": sum(p["sales"] for p in parts),
+    "total_rows": sum(p["total_rows"] for p in parts),
+    "total_sales": sum(p["total_sales"] for p in parts),
     "min_price": min(lows) if lows else None, "max_price": max(highs) if highs else None,
-    "avg_price": sum(p["prices"] for p in parts) / count if count else None,
-    "rejected_rows": sum(p["rows"] - p["count"] for p in parts)}))
-"""
-
-HALF_SCRIPT = """
-import io, json, math, sys
-import pandas as pd
-path, price, qty, sep, decimal, encoding, start, end = sys.argv[1:9]
-
-class Records(io.RawIOBase):
-    # The header line, then bytes start..end of the file.
-    def __init__(self):
-        self.f = open(path, "rb")
-        self.head = self.f.readline()
-        self.f.seek(int(start))
-        self.left = int(end) - int(start)
-    def readable(self):
-        return True
-    def readinto(self, buffer):
-        if self.head:
-            data, self.head = self.head[:len(buffer)], self.head[len(buffer):]
-        else:
-            data = self.f.read(min(len(buffer), self.left))
-            self.left -= len(data)
-        buffer[:len(data)] = data
-        return len(data)
-
-df = pd.read_csv(io.BufferedReader(Records(), 1 << 20), sep=sep, decimal=decimal,
-                 encoding=encoding, usecols=[price, qty])
-p = pd.to_numeric(df[price], errors="coerce")
-q = pd.to_numeric(df[qty], errors="coerce")
-ok = p.notna() & q.notna() & (p.abs() < math.inf) & (q.abs() < math.inf)
-valid = p[ok]
-print(json.dumps({"rows": len(df), "count": int(ok.sum()), "sales": float((valid * q[ok]).sum()),
-                  "prices": float(valid.sum()),
-                  "min": float(valid.min()) if len(valid) else None,
-                  "max": float(valid.max()) if len(valid) else None}))
+    "avg_price": (sum(p["avg_price"] * n for p, n in zip(parts, counts) if n) / sum(counts)
+                  if sum(counts) else None),
+    "rejected_rows": sum(p["rejected_rows"] for p in parts)}))
 """
 
 DUCKDB_SCRIPT = """
@@ -570,7 +560,7 @@ def mode_command(mode: str, data: Input, args) -> list:
                 data.decimal, data.encoding, columns]
     if mode == "pandas-halves":
         return [PY, "-c", HALVES_SCRIPT, data.path, data.price, data.qty, data.sep,
-                data.decimal, data.encoding, HALF_SCRIPT]
+                data.decimal, data.encoding, PANDAS_SCRIPT]
     if mode == "duckdb":
         return [PY, "-c", DUCKDB_SCRIPT, data.path, data.price, data.qty, data.sep, data.decimal]
     if mode == "polars":
