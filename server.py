@@ -84,7 +84,7 @@ import protocol
 from db_utils import AggregateOverflow, Outcome, ResultStore, StoreError
 from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
                     HelpFormatter, LazyModule, RecordScanner, SmallChunk, byte_transparent,
-                    fd_fingerprint, file_fingerprint, fingerprint_text, find_columns,
+                    check_pandas, fd_fingerprint, file_fingerprint, fingerprint_text, find_columns,
                     import_pandas, inside_mask, is_blank, keep_freed_memory, normalize_name,
                     port_number, read_columns, record_ends, seconds, seconds_or_zero,
                     show_names, text_readings)
@@ -92,7 +92,7 @@ from worker import (PRICE_ALIASES, QTY_ALIASES, SECRET_ENV, ColumnError,
 log = logging.getLogger("server")
 # Imported by the first parse: the documented mode's chunks, an unusual header.
 # A --stream server parses nothing and never imports pandas.
-pd = LazyModule("pandas")
+pd = LazyModule("pandas", check=check_pandas)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -887,8 +887,9 @@ def run(args: argparse.Namespace) -> int:
     inspected = time.perf_counter()
     # The documented mode parses: pandas' 0.3 s import runs while the scan
     # below cuts the file, which mostly waits for reads without the GIL.
-    importing = None if args.stream else threading.Thread(target=_import_pandas,
-                                                          name="import-pandas")
+    import_failed = []
+    importing = None if args.stream else threading.Thread(
+        target=_import_pandas, args=(import_failed,), name="import-pandas")
     if importing is not None:
         importing.start()
     chunks = store = None
@@ -920,6 +921,10 @@ def run(args: argparse.Namespace) -> int:
                              f"{exc.strerror or exc}") from None
         for phase, spent in loaded.items():
             server.timings.add(phase, spent)
+        if importing is not None:
+            importing.join()   # costs nothing: the parse would wait for the import anyway
+            if import_failed:
+                raise import_failed[0]
         # The documented mode's producer starts parsing now ("parse" phase).
         chunks.start(state.done, server.fail_job, server.timings)
         return serve(server, args)
@@ -932,11 +937,11 @@ def run(args: argparse.Namespace) -> int:
             store.close()
 
 
-def _import_pandas() -> None:
+def _import_pandas(failed: list) -> None:
     try:
         import_pandas()
-    except ImportError:
-        pass   # the parse meets the same error and reports it
+    except ImportError as exc:
+        failed.append(exc)   # raised by run() before the parse starts
 
 
 def serve(server: JobServer, args: argparse.Namespace) -> int:
@@ -2611,6 +2616,10 @@ def main(argv=None) -> int:
         print("server.py: error: out of memory; try more --chunks, or --stream "
               "(README, Troubleshooting)", file=sys.stderr)
         return EXIT_FAILED
+    except ImportError as exc:   # pandas missing or too old (worker.check_pandas)
+        print(f"server.py: error: cannot import pandas ({exc}): pip install -r requirements.txt",
+              file=sys.stderr)
+        return EXIT_USAGE
     except (InputError, OSError) as exc:  # OSError: e.g. the db folder is missing
         if not signals:
             print(f"server.py: error: {exc}", file=sys.stderr)

@@ -65,20 +65,41 @@ class LazyModule:
     pandas takes 0.3-0.4 s to import.  The server imports this module for its
     column, number and record rules, and in ``--stream`` it never parses: with
     ``pd = LazyModule("pandas")`` only a process that parses pays for it.
+    ``check(module)``, if given, runs once after the import and may raise
+    ``ImportError``, as the import itself may.
     """
 
-    def __init__(self, name: str):
-        self._name, self._module = name, None
+    def __init__(self, name: str, check=None):
+        self._name, self._check, self._module = name, check, None
 
     def __getattr__(self, attr: str):
         # Called only for names this object lacks, so for every pandas name:
         # the module is looked up once, not on each call of a hot path.
         if self._module is None:
-            self._module = importlib.import_module(self._name)
+            module = importlib.import_module(self._name)
+            if self._check is not None:
+                self._check(module)
+            self._module = module
         return getattr(self._module, attr)
 
 
-pd = LazyModule("pandas")
+# The oldest pandas release the test suite passes on.  pandas 3.0 reads a
+# header name that starts with a NUL byte as "Unnamed: N" and misreads
+# lone-CR line ends fed to it in small reads; pandas 2.2 converts text to
+# numbers a bit off in the last digit (1.9999999998835847 came back as
+# 1.999999999883585).  Either gives wrong answers or no answer.
+PANDAS_OLDEST = (3, 1)
+
+
+def check_pandas(module) -> None:
+    """Raise ``ImportError`` if ``module`` (pandas) is older than :data:`PANDAS_OLDEST`."""
+    version = tuple(int(part) for part in re.findall(r"\d+", module.__version__)[:2])
+    if version < PANDAS_OLDEST:
+        raise ImportError(f"pandas {module.__version__} is too old, this project needs pandas "
+                          f">= {'.'.join(map(str, PANDAS_OLDEST))}")
+
+
+pd = LazyModule("pandas", check=check_pandas)
 SECRET_ENV = "SALES_SECRET"
 
 
@@ -1004,7 +1025,9 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
 
     def parse(number_type):
         if text is not None:   # the fast path: checked in bulk, handed to pandas' C parser
-            return _read(_Spliced(*text), sep, decimal, "utf-8", wanted, numbers, number_type)
+            head, rest, marker = text
+            return _read(_Spliced(head, rest), marker, sep, decimal, "utf-8", wanted, numbers,
+                         number_type)
         return _parse(stream, sep, decimal, encoding, wanted, numbers, number_type)
     frame = None
     if decimal is not None and (text is not None or start is not None):
@@ -1031,23 +1054,25 @@ def _parse(stream, sep, decimal, encoding, wanted, numbers, number_type) -> pd.D
         stream, encoding = _ValidUtf8(stream), "utf-8"
     elif not byte_transparent(encoding):
         stream, encoding = _Utf8(stream, encoding), "utf-8"
-    return _read(_FieldCheck(stream, sep), sep, decimal, encoding, wanted, numbers, number_type)
+    check = _FieldCheck(stream, sep)
+    return _read(check, check.header_marker(), sep, decimal, encoding, wanted, numbers,
+                 number_type)
 
 
-def _read(source, sep, decimal, encoding, wanted, numbers, number_type) -> pd.DataFrame:
-    """pandas' parse of ``source``, whose header names :data:`SURPLUS` last; raises
+def _read(source, marker, sep, decimal, encoding, wanted, numbers, number_type) -> pd.DataFrame:
+    """pandas' parse of ``source``, whose header names ``marker`` last; raises
     :class:`TooManyFields` if a record put a value in that marker column."""
-    columns = wanted + [SURPLUS]
+    columns = wanted + [marker]
     types = {column: number_type if column in numbers else str for column in wanted}
     # Almost always empty, the marker column costs next to nothing as a
     # category, where the default type inference would cost as much as a
     # number column.
-    types[SURPLUS] = "category"
+    types[marker] = "category"
     # One list for every column: the same as one list per column (only these
     # columns are read), and pandas builds its lookup table once, not per column.
     frame = pd.read_csv(source, sep=sep, decimal=decimal or ".", encoding=encoding,
                         usecols=columns, dtype=types, keep_default_na=False, na_values=[""])
-    surplus = frame.pop(SURPLUS).notna().to_numpy()
+    surplus = frame.pop(marker).notna().to_numpy()
     if surplus.any():
         raise TooManyFields(f"data record {int(surplus.argmax()) + 1} has more fields than the "
                             f"header; quote values that contain the separator {sep!r}, and end "
@@ -1055,9 +1080,10 @@ def _read(source, sep, decimal, encoding, wanted, numbers, number_type) -> pd.Da
     return frame
 
 
-def _clean_in_memory(stream, sep: str, encoding: str) -> tuple[bytes, memoryview] | None:
+def _clean_in_memory(stream, sep: str, encoding: str) -> tuple[bytes, memoryview, str] | None:
     """The text :func:`read_columns`' careful path would hand pandas, as its header
-    line and the rest (for :class:`_Spliced`), or None to take that path.
+    line and the rest (for :class:`_Spliced`), and the marker column's name; or
+    None to take that path.
 
     Taken when ``stream`` is a ``BytesIO`` (both callers hold the input in
     memory) that is, checked in C or numpy, the clean common case:
@@ -1109,7 +1135,8 @@ def _clean_in_memory(stream, sep: str, encoding: str) -> tuple[bytes, memoryview
         # One byte more than the block: the pair across its edge.
         if _may_hide_empty_field(data, sep, start, start + CHECK_BLOCK + 1):
             return None
-    return data[:line] + (sep + SURPLUS).encode(), view[line:]
+    marker = surplus_marker(data[:line], sep)
+    return data[:line] + (sep + marker).encode(), view[line:], marker
 
 
 CHECK_BLOCK = 1 << 18   # bytes checked at a time by the fast path: a block stays in the CPU cache
@@ -1407,9 +1434,22 @@ class TooManyFields(ValueError):
     """A record has more fields than the header."""
 
 
-# The name of the marker column added to the header: no real header holds a
-# NUL byte (the server refuses them).
-SURPLUS = "\x00surplus"
+def surplus_marker(header: bytes, sep: str) -> str:
+    """The name of the marker column added to ``header`` (its bytes as pandas gets them).
+
+    ``surplus``, else ``surplus2``, ``surplus3`` and so on: the first that
+    occurs nowhere in ``header`` (so no column of the file has it: pandas
+    would rename the second of two equal names, and read a real column as
+    the marker) and holds no ``sep`` (removed from it where it would).  A
+    fixed name with a NUL byte, which no header holds, was read as
+    ``Unnamed: 2`` by pandas 3.0, whose C parser ends a name at a NUL.
+    """
+    n = 1
+    while True:
+        name = ("surplus" + (str(n) if n > 1 else "")).replace(sep, "")
+        if name and name.encode() not in header:
+            return name
+        n += 1
 
 
 class _FieldCheck(io.RawIOBase):
@@ -1419,7 +1459,7 @@ class _FieldCheck(io.RawIOBase):
     Two checks share the work, because pandas, told to read some columns
     (``usecols``), drops a record's surplus fields without a word:
 
-    * The header gets one more name, :data:`SURPLUS`, which
+    * The header gets one more name (:func:`surplus_marker`), which
       :func:`read_columns` reads like a wanted column.  A record with more
       fields than the header puts its first surplus field there, so a
       non-empty one shows in the parsed frame.  It costs pandas next to
@@ -1446,6 +1486,16 @@ class _FieldCheck(io.RawIOBase):
         self.ready, self.at = b"", 0   # checked bytes, not yet handed to pandas
         self.later = b""        # more of them, to hand over after ``ready``
         self.ended = False
+        self.marker = None      # the marker column's name, once the header has been read
+
+    def header_marker(self) -> str:
+        """The marker column's name (:func:`surplus_marker`): reads up to the end of the header.
+
+        Raises what :meth:`read` raises for the data read on the way.
+        """
+        while self.marker is None:
+            self.ready, self.at = self._take(self.raw.read(READ_BLOCK) or b""), 0
+        return self.marker
 
     def readable(self) -> bool:
         return True
@@ -1489,9 +1539,10 @@ class _FieldCheck(io.RawIOBase):
         text, self.open = self.open, b""
         self.scanner = RecordScanner(self.sep, at_start=False)   # the header ended
         line = start + len(text[start:end].rstrip(b"\r\n"))
+        self.marker = surplus_marker(text[start:line], self.sep)
         self._check(text[end:])
         self.later = text[line:]        # served after the header, without one more copy
-        return text[:line] + (self.sep + SURPLUS).encode()
+        return text[:line] + (self.sep + self.marker).encode()
 
     def _find_header(self, final: bool) -> tuple[int, int] | None:
         """The (start, end) of the header in ``self.open``, or None if it has not ended.
@@ -1699,9 +1750,10 @@ def import_pandas() -> None:
     exit, walk every object alive; pandas leaves about 200,000 of them, which
     live until exit anyway.  Frozen (:func:`gc.freeze`), they are never
     walked again: ``python -c "import pandas"`` takes 0.40 s, 0.28 s with
-    the freeze.  Raises ``ImportError`` if pandas is not installed.
+    the freeze.  Raises ``ImportError`` if pandas is not installed or too old
+    (:func:`check_pandas`).
     """
-    importlib.import_module("pandas")
+    pd.DataFrame   # noqa: B018 -- the first use of the LazyModule imports and checks pandas
     gc.freeze()
 
 

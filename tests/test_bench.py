@@ -150,6 +150,24 @@ def test_pandas_halves_bound_equals_the_oracle(tmp_path):
                          rel=1e-9)
 
 
+@pytest.mark.timeout(60)
+def test_a_relative_csv_path_is_found_from_the_repository_root(tmp_path, monkeypatch):
+    """``--csv sales.csv`` given from the file's own directory: every mode runs
+    from the repository root, so the path they get must be absolute (a
+    relative one made every mode fail and the bench end in "no answer")."""
+    path = tmp_path / "dirty.csv"
+    path.write_text("Price,Qty\n2.5,4\nTBD,1\n1.25,2\n")
+    monkeypatch.chdir(tmp_path)
+    data = bench.describe_input("dirty.csv")
+    assert data.path == str(path.resolve())
+    out = subprocess.run(bench.mode_command("pandas-usecols", data, bench.parse_args([])),
+                         cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert bench.parse_json_result(out.stdout) == {
+        "total_rows": 3, "total_sales": 12.5, "min_price": 1.25, "max_price": 2.5,
+        "avg_price": 1.875, "rejected_rows": 1}
+
+
 def test_cost_lines_name_the_fastest_single_process_baseline():
     """COST divides by the fastest exact single-process baseline (dask, being
     distributed, and an inexact one never count) and says whether 1 or 2

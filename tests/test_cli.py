@@ -148,3 +148,50 @@ def test_the_same_column_for_price_and_quantity_is_refused(tmp_path):
     path.write_text("Price,Qty\n2.5,4\n")
     with pytest.raises(server.InputError, match="both 'Qty'"):
         server.inspect_csv(str(path), price_col="Qty")
+
+
+@pytest.mark.parametrize("version, ok", [("3.1.0", True), ("3.1.1", True), ("4.0.0rc1", True),
+                                         ("3.0.6", False), ("2.2.3", False)])
+def test_pandas_older_than_the_oldest_tested_is_refused(version, ok):
+    """Under pandas 3.0.6 every job failed ('Usecols do not match columns') and
+    lone-CR input was misread; under 2.2.3 numbers came back off in the last
+    digit.  requirements.txt asks for 3.1 and up; an older pandas already
+    installed is refused by name instead of giving a wrong answer."""
+    import types
+
+    import worker
+    module = types.SimpleNamespace(__version__=version)
+    if ok:
+        worker.check_pandas(module)
+    else:
+        with pytest.raises(ImportError, match=f"pandas {version} is too old.*>= 3.1"):
+            worker.check_pandas(module)
+
+
+@pytest.mark.timeout(60)
+def test_server_and_worker_with_too_old_a_pandas_say_so_in_one_line(tmp_path):
+    """Each program, given a pandas older than it accepts (the oldest accepted
+    raised past the installed one), stops with one line that names the fix:
+    the server before its job starts (exit 2), the worker before it connects
+    (exit 1)."""
+    path = tmp_path / "s.csv"
+    path.write_text("Price,Qty\n2.5,4\n")
+    older = "import sys, worker; worker.PANDAS_OLDEST = (999, 0); import {0}; sys.exit({0}.main())"
+    server = subprocess.run([PY, "-c", older.format("server"), "--csv", str(path), "--port", "0",
+                             "--db", str(tmp_path / "s.db")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=50)
+    assert server.returncode == 2, server.stderr
+    assert server.stderr.strip().splitlines() == [
+        f"server.py: error: cannot import pandas (pandas {_pandas_version()} is too old, this "
+        "project needs pandas >= 999.0): pip install -r requirements.txt"]
+    worker = subprocess.run([PY, "-c", older.format("worker"), "--port", "9", "--worker-id", "w",
+                             "--give-up-after", "1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=50)
+    assert worker.returncode == 1, worker.stderr
+    assert "pandas >= 999.0" in worker.stderr and "pip install -r requirements.txt" in worker.stderr
+    assert "Traceback" not in worker.stderr
+
+
+def _pandas_version() -> str:
+    import pandas
+    return pandas.__version__

@@ -168,9 +168,10 @@ def test_field_check_counts_fields_like_the_csv_module(monkeypatch_block, text, 
     if too_many:
         with pytest.raises((worker.TooManyFields, worker.MisreadRecord)):
             # Either the check raises, or pandas finds a value in the marker column.
+            marker = check.header_marker()
             frame = pd.read_csv(check, sep=sep, dtype=str, keep_default_na=False,
-                                na_values={worker.SURPLUS: [""]}, usecols=[worker.SURPLUS])
-            if frame[worker.SURPLUS].notna().any():
+                                na_values={marker: [""]}, usecols=[marker])
+            if frame[marker].notna().any():
                 raise worker.TooManyFields("in the marker column")
     else:
         out = b""
@@ -179,7 +180,8 @@ def test_field_check_counts_fields_like_the_csv_module(monkeypatch_block, text, 
         # Passed through, with the marker column named at the end of the header.
         at = len(data) if header is None else \
             records[header][0] + len(data[records[header][0]:records[header][1]].rstrip(b"\r\n"))
-        assert out == data[:at] + (sep + worker.SURPLUS).encode() + data[at:]
+        head = b"" if header is None else data[records[header][0]:at]
+        assert out == data[:at] + (sep + worker.surplus_marker(head, sep)).encode() + data[at:]
 
 
 @pytest.fixture
@@ -297,14 +299,14 @@ def test_clean_input_in_memory_takes_the_fast_path():
     fast path, with the marker column added to the header exactly where the careful
     path's _FieldCheck adds it; an empty field, a trailing separator, a quote in the
     header, a lone CR or invalid UTF-8 sends the input to the careful path."""
-    marker = ("," + worker.SURPLUS).encode()
     for data, encoding in [(b"Price,Qty\n1.5,2\n", "utf-8"),
                            (b"\xef\xbb\xbfPrice,Qty\r\n1.5,2\r\n2,3", "utf-8-sig"),
                            ("Région,Price,Qty\né,1,2\n".encode(), "utf-8"),
                            (b"Price,Qty\n1.5,2\n", "cp1252")]:
-        head, rest = worker._clean_in_memory(io.BytesIO(data), ",", encoding)
+        head, rest, marker = worker._clean_in_memory(io.BytesIO(data), ",", encoding)
         line = data.index(b"\n") - data[:data.index(b"\n")].endswith(b"\r")
-        assert head + bytes(rest) == data[:line] + marker + data[line:]
+        assert marker == "surplus"
+        assert head + bytes(rest) == data[:line] + b",surplus" + data[line:]
     for data, encoding in [(b"Price,Qty\n1.5,\n", "utf-8"), (b"Price,Qty\n1.5,2,", "utf-8"),
                            (b'"Price",Qty\n1.5,2\n', "utf-8"), (b"Price,Qty\r1.5,2\r", "utf-8"),
                            (b"Price,Qty\n\xe9,2\n", "utf-8"), (b"Price,Qty\n\xe9,2\n", "cp1252"),
@@ -358,6 +360,36 @@ def test_regression_surplus_into_an_empty_trailing_column(tmp_path):
         assert "more fields" in message and "B,1,234.50,2," in message
 
 
+@pytest.mark.parametrize("sep", [",", ";", "\t", "|", "s", "2", "_"])
+@pytest.mark.parametrize("header", [b"Price,Qty", b"surplus,Price,Qty", b"Price,Qty,surplus2,surplus",
+                                    b"a,surplus.1,Price"])
+def test_regression_the_marker_column_is_a_name_pandas_reads_back(header, sep):
+    """Every job failed under pandas 3.0 ('Usecols do not match columns ... '\\x00surplus''):
+    the marker column was named with a leading NUL, which pandas 3.0's C parser reads as
+    an empty name ('Unnamed: 2').  The marker is now printable, holds no separator,
+    occurs nowhere in the header, and pandas reads it back as the last column."""
+    header = header.replace(b",", sep.encode())
+    marker = worker.surplus_marker(header, sep)
+    assert marker.isprintable() and sep not in marker and marker.encode() not in header
+    columns = pd.read_csv(io.BytesIO(header + (sep + marker + "\n").encode()), sep=sep,
+                          dtype=str).columns
+    assert columns[-1] == marker and marker not in columns[:-1]
+
+
+def test_regression_a_column_named_surplus_is_read_and_checked(tmp_path):
+    """A file whose own columns are named 'surplus' and 'surplus2' (the marker's first two
+    choices): the marker becomes 'surplus3', the wanted 'surplus' column is read, and a
+    record with one field too many is still refused."""
+    frame = worker.read_columns(io.BytesIO(b"Price,surplus,surplus2\n2.5,4,x\n1,2,\n"), ",",
+                                ".", "utf-8", ["Price", "surplus"])
+    assert frame.to_dict("list") == {"Price": [2.5, 1.0], "surplus": [4.0, 2.0]}
+    for data in (b"Price,surplus,surplus2\n2.5,4,x\n1,2,y,\n",
+                 b"Price,surplus,surplus2\n2.5,4,x\n1,2,y,z\n"):
+        for stream in (io.BytesIO(data), io.BufferedReader(io.BytesIO(data))):  # both paths
+            with pytest.raises(worker.TooManyFields):
+                worker.read_columns(stream, ",", ".", "utf-8", ["Price", "surplus"])
+
+
 @pytest.mark.parametrize("surplus", [b"1.5,2,x", b"1.5,2,", b"1,234.50,2", b"1.5,2,,,"])
 def test_regression_surplus_beyond_the_head_in_utf16(tmp_path, surplus):
     """Issue 12: with --encoding utf-16 (newline not one byte) the guard was off past
@@ -383,7 +415,9 @@ CELL = st.text(alphabet="xy 1", max_size=3)
 def surplus_tables(draw):
     """(header names, records as lists of cells, index of price, index of qty)."""
     width = draw(st.integers(2, 5))
-    names = [f"C{i}" for i in range(width)]
+    # Some names are the marker column's first choices, which it must then avoid.
+    names = [draw(st.sampled_from([f"C{i}", f"surplus{i + 1 if i else ''}"]))
+             for i in range(width)]
     price_at, qty_at = draw(st.permutations(range(width)))[:2]
     names[price_at], names[qty_at] = "Price", "Qty"
     records = []

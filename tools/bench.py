@@ -496,6 +496,8 @@ class Input:
 def describe_input(path: str) -> Input:
     """Detect columns and dialect with the server's own ``inspect_csv``."""
     from server import inspect_csv
+    # Absolute: every mode runs from the repository root, not from the caller's directory.
+    path = str(Path(path).resolve())
     info = inspect_csv(path)
     return Input(path, info.size, info.price_col, info.qty_col, info.sep, info.decimal,
                  info.encoding)
@@ -617,9 +619,10 @@ def run_modes(modes: list, data: Input, args, log) -> tuple[dict, dict]:
     """Run ``modes`` ``args.reps`` times in alternating order; return (by mode, reference)."""
     by_mode = {mode: ModeRuns(mode) for mode in modes}
     reference = None
+    reference_runs = by_mode.get(REFERENCE) or ModeRuns(REFERENCE)
     if REFERENCE not in modes:
         log(f"reference answer: {REFERENCE} (not timed)")
-        reference = _run_one(REFERENCE, data, args, ModeRuns(REFERENCE)).result
+        reference = _run_one(REFERENCE, data, args, reference_runs).result
     for rep in range(args.reps):
         order = modes if rep % 2 == 0 else modes[::-1]
         for mode in order:
@@ -629,7 +632,8 @@ def run_modes(modes: list, data: Input, args, log) -> tuple[dict, dict]:
             if mode == REFERENCE and reference is None:
                 reference = run.result
     if reference is None:
-        raise RuntimeError(f"the reference mode {REFERENCE} produced no answer")
+        raise RuntimeError(f"the reference mode {REFERENCE} produced no answer: "
+                           + "; ".join(reference_runs.problems[:1]))
     for mode_runs in by_mode.values():
         for run in mode_runs.runs:
             if run.result is not None:
