@@ -1438,16 +1438,20 @@ def surplus_marker(header: bytes, sep: str) -> str:
     """The name of the marker column added to ``header`` (its bytes as pandas gets them).
 
     ``surplus``, else ``surplus2``, ``surplus3`` and so on: the first that
-    occurs nowhere in ``header`` (so no column of the file has it: pandas
-    would rename the second of two equal names, and read a real column as
-    the marker) and holds no ``sep`` (removed from it where it would).  A
-    fixed name with a NUL byte, which no header holds, was read as
-    ``Unnamed: 2`` by pandas 3.0, whose C parser ends a name at a NUL.
+    occurs nowhere in ``header`` once its quotes are taken out (so no
+    column of the file has it: pandas would rename the second of two equal
+    names, and read a real column as the marker) and holds no ``sep``
+    (removed from it where it would).  The quotes go because pandas names
+    ``"sur"plus`` ``surplus``: a name without a quote is a run of the
+    header's bytes without theirs.  A fixed name with a NUL byte, which no
+    header holds, was read as ``Unnamed: 2`` by pandas 3.0, whose C parser
+    ends a name at a NUL.
     """
+    unquoted = header.replace(b'"', b"")
     n = 1
     while True:
         name = ("surplus" + (str(n) if n > 1 else "")).replace(sep, "")
-        if name and name.encode() not in header:
+        if name and name.encode() not in unquoted:
             return name
         n += 1
 
