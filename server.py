@@ -1334,6 +1334,12 @@ def inspect_csv(path: str, sep: str | None = None, decimal: str | None = None,
     if group_col is not None and group_col not in columns:
         raise InputError(f"{path}: --group-by {group_col!r} is not a column; columns found: "
                          f"{show_names(columns)}")
+    if group_col in (price_col, qty_col):
+        # A column read as numbers and as group labels at once: the reader
+        # keeps one reading of it, so one of the two roles would be lost.
+        role = "price" if group_col == price_col else "quantity"
+        raise InputError(f"{path}: --group-by {group_col!r} is the {role} column; "
+                         f"group by another column")
     if decimal is None:
         at = [columns.index(price_col), columns.index(qty_col)]
         cells = [r[i] for i in at for r in records if i < len(r)]

@@ -997,7 +997,10 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
       it to numbers on its own: either the whole column parses as float64
       (the fast path, taken when the stream can be read twice and the mark
       is known; exact, since pandas then accepts only plain numbers in that
-      mark), or it is read again as text and converted once.  Letting
+      mark), or it is read again as text and converted once.  A column
+      that comes out of the float64 parse with nothing but 0 and 1 is read
+      as text too: pandas reads a column of nothing but ``True`` and
+      ``False`` as booleans and then casts them to 1.0 and 0.0.  Letting
       pandas guess would convert the file in pieces (2**20 / columns rows
       each), some numeric and some text, and a numeric "0.125" turned back
       into text is read as 125 under a decimal comma.
@@ -1036,13 +1039,23 @@ def read_columns(stream, sep: str, decimal: str | None, encoding: str, wanted: l
         except (TooManyFields, MisreadRecord, UnicodeError, pd.errors.ParserError):
             raise            # the same again as text
         except ValueError:   # a number column holds text ("$2.50", "TBD"): read it as text
-            if start is not None:
-                stream.seek(start)
+            pass
+        if frame is not None and any(_zeros_and_ones(frame[column]) for column in numbers):
+            frame = None     # maybe True and False: the text parse tells (to_number rejects them)
+        if frame is None and start is not None:
+            stream.seek(start)
     if frame is None:
         frame = parse(str)
     for column in numbers:
         frame[column] = to_number(frame[column], decimal)
     return frame
+
+
+def _zeros_and_ones(column: pd.Series) -> bool:
+    """True if float64 ``column`` has a value and every value is 0, 1 or missing."""
+    values = column.to_numpy()
+    missing = np.isnan(values)
+    return not missing.all() and bool(((values == 0) | (values == 1) | missing).all())
 
 
 def _parse(stream, sep, decimal, encoding, wanted, numbers, number_type) -> pd.DataFrame:

@@ -32,6 +32,7 @@ import csv
 import gzip
 import io
 import lzma
+import math
 import random
 import tempfile
 import zipfile
@@ -505,6 +506,47 @@ def test_surplus_fields_anywhere_any_encoding_both_modes(monkeypatch, monkeypatc
     else:
         assert not isinstance(got, str), got
         assert_stats(got, expected_totals(names, records, price_at, qty_at), f"{table}")
+
+
+# --- 2b. Cells pandas reads as numbers on its own -------------------------------------------
+
+@pytest.mark.parametrize("options", list(MODES.values()) + [["--stream", "--chunks", "4"]])
+def test_regression_true_and_false_are_not_numbers(tmp_path, options):
+    """Attack run: a chunk whose quantities were all True/False (any of pandas' spellings)
+    was read as 1.0 and 0.0, exit 0 (pandas infers booleans, then casts them to the
+    float64 asked for); where the chunk held another number too, the text parse rejected
+    them. Rejected in every chunking, like any text."""
+    allbool = totals(tmp_path, b"Price,Qty\n2.5,True\n3.0,True\n4.0,False\n", options)
+    assert_stats(allbool, {"total_rows": 3, "rejected_rows": 3, "total_sales": 0.0,
+                           "min_price": None, "max_price": None, "avg_price": None}, "allbool")
+    mixed = totals(tmp_path, b"Price,Qty\n2.5,true\n3.0,TRUE\n4.0,2\n", options, name="m.csv")
+    assert_stats(mixed, {"total_rows": 3, "rejected_rows": 2, "total_sales": 8.0,
+                         "min_price": 4.0, "max_price": 4.0, "avg_price": 4.0}, "mixed")
+
+
+TOKENS = ["True", "False", "true", "FALSE", "TRUE", "false", "1", "0", "1.0", "0.0", "2.5", "-0",
+          "inf", "-inf", "nan", "NaN", "NA", "1e3", "+2", " 3", "007", "0x10", "1_000", "", "yes"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cells=st.lists(st.sampled_from(TOKENS), min_size=1, max_size=5), in_memory=st.booleans(),
+       column=st.sampled_from(["Price", "Qty"]))
+def test_number_cells_read_like_the_oracle(cells, in_memory, column):
+    """A column made of any mix of plain numbers and what pandas might take for one (the
+    bool spellings, nan and inf spellings, hex, underscores, padded numbers): each cell
+    is the csv-module oracle's number, or not a finite number where the oracle has none,
+    whether the chunk comes in memory (the fast path) or as a stream."""
+    other = "2" if column == "Price" else "1.5"
+    lines = [f"{c},{other}" if column == "Price" else f"{other},{c}" for c in cells]
+    data = ("Price,Qty\n" + "\n".join(lines) + "\n").encode()
+    stream = io.BytesIO(data) if in_memory else io.BufferedReader(io.BytesIO(data))
+    got = worker.read_columns(stream, ",", ".", "utf-8", ["Price", "Qty"])[column].tolist()
+    for cell, value in zip(cells, got):
+        expected = oracle_number(cell, ".")
+        if expected is None:
+            assert not math.isfinite(value), (cell, value, cells)
+        else:
+            assert value == expected, (cell, value, cells)
 
 
 # --- 3. Decimal marks ---------------------------------------------------------------------

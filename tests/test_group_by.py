@@ -207,3 +207,17 @@ def test_numeric_looking_group_values_stay_as_written(procs, tmp_path, mode_args
     finally:
         store.close()
     assert groups == {"7": (3, 1.0 + 2.0 + 8.0), "007": (1, 5.0), None: (1, 3.0)}
+
+
+@pytest.mark.parametrize("column, role", [("Price", "price"), ("Qty", "quantity")])
+def test_grouping_by_the_price_or_quantity_column_is_refused(tmp_path, column, role):
+    """Attack run: --group-by Qty made every chunk of the documented mode fail 4 times
+    ('column 'Qty' of the chunk is not a number column', exit 1) and worked in
+    --stream. The reader keeps one reading of a column, so a column that is both a
+    number and a group label is refused before the job starts, in both modes."""
+    import server
+    path = tmp_path / "g.csv"
+    path.write_text("Region,Price,Qty\nA,2.5,2\nB,3,1\n")
+    with pytest.raises(server.InputError, match=f"--group-by '{column}' is the {role} column"):
+        server.inspect_csv(str(path), group_col=column)
+    assert server.inspect_csv(str(path), group_col="Region").group_col == "Region"
