@@ -585,14 +585,14 @@ class Handler(socketserver.BaseRequestHandler):
             # A worker computes one chunk at a time; a peer that asks again
             # before reporting would hoard chunks and starve the others.
             raise protocol.ProtocolError(f"GET_JOB while holding chunk {held}")
-        lease = srv.book.lease(self.worker_id, self.conn)
+        lease = self.lease()
         if lease is None and not srv.book.finished.is_set():
             # Nothing pending, yet not finished: usually the last chunks are
             # being computed.  Hold the request up to wait_interval before
             # answering WAIT, so that the end of the job reaches this worker
             # at once (NO_JOB) instead of after its retry_after sleep.
             srv.book.finished.wait(srv.wait_interval)
-            lease = srv.book.lease(self.worker_id, self.conn)
+            lease = self.lease()
         frame = None if lease is None else self.job_frame(lease)
         if frame is None:
             self.send_no_job()
@@ -654,6 +654,14 @@ class Handler(socketserver.BaseRequestHandler):
         # grow once the socket buffers are full.
         srv.timings.add("send", time.perf_counter() - started)
 
+    def lease(self, besides: int | None = None):
+        """:meth:`ChunkBook.lease` for this worker, or None once the job is stopping
+        (a signal, or a reason no worker can fix): a chunk leased then would only
+        be lost when the server goes, and counted against its --max-lost."""
+        if self.server.stop.is_set():
+            return None
+        return self.server.book.lease(self.worker_id, self.conn, besides)
+
     def send_no_job(self) -> None:
         """Answer a GET_JOB that gets no chunk: NO_JOB if the job is over, else WAIT."""
         srv = self.server
@@ -692,7 +700,7 @@ class Handler(socketserver.BaseRequestHandler):
         # transaction, and sent only after it: the ACK never precedes its
         # commit, nor the JOB its attempt row (which a restarted server needs
         # to accept that JOB's result).  See README, "The life of one chunk".
-        lease = srv.book.lease(self.worker_id, self.conn, besides=chunk_id) if wants_next else None
+        lease = self.lease(besides=chunk_id) if wants_next else None
         frame = None if lease is None else self.job_frame(lease)
         started = time.perf_counter()
         counted = srv.store.record_result(

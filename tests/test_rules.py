@@ -1077,6 +1077,23 @@ def test_server_writes_small_frames_at_once(job_server):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+def test_a_stopping_job_leases_no_more_chunks(job_server):
+    """Rule: once the job is stopping (a signal, or fail_job for a reason no worker can
+    fix) a GET_JOB is answered WAIT and a RESULT's ACK brings no JOB; a result still
+    commits. Attack run: a --stream job stopped for a modified file went on leasing
+    for 0.3 s (93 attempts), then logged 'chunk N FAILED: lost 10 times' for chunks
+    that were lost only because the server was going."""
+    job = job_server(chunks=3)
+    client = job.client("w")
+    held = client.take()
+    job.server.fail_job("the input broke")
+    ack = client.ask({**client.result_for(held), "next": True})
+    assert (ack["type"], ack["counted"]) == (protocol.ACK, True)
+    assert client.recv()["type"] == protocol.WAIT
+    assert client.get_job()["type"] == protocol.WAIT
+    assert [a[1] for a in job.attempts()] == [held["chunk_id"]]
+
+
 def test_end_of_job_waits_until_every_worker_heard_no_job_and_hung_up(job_server):
     """Rule: at the end of a job the server waits (up to --linger) while a worker of
     the job has not heard NO_JOB or is still connected, and no longer: the waiting
