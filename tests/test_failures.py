@@ -29,6 +29,7 @@ import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -575,7 +576,8 @@ def test_job_the_server_cannot_build_is_a_lost_attempt_with_a_bound():
     srv = SimpleNamespace(book=book, chunks=Chunks(), info=info, job_id="job",
                           store=SimpleNamespace(record_lease=lambda *a: leases.append(a)),
                           progress=server_mod.Progress(2), timings=server_mod.Timings(),
-                          wait_interval=0.0, told_done=lambda worker_id: None)
+                          wait_interval=0.0, told_done=lambda worker_id: None,
+                          stop=threading.Event())
     handler = server_mod.Handler.__new__(server_mod.Handler)
     handler.server, handler.conn, handler.worker_id = srv, 1, "w"
     replies = []

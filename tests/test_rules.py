@@ -638,8 +638,8 @@ def test_get_job_is_held_until_the_last_chunk_completes(job_server):
     asked = threading.Event()
     lease = job.book.lease
 
-    def spy(worker_id, conn):
-        found = lease(worker_id, conn)
+    def spy(worker_id, conn, besides=None):
+        found = lease(worker_id, conn, besides)
         if worker_id == "b" and found is None:
             asked.set()     # b's GET_JOB reached the book and found nothing pending
         return found
