@@ -864,10 +864,12 @@ class Progress:
             left = book.counts()
             left = left[ChunkState.PENDING] + left[ChunkState.LEASED]
             self._last = now
-            earlier = self.resumed + self.late
+            # Told apart: the "resuming, N of M" line counts only the first.
+            earlier = (f", {self.resumed} stored before this run" if self.resumed else "") + (
+                f", {self.late} re-sent from its attempts" if self.late else "")
             line = "progress: %d/%d chunks done (%.0f%%%s), %d rows in this run" % (
                 self.total - left, self.total, 100.0 * (self.total - left) / max(self.total, 1),
-                f", {earlier} from an earlier run" if earlier else "", self.rows)
+                earlier, self.rows)
             if self.done and self.started is not None:
                 elapsed = now - self.started
                 if elapsed > 0:

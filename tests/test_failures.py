@@ -326,7 +326,8 @@ def test_rerun_of_a_complete_job_reports_at_once_without_lingering(procs, tmp_pa
 
 def test_progress_after_a_resume_rates_only_this_runs_chunks(caplog):
     """Rule: a result re-sent for an earlier run's attempt can be counted before
-    this run leased anything; it is reported as from an earlier run and gives no
+    this run leased anything; it is reported apart from the chunks stored before this
+    run (a reader saw "resuming, 12 of 200" then "13 from an earlier run") and gives no
     rate (it used to give rows / 1e-9 s: 1000000000000 rows/s).  The rate and
     ETA come from this run's own chunks, timed from this run's first lease."""
     book = server_mod.ChunkBook(4, 60.0, 3, done={0}, known_attempts={1: (0, "w"), 2: (1, "w")},
@@ -341,10 +342,12 @@ def test_progress_after_a_resume_rates_only_this_runs_chunks(caplog):
         progress._last = 0.0          # log every line here, not once a second
         progress.chunk_done(500, book, this_run=True)
     first, second = [r.getMessage() for r in caplog.records if r.name == "server"]
-    assert first == "progress: 2/4 chunks done (50%, 2 from an earlier run), 0 rows in this run"
-    assert second.startswith("progress: 3/4 chunks done (75%, 2 from an earlier run), "
+    assert first == ("progress: 2/4 chunks done (50%, 1 stored before this run, 1 re-sent from "
+                     "its attempts), 0 rows in this run")
+    assert second.startswith("progress: 3/4 chunks done (75%, 1 stored before this run, 1 re-sent "
+                             "from its attempts), "
                              "500 rows in this run, ")
-    rate = float(second.split("this run, ")[1].split(" rows/s")[0])
+    rate = float(second.split("rows in this run, ")[1].split(" rows/s")[0])
     assert rate > 0 and "ETA" in second
 
 

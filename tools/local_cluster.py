@@ -41,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="pass --stream to the server")
     p.add_argument("--compress", action="store_true", help="pass --compress to the server")
     p.add_argument("--group-by", default=None, help="pass --group-by COLUMN to the server")
-    p.add_argument("--server-args", default="", help="more server options, e.g. '--lease-timeout 2'")
+    p.add_argument("--server-args", default="",
+                   help="more server options, e.g. '--lease-timeout 2'; a single option "
+                        "needs the = form: --server-args=--fresh")
     p.add_argument("--worker-args", default="",
                    help="more options for every worker (tools/flaky_worker.py), e.g. "
                         "'--crash-rate 0.2'")
