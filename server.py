@@ -888,6 +888,12 @@ def run(args: argparse.Namespace) -> int:
     if not secret and not _is_loopback(args.host):
         log.warning("listening on %s without --secret: anyone who can reach this port can "
                     "send pickles; unauthenticated pickle is unsafe on a network", args.host)
+    if args.idle_timeout < args.lease_timeout:
+        # A worker is silent while it computes: the idle timeout drops it
+        # first, and its lease is lost, not expired.
+        log.warning("--idle-timeout %g s is below --lease-timeout %g s: a worker that computes "
+                    "a chunk for longer is dropped and its attempt lost", args.idle_timeout,
+                    args.lease_timeout)
     if not args.stream:
         keep_freed_memory()   # the documented mode parses piece after piece
     started = time.perf_counter()
@@ -1041,6 +1047,17 @@ def report(server: JobServer) -> int:
               f"failed, e.g. chunk {chunk_id}: {why}", file=sys.stderr)
         return EXIT_FAILED
     started = time.perf_counter()
+    workers = store.per_worker(job_id)
+    stored = sum(row["chunks"] for row in workers)
+    if stored != len(book):
+        # The book says every chunk is done, the database does not hold them
+        # all: their results were deleted under the job (a second server with
+        # --fresh on it).  An aggregate of what is left would be short.
+        print(f"server.py: error: job {job_id} failed: the results database holds {stored} of "
+              f"{len(book)} chunks' results at the end; were they deleted under the job (another "
+              f"server with --fresh)? Run the same command to compute what is missing",
+              file=sys.stderr)
+        return EXIT_FAILED
     try:
         final = store.final_aggregate(job_id)
         groups = store.group_aggregate(job_id) if server.info.group_col else []
@@ -1051,7 +1068,6 @@ def report(server: JobServer) -> int:
         return EXIT_FAILED
     keys = ("total_rows", "total_sales", "min_price", "max_price", "avg_price", "rejected_rows")
     print({key: final[key] for key in keys})
-    workers = store.per_worker(job_id)
     print(f"{'worker':<24} {'chunks':>8} {'rows':>12}")
     for row in workers:
         print(f"{row['worker_id']:<24} {row['chunks']:>8} {row['rows']:>12}")
@@ -2588,14 +2604,28 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
                         "environment variable: arguments are visible in the process list)")
     s.add_argument("--tls-cert", default=None, help="TLS certificate chain (PEM)")
     s.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
-    s.add_argument("--max-frame", type=_positive_int, default=protocol.SERVER_MAX_FRAME,
-                   help="largest frame accepted from a peer, bytes")
+    s.add_argument("--max-frame", type=_frame_limit, default=protocol.SERVER_MAX_FRAME,
+                   help=f"largest frame accepted from a peer, bytes (at least {MIN_MAX_FRAME})")
     s.add_argument("--io-timeout", type=seconds, default=10.0,
                    help="seconds a started frame or the handshake may take")
     s.add_argument("--idle-timeout", type=seconds, default=600.0,
                    help="seconds a connection may stay silent between frames")
     s.add_argument("--max-connections", type=_positive_int, default=256,
                    help="connections open at once")
+
+
+# A RESULT without groups takes about 300 bytes and a FAILED report at most
+# about 1 KB: below this, no worker could report anything.
+MIN_MAX_FRAME = 4096
+
+
+def _frame_limit(text: str) -> int:
+    value = int(text)
+    if value < MIN_MAX_FRAME:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_MAX_FRAME} bytes (a worker's smallest RESULT or FAILED "
+            f"report must fit), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -128,6 +128,7 @@ class Worker:
         self.tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
         self.give_up_after, self.io_timeout = give_up_after, io_timeout
         self.sock: socket.socket | None = None
+        self.answered = False   # this outage: a TCP connection was made, the handshake failed
         self.server_max_frame = protocol.SERVER_MAX_FRAME  # until WELCOME says otherwise
         self.stopping = threading.Event()
         self.chunks_done = 0
@@ -208,6 +209,7 @@ class Worker:
         """
         deadline = time.monotonic() + self.give_up_after
         bound = 0.1
+        self.answered = False
         while True:
             try:
                 self.sock = self._open()
@@ -235,6 +237,11 @@ class Worker:
                 if bound == 0.1:  # the first failure of this outage: say what goes on
                     log.warning("%s: cannot reach %s:%d (%s); retrying for up to %.0f s",
                                 self.worker_id, self.host, self.port, exc, self.give_up_after)
+                if time.monotonic() >= deadline and self.answered:
+                    raise GiveUp(f"server {self.host}:{self.port} accepted connections, but no "
+                                 f"handshake succeeded for {self.give_up_after:.0f} s ({exc}); "
+                                 f"do the worker and the server use the same secret and TLS "
+                                 f"(--tls-ca against the server's --tls-cert)?") from None
                 if time.monotonic() >= deadline:
                     raise GiveUp(f"server {self.host}:{self.port} unreachable for "
                                  f"{self.give_up_after:.0f} s ({exc}); if its job is "
@@ -270,6 +277,7 @@ class Worker:
 
     def _open(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=self.io_timeout)
+        self.answered = True
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if self.tls:

@@ -27,6 +27,8 @@ from conftest import PY, ROOT, make_sales_csv, wait_for
     ("server.py", ["--csv", "x.csv", "--linger", "nan"]),
     ("server.py", ["--csv", "x.csv", "--linger", "-1"]),
     ("server.py", ["--csv", "x.csv", "--db-retry-for", "1e12"]),
+    # Attack run: 100 bytes was accepted, and no RESULT or FAILED report could fit.
+    ("server.py", ["--csv", "x.csv", "--max-frame", "100"]),
     ("worker.py", ["--give-up-after", "1e10"]),
     ("tools/flaky_worker.py", ["--stall-seconds", "1e300"]),
     ("tools/flaky_worker.py", ["--delay", "-0.5"]),
@@ -85,6 +87,53 @@ def test_worker_says_when_the_server_is_not_up_yet(tmp_path):
     # A job with no rows, or one already complete, ends before its workers come:
     # the message must not leave the user guessing.
     assert "if its job is finished, the server has exited" in lines[-1]
+
+
+def test_worker_says_when_the_server_answers_but_no_handshake_succeeds():
+    """Attack run: a plaintext worker against a TLS server (or one with another
+    secret, which the server hangs up on) retried for --give-up-after and then said
+    the server was unreachable, "the server has exited". It was up: the worker now
+    says that connections were accepted and asks about the secret and TLS."""
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def hang_up():   # a server that takes every connection and drops it at once
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        done = subprocess.run([PY, str(ROOT / "worker.py"), "--port", str(port), "--worker-id",
+                               "w", "--give-up-after", "1"], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        listener.close()
+        thread.join(10)
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]
+    assert f"127.0.0.1:{port} accepted connections, but no handshake succeeded for 1 s" in last
+    assert "same secret and TLS" in last and "has exited" not in last
+
+
+def test_idle_timeout_below_the_lease_timeout_is_warned(tmp_path):
+    """Attack run: --idle-timeout 0.3 with chunks that take 1 s dropped every worker
+    mid-chunk (17 attempts for 10 chunks) without a word; the server now warns at
+    start. (A header-only file: the job ends at once, 0 rows.)"""
+    path = tmp_path / "h.csv"
+    path.write_text("Price,Qty\n")
+    done = subprocess.run([PY, str(ROOT / "server.py"), "--csv", str(path), "--port", "0",
+                           "--db", str(tmp_path / "h.db"), "--idle-timeout", "1",
+                           "--lease-timeout", "5"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ("--idle-timeout 1 s is below --lease-timeout 5 s: a worker that computes a chunk "
+            "for longer is dropped") in done.stderr
 
 
 def children_of(pid: int) -> list[int]:

@@ -1077,6 +1077,24 @@ def test_server_writes_small_frames_at_once(job_server):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+def test_results_deleted_under_the_job_fail_it_instead_of_a_short_total(job_server, capsys):
+    """Rule: the final aggregate needs every chunk's result in the database. Attack
+    run: a second server started with --fresh on the same job and database deleted
+    the results the first had counted, and the first printed 18,995 of 100,000 rows
+    with exit 0. Now it says what is missing and exits 1 (the same command resumes)."""
+    job = job_server(chunks=3)
+    client = job.client("w")
+    for _ in range(2):
+        assert client.send_result(client.take())["counted"] is True
+    job.store.open_job(JOB, "x.csv", "identity", 3, fresh=True)   # the other server's --fresh
+    assert client.send_result(client.take())["counted"] is True
+    assert job.book.finished.is_set()
+    assert server_mod.report(job.server) == server_mod.EXIT_FAILED
+    out, err = capsys.readouterr()
+    assert "total_rows" not in out
+    assert "holds 1 of 3 chunks' results at the end; were they deleted under the job" in err
+
+
 def test_a_stopping_job_leases_no_more_chunks(job_server):
     """Rule: once the job is stopping (a signal, or fail_job for a reason no worker can
     fix) a GET_JOB is answered WAIT and a RESULT's ACK brings no JOB; a result still

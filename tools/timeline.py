@@ -221,7 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--db", default="results.sqlite", help="results database written by server.py")
+    p.add_argument("--db", default="results.sqlite",
+                   help="SQLite results database written by server.py (not a PostgreSQL URL)")
     p.add_argument("--out", default="timeline.png", help="PNG file to write")
     p.add_argument("--job", default=None,
                    help="job id to draw (%(default)s: the most recent job in the database)")
