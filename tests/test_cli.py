@@ -97,25 +97,28 @@ def test_worker_says_when_the_server_answers_but_no_handshake_succeeds():
     import socket
     import threading
     listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)   # a close() does not wake an accept() blocked in another thread
     port = listener.getsockname()[1]
+    stop = threading.Event()
 
     def hang_up():   # a server that takes every connection and drops it at once
-        while True:
+        while not stop.is_set():
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return
+            except TimeoutError:
+                continue
             conn.close()
 
-    thread = threading.Thread(target=hang_up, daemon=True)
+    thread = threading.Thread(target=hang_up)
     thread.start()
     try:
         done = subprocess.run([PY, str(ROOT / "worker.py"), "--port", str(port), "--worker-id",
                                "w", "--give-up-after", "1"], capture_output=True, text=True,
                               timeout=60)
     finally:
-        listener.close()
+        stop.set()
         thread.join(10)
+        listener.close()
     assert done.returncode == 1
     last = done.stderr.splitlines()[-1]
     assert f"127.0.0.1:{port} accepted connections, but no handshake succeeded for 1 s" in last
