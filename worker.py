@@ -72,15 +72,19 @@ class LazyModule:
     def __init__(self, name: str, check=None):
         self._name, self._check, self._module = name, check, None
 
-    def __getattr__(self, attr: str):
-        # Called only for names this object lacks, so for every pandas name:
-        # the module is looked up once, not on each call of a hot path.
+    def load(self):
+        """The module, imported (and checked) on the first call."""
         if self._module is None:
             module = importlib.import_module(self._name)
             if self._check is not None:
                 self._check(module)
             self._module = module
-        return getattr(self._module, attr)
+        return self._module
+
+    def __getattr__(self, attr: str):
+        # Called only for names this object lacks, so for every pandas name:
+        # the module is looked up once, not on each call of a hot path.
+        return getattr(self._module or self.load(), attr)
 
 
 # The oldest pandas release the test suite passes on.  pandas 3.0 reads a
@@ -237,16 +241,14 @@ class Worker:
                 if bound == 0.1:  # the first failure of this outage: say what goes on
                     log.warning("%s: cannot reach %s:%d (%s); retrying for up to %.0f s",
                                 self.worker_id, self.host, self.port, exc, self.give_up_after)
-                if time.monotonic() >= deadline and self.answered:
-                    raise GiveUp(f"server {self.host}:{self.port} accepted connections, but no "
-                                 f"handshake succeeded for {self.give_up_after:.0f} s ({exc}); "
-                                 f"do the worker and the server use the same secret and TLS "
-                                 f"(--tls-ca against the server's --tls-cert)?") from None
                 if time.monotonic() >= deadline:
-                    raise GiveUp(f"server {self.host}:{self.port} unreachable for "
-                                 f"{self.give_up_after:.0f} s ({exc}); if its job is "
-                                 f"finished, the server has exited and nothing is left "
-                                 f"to do") from None
+                    where, spent = f"server {self.host}:{self.port}", f"{self.give_up_after:.0f} s"
+                    raise GiveUp(
+                        f"{where} accepted connections, but no handshake succeeded for {spent} "
+                        f"({exc}); do the worker and the server use the same secret and TLS "
+                        f"(--tls-ca against the server's --tls-cert)?" if self.answered else
+                        f"{where} unreachable for {spent} ({exc}); if its job is finished, the "
+                        f"server has exited and nothing is left to do") from None
                 # Never past the deadline: a last draw of up to 5 s would keep
                 # a worker told to give up after 3 s trying for 8.
                 delay = min(random.uniform(0, bound), max(deadline - time.monotonic(), 0.0))
@@ -1778,7 +1780,7 @@ def import_pandas() -> None:
     the freeze.  Raises ``ImportError`` if pandas is not installed or too old
     (:func:`check_pandas`).
     """
-    pd.DataFrame   # noqa: B018 -- the first use of the LazyModule imports and checks pandas
+    pd.load()
     gc.freeze()
 
 
